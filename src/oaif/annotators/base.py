@@ -1,0 +1,93 @@
+"""The annotator interface: a pairwise judge that returns preference probabilities or a failure.
+
+An annotator is anything with a ``name`` and an ``annotate(requests)`` method that returns one
+:class:`Judgment` per :class:`PairRequest`, in order. A judgment either carries the probability
+that response ``a`` is better than response ``b`` or names why it failed. A failure is never a
+label: the trainer masks failed pairs and counts them by reason.
+
+Implementations compose (an ensemble holds judges, a both-orders wrapper holds a one-order
+judge); none inherits behaviour from a base class.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, runtime_checkable
+
+
+@dataclass(frozen=True)
+class PairRequest:
+    """One comparison: which of ``a`` and ``b`` better answers ``prompt``?
+
+    ``prompt`` is the user-facing context as plain text (a chat is flattened by the caller).
+    ``prompt_id`` identifies the prompt in the audit log.
+    """
+
+    prompt: str
+    a: str
+    b: str
+    prompt_id: str = ""
+
+
+@dataclass
+class Judgment:
+    """The outcome of one :class:`PairRequest`.
+
+    ``prob`` is P(a better than b) after averaging the orders, or ``None`` when ``failure``
+    names the reason (``"timeout"``, ``"http_error"``, ``"unparseable"``, ``"nan"``, ...).
+    ``prob_ab`` is P(a better) read with ``a`` shown first; ``prob_ba`` is P(a better) read
+    with ``b`` shown first (already mapped back to ``a``). ``extra`` holds judge-specific
+    diagnostics (per-judge probabilities of an ensemble, raw text of a parse, ...).
+    """
+
+    prob: float | None
+    failure: str | None = None
+    prob_ab: float | None = None
+    prob_ba: float | None = None
+    latency_s: float = 0.0
+    judge: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None and self.prob is not None
+
+    @property
+    def consistent(self) -> bool | None:
+        """Whether both orders pick the same winner (None when only one order was read)."""
+        if self.prob_ab is None or self.prob_ba is None:
+            return None
+        return (self.prob_ab > 0.5) == (self.prob_ba > 0.5)
+
+    @classmethod
+    def failed(cls, reason: str, judge: str = "", latency_s: float = 0.0, **extra) -> "Judgment":
+        return cls(prob=None, failure=reason, judge=judge, latency_s=latency_s, extra=dict(extra))
+
+
+def combine_orders(prob_ab: float | None, prob_ba: float | None, judge: str, latency_s: float = 0.0,
+                   **extra) -> Judgment:
+    """Average the two order readings into one judgment; a missing or NaN reading fails it."""
+    for p in (prob_ab, prob_ba):
+        if p is None:
+            return Judgment.failed("missing_order", judge, latency_s, **extra)
+        if not math.isfinite(p) or not 0.0 <= p <= 1.0:
+            return Judgment.failed("nan", judge, latency_s, **extra)
+    return Judgment(prob=(prob_ab + prob_ba) / 2, prob_ab=prob_ab, prob_ba=prob_ba,
+                    latency_s=latency_s, judge=judge, extra=dict(extra))
+
+
+def checked(prob: float | None, judge: str, latency_s: float = 0.0, **extra) -> Judgment:
+    """A one-order judgment, failed as ``"nan"`` when ``prob`` is not a finite probability."""
+    if prob is None or not math.isfinite(prob) or not 0.0 <= prob <= 1.0:
+        return Judgment.failed("nan", judge, latency_s, **extra)
+    return Judgment(prob=float(prob), latency_s=latency_s, judge=judge, extra=dict(extra))
+
+
+@runtime_checkable
+class Annotator(Protocol):
+    """A pairwise judge. ``annotate`` returns one :class:`Judgment` per request, in order."""
+
+    name: str
+
+    def annotate(self, requests: Sequence[PairRequest]) -> list[Judgment]: ...

@@ -1,0 +1,47 @@
+"""Build the configured annotator. Heavy parts (judge models, the openai SDK) load only here."""
+
+from __future__ import annotations
+
+from oaif.config import AnnotatorConfig
+from oaif.errors import AnnotatorError
+
+
+def build_annotator(cfg: AnnotatorConfig, *, policy_path: str | None = None, reference=None, tokenizer=None,
+                    cache_dir: str | None = None, device=None):
+    """Return an object that satisfies :class:`oaif.annotators.base.Annotator`.
+
+    When ``annotator.model`` names the same model as the policy, the LLM judge reuses the frozen
+    reference model (the starting policy) instead of loading a second copy.
+    """
+    if cfg.type == "callable":
+        from oaif.annotators.callable_judge import CallableJudge
+
+        return CallableJudge(cfg.callable, both_orders=cfg.both_orders)
+    if cfg.type == "llm":
+        from oaif.annotators.llm_judge import LLMJudge
+        from oaif.annotators.rubrics import load_rubric
+
+        rubric = load_rubric(cfg.rubric)
+        if reference is not None and cfg.model == policy_path and tokenizer is not None:
+            model, tok = reference, tokenizer
+        else:
+            from oaif.models import load_causal_lm
+
+            model, tok = load_causal_lm(cfg.model, dtype=cfg.dtype, cache_dir=cache_dir)
+            model.requires_grad_(False)
+            model.eval()
+            if device is not None:
+                model.to(device)
+        return LLMJudge(model, tok, rubric, both_orders=cfg.both_orders, batch_size=cfg.batch_size,
+                        max_length=cfg.max_length, name=f"llm:{cfg.model}:{rubric.name}")
+    if cfg.type == "openai":
+        from oaif.annotators.openai_judge import OpenAIJudge
+        from oaif.annotators.rubrics import load_rubric
+
+        try:
+            return OpenAIJudge(cfg.base_url, cfg.model, load_rubric(cfg.rubric), api_key_env=cfg.api_key_env,
+                               timeout=cfg.request_timeout, max_retries=cfg.max_retries, concurrency=cfg.concurrency,
+                               both_orders=cfg.both_orders, top_logprobs=cfg.top_logprobs)
+        except ImportError:
+            raise AnnotatorError("annotator.type=openai needs the openai package: pip install 'oaif[openai]'") from None
+    raise AnnotatorError(f"annotator.type={cfg.type!r} is not available yet in this build")

@@ -1,0 +1,88 @@
+"""The ``oaif`` command line.
+
+    oaif train CONFIG [key.sub=value ...]     run online (or offline) training
+    oaif config show CONFIG [key=value ...]   print the resolved config
+    oaif config keys                          list every config key with its help
+
+Errors in the user's input print one line, ``oaif: error: ...``, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from oaif.errors import OaifError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from oaif.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from oaif.trainer import train
+
+    summary = train(cfg)
+    last = summary["last"]
+    keys = ("loss", "reward_accuracy", "margin", "kl", "response_length", "eos_rate", "judge_consistency", "time_step_s")
+    print(f"done: {summary['steps']} steps, checkpoint {summary['final_checkpoint']}")
+    print("last step: " + ", ".join(f"{k}={last[k]:.4g}" for k in keys if k in last))
+    print(f"metrics: {os.path.join(cfg.train.output_dir, 'metrics.jsonl')}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from oaif.config import describe, dump_yaml, load_config
+
+    if args.action == "keys":
+        print(describe())
+    else:
+        print(dump_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from oaif import __version__
+
+    parser = argparse.ArgumentParser(prog="oaif", description="Align language models with online AI feedback.")
+    parser.add_argument("--version", action="version", version=f"oaif {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a policy with online AI feedback (or offline preferences)",
+                       description="Train with online AI feedback. Overrides take the form key.sub=value, "
+                                   "e.g. train.max_steps=3 loss.type=ipo. `oaif config keys` lists every key.")
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("config", help="show a resolved config, or list every key with its help")
+    p.add_argument("action", choices=["show", "keys"])
+    p.add_argument("config", nargs="?", help="YAML config file (for show)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.set_defaults(func=_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except OaifError as e:
+        print(f"oaif: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("oaif: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

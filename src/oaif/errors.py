@@ -1,0 +1,21 @@
+"""User-facing errors. The CLI prints their message on one line and exits with status 2."""
+
+
+class OaifError(Exception):
+    """A problem with the user's input or environment, with a message that names it."""
+
+
+class ConfigError(OaifError):
+    """A config file or override is invalid: unknown key, wrong type, bad value, missing file."""
+
+
+class DataError(OaifError):
+    """A prompt or preference file is missing, unreadable or lacks the configured field."""
+
+
+class ModelError(OaifError):
+    """A model id or path cannot be resolved or loaded."""
+
+
+class AnnotatorError(OaifError):
+    """An annotator is misconfigured (bad rubric, unknown callable), or failed too often to train on."""

