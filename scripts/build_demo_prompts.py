@@ -22,7 +22,7 @@ import json
 import shutil
 from pathlib import Path
 
-from oaif.data import parse_hh_dialogue
+from oaif.data import load_hh_pairs, parse_hh_dialogue, save_preferences
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--source-dir", type=Path, default=Path("/work/shared/data"))
+    ap.add_argument("--source-dir", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--out-dir", type=Path, default=REPO / "data" / "prompts")
     ap.add_argument("--max-chars", type=int, default=600)
     ap.add_argument("--hh-count", type=int, default=200)
@@ -75,9 +75,13 @@ def main() -> None:
     write_jsonl(out / "demo_prompts.jsonl", demo)
     hh = build_hh(src / "hh_harmless_test.jsonl.gz", args.hh_count)
     write_jsonl(out / "hh_harmless_prompts.jsonl", hh)
+    # human-labelled pairs from the dialogues after the prompt set, for offline mode
+    pairs = load_hh_pairs(src / "hh_harmless_test.jsonl.gz").records[args.hh_count:2 * args.hh_count]
+    save_preferences(out / "hh_harmless_preferences.jsonl", pairs)
     for name in ("LICENSE.self-instruct", "LICENSE.hh-rlhf"):
         shutil.copyfile(src / name, out / name)
-    print(f"demo_prompts.jsonl: {len(demo)} prompts; hh_harmless_prompts.jsonl: {len(hh)} prompts -> {out}")
+    print(f"demo_prompts.jsonl: {len(demo)} prompts; hh_harmless_prompts.jsonl: {len(hh)} prompts; "
+          f"hh_harmless_preferences.jsonl: {len(pairs)} pairs -> {out}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The ``oaif`` command line.
 
     oaif train CONFIG [key.sub=value ...]     run online (or offline) training
+    oaif annotate ...                         label a file of pairs and write a preference file
     oaif config show CONFIG [key=value ...]   print the resolved config
     oaif config keys                          list every config key with its help
 
@@ -56,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.set_defaults(func=_train)
+
+    from oaif import annotate as annotate_cmd
+
+    p = sub.add_parser("annotate", help="label pairs (or sampled pairs) with an annotator; compare with human labels",
+                       description=annotate_cmd.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    annotate_cmd.add_arguments(p)
+    p.set_defaults(func=annotate_cmd.run)
 
     p = sub.add_parser("config", help="show a resolved config, or list every key with its help")
     p.add_argument("action", choices=["show", "keys"])

@@ -83,6 +83,22 @@ def _text(prompt) -> str:
     return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in prompt)
 
 
+def preflight(cfg: Config) -> None:
+    """Fail fast, before any model loads, on inputs that can be checked cheaply."""
+    path = cfg.data.path if cfg.train.mode == "online" else cfg.data.preference_path
+    if not Path(path).exists():
+        kind = "prompt" if cfg.train.mode == "online" else "preference"
+        raise DataError(f"{kind} file not found: {path} (data.{'path' if kind == 'prompt' else 'preference_path'})")
+    if cfg.train.mode == "online" and cfg.annotator.type in ("llm", "openai"):
+        from oaif.annotators.rubrics import load_rubric
+
+        load_rubric(cfg.annotator.rubric)
+    if cfg.train.mode == "online" and cfg.annotator.type == "callable":
+        from oaif.annotators.callable_judge import resolve_callable
+
+        resolve_callable(cfg.annotator.callable)
+
+
 class Trainer:
     """Owns the models, data, annotator and optimizer of one run. ``train()`` runs it."""
 
@@ -104,6 +120,7 @@ class Trainer:
         from oaif import models
 
         cfg = self.cfg
+        preflight(cfg)
         self.accelerator = Accelerator(cpu=cfg.train.device == "cpu", mixed_precision=cfg.train.mixed_precision)
         if cfg.train.device == "cuda" and self.accelerator.device.type != "cuda":
             raise DataError("train.device=cuda but no CUDA device is available")

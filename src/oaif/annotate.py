@@ -1,0 +1,562 @@
+"""Label response pairs with an annotator, or measure how often it agrees with human labels.
+
+Label a file of pairs and write a preference file (prompt, chosen, rejected, prob):
+
+  oaif annotate pairs.jsonl --out prefs.jsonl [annotator options]
+
+  The input is JSONL (optionally .gz) with `prompt` (text or chat messages) and two responses,
+  `chosen`/`rejected` or `a`/`b` (an existing label is ignored: the judge decides), or Anthropic
+  HH transcripts (`chosen`/`rejected` only). Each output row is oriented by the judge: `chosen`
+  is the response it prefers and `prob` is P(chosen better), averaged over both orders. Ties
+  (exactly 0.5) and failed judgments are left out and counted by reason.
+
+Sample two responses per prompt from a model, then label them (how offline baseline data is made):
+
+  oaif annotate prompts.jsonl --sample-from MODEL --out prefs.jsonl
+                [--num-samples 2 --max-new-tokens 64 --temperature 0.9 --seed 0]
+
+Measure agreement with human labels (HH transcripts, or JSONL with prompt/chosen/rejected where
+`chosen` is the human-preferred response):
+
+  oaif annotate hh_harmless_test.jsonl.gz --against-labels [--limit N] [--report agreement.json]
+                [--out judgments.jsonl]
+
+  agreement       fraction of judged pairs whose winner is the human `chosen` (a tie counts 1/2)
+  95% CI          Wilson score interval for that fraction
+  consistency     fraction of judged pairs whose two orders pick the same winner
+  first-position  fraction of single-order readings that pick the response shown first (0.5 = no bias)
+  confidence      mean of max(p, 1 - p) over judged pairs
+
+Annotator options (defaults: the in-process SmolLM2 judge with the helpful rubric):
+
+  --annotator-config FILE.yaml   a YAML whose `annotator:` group (e.g. a training config) or top
+                                 level holds annotator keys
+  --set key=value                an annotator key (repeatable), e.g. --set rubric=harmless
+                                 --set type=callable --set callable=oaif.annotators.rules:prefer_shorter
+  `oaif config keys` lists the annotator.* keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+# Heavy imports (torch, transformers, the judge) happen inside run(): the CLI imports this module
+# to build its parser.
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="pairs JSONL, prompts file (with --sample-from), or labelled pairs "
+                                      "(with --against-labels)")
+    parser.add_argument("--out", help="preference file to write (JSONL, .gz ok); with --against-labels, "
+                                      "optional per-pair judgments JSONL")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--sample-from", metavar="MODEL",
+                      help="sample responses to the input prompts from MODEL, then label them")
+    mode.add_argument("--against-labels", action="store_true",
+                      help="compare the annotator with the human labels of the input (chosen = human-preferred)")
+    parser.add_argument("--report", metavar="FILE.json", help="write every number of the run as JSON")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N pairs (prompts with --sample-from)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="pairs per annotator call (and prompts per generation batch); default 32")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    g = parser.add_argument_group("annotator")
+    g.add_argument("--annotator-config", metavar="FILE.yaml",
+                   help="YAML with an `annotator:` group, or annotator keys at its top level")
+    g.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="annotator key override, repeatable (e.g. rubric=harmless, type=callable)")
+
+    g = parser.add_argument_group("sampling (with --sample-from)")
+    g.add_argument("--num-samples", type=int, default=2, help="responses per prompt, paired (0,1), (2,3), ...; even")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.9)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prompt-field", default="prompt", help="column holding the prompt (default: prompt)")
+    g.add_argument("--max-prompt-tokens", type=int, default=512,
+                   help="skip (and count) prompts longer than this after the chat template")
+
+
+# --------------------------------------------------------------------------------------------
+# annotator config
+# --------------------------------------------------------------------------------------------
+def annotator_config(path: str | None = None, sets: list[str] | tuple[str, ...] = ()):
+    """The :class:`~oaif.config.AnnotatorConfig` from an optional YAML file and ``key=value`` items.
+
+    Keys go through :func:`oaif.config.set_key`, so an unknown key or a bad value is the same
+    one-line :class:`~oaif.errors.ConfigError` as for ``oaif train``. A key may be written with
+    or without its ``annotator.`` prefix.
+    """
+    import yaml
+
+    from oaif.config import Config, set_key, validate
+    from oaif.errors import ConfigError
+
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"annotator config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping of annotator keys, got {type(data).__name__}")
+        group = data["annotator"] if "annotator" in data else data
+        if not isinstance(group, dict):
+            raise ConfigError(f"{p}: 'annotator' must be a mapping, got {group!r}")
+        set_key(cfg, "annotator", group)
+    for item in sets:
+        if "=" not in item:
+            raise ConfigError(f"--set '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key.startswith("annotator."):
+            key = key[len("annotator."):]
+        if not key:
+            raise ConfigError(f"--set '{item}' has no key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        set_key(cfg, f"annotator.{key}", value)
+    return validate(cfg).annotator
+
+
+# --------------------------------------------------------------------------------------------
+# input
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Pair:
+    """Two responses to one prompt. With human labels, ``a`` is the human-preferred one."""
+
+    id: str
+    prompt: Any  # text or chat messages
+    a: str
+    b: str
+
+
+def _first_row(path: Path) -> dict | None:
+    from oaif.data import _iter_jsonl
+
+    for _, obj in _iter_jsonl(path):
+        return obj
+    return None
+
+
+def _load_ab(path: Path):
+    """JSONL rows with prompt, a, b -> a PreferenceSet with a in ``chosen`` and b in ``rejected``."""
+    from oaif.data import PreferenceRecord, PreferenceSet, _iter_jsonl
+    from oaif.errors import DataError
+
+    out = PreferenceSet(records=[])
+    for index, (line_no, obj) in enumerate(_iter_jsonl(path)):
+        out.rows += 1
+        where = f"{path} line {line_no}"
+        missing = [k for k in ("prompt", "a", "b") if k not in obj]
+        if missing:
+            raise DataError(f"{where}: no field {', '.join(repr(m) for m in missing)} (fields: {', '.join(obj) or 'none'})")
+        for k in ("a", "b"):
+            if not isinstance(obj[k], str):
+                raise DataError(f"{where}: '{k}' must be text, got {type(obj[k]).__name__}")
+        rid = str(obj["id"]) if obj.get("id") not in (None, "") else str(index)
+        try:
+            rec = PreferenceRecord(id=rid, prompt=obj["prompt"], chosen=obj["a"], rejected=obj["b"])
+        except DataError as e:
+            raise DataError(f"{where}: 'prompt': {e}") from None
+        if not rec.text.strip():
+            out.skipped["empty_prompt"] += 1
+        elif not rec.chosen.strip() or not rec.rejected.strip():
+            out.skipped["empty_response"] += 1
+        elif rec.chosen.strip() == rec.rejected.strip():
+            out.skipped["identical"] += 1
+        else:
+            out.records.append(rec)
+    return out
+
+
+def load_pairs(path: str | Path, labelled: bool = False):
+    """Read pairs from JSONL (optionally .gz): ``prompt`` + ``chosen``/``rejected``, ``prompt`` +
+    ``a``/``b`` (not with ``labelled``), or HH transcripts (``chosen``/``rejected`` without ``prompt``).
+
+    Returns ``(pairs, rows, skipped)``: ``a`` is the ``chosen`` (or ``a``) response. Empty and
+    identical pairs are skipped and counted by the loaders of :mod:`oaif.data`.
+    """
+    from oaif.data import load_hh_pairs, load_preferences
+    from oaif.errors import DataError
+
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"input file not found: {p}")
+    if not p.is_file():
+        raise DataError(f"input is not a file: {p}")
+    first = _first_row(p)
+    if first is None:
+        raise DataError(f"{p}: no rows")
+    if "chosen" in first and "rejected" in first:
+        loaded = load_preferences(p) if "prompt" in first else load_hh_pairs(p)
+    elif "a" in first and "b" in first and "prompt" in first:
+        if labelled:
+            raise DataError(f"{p}: --against-labels needs 'chosen' and 'rejected' (chosen = the human-preferred "
+                            f"response); this file has unlabelled 'a'/'b'")
+        loaded = _load_ab(p)
+    else:
+        raise DataError(f"{p} line 1: expected 'prompt' with 'chosen'/'rejected' (or 'a'/'b'), or HH "
+                        f"'chosen'/'rejected' transcripts (fields: {', '.join(first) or 'none'})")
+    pairs = [Pair(r.id, r.prompt, r.chosen, r.rejected) for r in loaded.records]
+    return pairs, loaded.rows, Counter(loaded.skipped)
+
+
+# --------------------------------------------------------------------------------------------
+# judging and statistics
+# --------------------------------------------------------------------------------------------
+def judge_pairs(annotator, requests, batch_size: int = 32, progress: bool = True, on_chunk=None) -> list:
+    """``annotator.annotate`` over ``requests`` in chunks of ``batch_size``, with a progress bar."""
+    from tqdm import tqdm
+
+    from oaif.errors import AnnotatorError
+
+    judgments: list = []
+    with tqdm(total=len(requests), unit="pair", desc="annotate", disable=not progress, mininterval=2.0,
+              dynamic_ncols=True) as bar:
+        for start in range(0, len(requests), max(1, batch_size)):
+            chunk = requests[start:start + batch_size]
+            out = annotator.annotate(chunk)
+            if len(out) != len(chunk):
+                raise AnnotatorError(f"annotator {getattr(annotator, 'name', '?')} returned {len(out)} judgments "
+                                     f"for {len(chunk)} pairs")
+            judgments.extend(out)
+            bar.update(len(chunk))
+            if on_chunk is not None:
+                postfix = on_chunk(judgments)
+                if postfix:
+                    bar.set_postfix(postfix, refresh=False)
+    return judgments
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float] | None:
+    """Wilson score interval for a proportion (``successes`` may be fractional: ties count 1/2)."""
+    if n <= 0:
+        return None
+    p = successes / n
+    denom = 1.0 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def _score(p: float) -> float:
+    """1 if ``p`` favours the first response, 1/2 for a tie, else 0."""
+    return 1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def judge_stats(judgments: list) -> dict:
+    """Numbers about the judge alone: counts, failures, consistency, position bias, confidence."""
+    ok = [j for j in judgments if j.ok]
+    failed = Counter(j.failure or "no_prob" for j in judgments if not j.ok)
+    both = [j for j in ok if j.prob_ab is not None and j.prob_ba is not None]
+    # single-order readings as P(shown-first better): prob_ab as is; prob_ba is P(a better) with b first
+    first = [_score(j.prob_ab) for j in both] + [_score(1.0 - j.prob_ba) for j in both]
+    return {
+        "pairs": len(judgments),
+        "judged": len(ok),
+        "failed": dict(sorted(failed.items())),
+        "failed_total": sum(failed.values()),
+        "ties": sum(1 for j in ok if j.prob == 0.5),
+        "position_consistency": _mean([1.0 if j.consistent else 0.0 for j in both]),
+        "consistency_pairs": len(both),
+        "first_position_rate": _mean(first),
+        "mean_confidence": _mean([max(j.prob, 1.0 - j.prob) for j in ok]),
+    }
+
+
+def agreement_stats(judgments: list, swapped: list[bool]) -> dict:
+    """Agreement with human labels. ``swapped[i]``: the human-chosen response was sent as ``b``."""
+    p_chosen, first_reads, second_reads = [], [], []
+    for j, sw in zip(judgments, swapped):
+        if not j.ok:
+            continue
+        p_chosen.append(1.0 - j.prob if sw else j.prob)
+        if j.prob_ab is not None and j.prob_ba is not None:
+            # P(chosen better) read with chosen shown first / shown second
+            cf, cs = (1.0 - j.prob_ba, 1.0 - j.prob_ab) if sw else (j.prob_ab, j.prob_ba)
+            first_reads.append(_score(cf))
+            second_reads.append(_score(cs))
+    scores = [_score(p) for p in p_chosen]
+    n = len(scores)
+    agree = sum(scores)
+    ci = wilson_interval(agree, n)
+    return {
+        "agreement": agree / n if n else None,
+        "agreement_ci95": list(ci) if ci else None,
+        "ci_method": "wilson",
+        "agree": sum(1 for s in scores if s == 1.0),
+        "disagree": sum(1 for s in scores if s == 0.0),
+        "ties": sum(1 for s in scores if s == 0.5),
+        "mean_p_chosen": _mean(p_chosen),
+        "agreement_by_order": {"chosen_shown_first": _mean(first_reads), "chosen_shown_second": _mean(second_reads)},
+    }
+
+
+def orient(pairs: list[Pair], judgments: list):
+    """Preference records oriented by the judge (chosen = preferred, prob = P(chosen better)).
+
+    Returns ``(records, ties)``; failed judgments and exact ties are left out.
+    """
+    from oaif.data import PreferenceRecord
+
+    records, ties = [], 0
+    for pair, j in zip(pairs, judgments):
+        if not j.ok:
+            continue
+        if j.prob == 0.5:
+            ties += 1
+        elif j.prob > 0.5:
+            records.append(PreferenceRecord(pair.id, pair.prompt, pair.a, pair.b, prob=float(j.prob)))
+        else:
+            records.append(PreferenceRecord(pair.id, pair.prompt, pair.b, pair.a, prob=float(1.0 - j.prob)))
+    return records, ties
+
+
+# --------------------------------------------------------------------------------------------
+# sampling
+# --------------------------------------------------------------------------------------------
+def load_sample_prompts(args, skipped: Counter):
+    """The prompts of ``args.input`` (first ``--limit``), with the row count; empty prompts counted."""
+    from oaif.data import load_prompts
+
+    prompts = load_prompts(args.input, field=args.prompt_field)
+    skipped.update(prompts.skipped)
+    records = prompts.records[: args.limit] if args.limit is not None else prompts.records
+    return records, prompts.rows
+
+
+def sample_pairs(args, records, model, tok, skipped: Counter) -> list[Pair]:
+    """Sample ``--num-samples`` responses per prompt and pair them (0,1), (2,3), ...; identical
+    pairs and prompts over ``--max-prompt-tokens`` are skipped and counted."""
+    from tqdm import tqdm
+
+    from oaif.data import filter_long
+    from oaif.models import encode_prompt
+    from oaif.pairs import candidate_pairs
+    from oaif.sampling import sample_responses
+
+    k = args.num_samples
+    tokens = {r.id: encode_prompt(tok, r.prompt) for r in records}
+    records, _ = filter_long(records, lambda r: len(tokens[r.id]), args.max_prompt_tokens, skipped)
+    pairs: list[Pair] = []
+    step = max(1, args.batch_size)
+    with tqdm(total=len(records), unit="prompt", desc="sample", disable=args.no_progress, mininterval=2.0) as bar:
+        for start in range(0, len(records), step):
+            chunk = records[start:start + step]
+            responses, _ = sample_responses(model, tok, [tokens[r.id] for r in chunk],
+                                            list(range(start, start + len(chunk))), k=k, seed=args.seed,
+                                            temperature=args.temperature, top_p=args.top_p,
+                                            max_new_tokens=args.max_new_tokens)
+            for rec, rs in zip(chunk, responses):
+                texts = [tok.decode(r, skip_special_tokens=True).strip() for r in rs]
+                for ka, kb in candidate_pairs(k, "disjoint"):
+                    if texts[ka] == texts[kb]:
+                        skipped["identical"] += 1
+                        continue
+                    pid = rec.id if k == 2 else f"{rec.id}:{ka}-{kb}"
+                    pairs.append(Pair(pid, rec.prompt, texts[ka], texts[kb]))
+            bar.update(len(chunk))
+    return pairs
+
+
+def _check_sampling_args(args) -> None:
+    from oaif.errors import ConfigError
+
+    if args.num_samples < 2 or args.num_samples % 2:
+        raise ConfigError(f"--num-samples must be even and >= 2, got {args.num_samples}")
+    if args.temperature <= 0:
+        raise ConfigError(f"--temperature must be > 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.max_prompt_tokens < 1:
+        raise ConfigError(f"--max-prompt-tokens must be >= 1, got {args.max_prompt_tokens}")
+
+
+# --------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------
+def _fmt(x: Any, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _counts(c: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in c.items()) if c else "none"
+
+
+def _write_json(path: str, data: dict) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(p)
+
+
+def _write_judgments(path: str, pairs: list[Pair], judgments: list, swapped: list[bool]) -> None:
+    import gzip
+    import io
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    f = io.TextIOWrapper(gzip.open(tmp, "wb"), encoding="utf-8") if p.name.endswith(".gz") \
+        else open(tmp, "w", encoding="utf-8")
+    with f:
+        for pair, j, sw in zip(pairs, judgments, swapped):
+            row: dict[str, Any] = {"id": pair.id, "prompt": pair.prompt, "chosen": pair.a, "rejected": pair.b,
+                                   "judge": j.judge, "failure": j.failure}
+            if j.ok:
+                p_chosen = 1.0 - j.prob if sw else j.prob
+                row["p_chosen"] = p_chosen
+                if j.prob_ab is not None and j.prob_ba is not None:
+                    cf, cs = (1.0 - j.prob_ba, 1.0 - j.prob_ab) if sw else (j.prob_ab, j.prob_ba)
+                    row["p_chosen_shown_first"], row["p_chosen_shown_second"] = cf, cs
+                    row["consistent"] = j.consistent
+                row["agree"] = _score(p_chosen)
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from oaif.errors import ConfigError
+
+    t0 = time.perf_counter()
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not args.against_labels and not args.out:
+        raise ConfigError("--out is required (the preference file to write), except with --against-labels")
+    cfg = annotator_config(args.annotator_config, args.sets)
+    judge_log = logging.getLogger("oaif.annotators")
+    level = judge_log.level
+    if not getattr(args, "verbose", False):
+        # per-pair warnings (too_long, callable errors) are summarised in the counts instead
+        judge_log.setLevel(logging.ERROR)
+    try:
+        return _run(args, cfg, t0)
+    finally:
+        judge_log.setLevel(level)
+
+
+def _run(args: argparse.Namespace, cfg, t0: float) -> int:
+    from oaif.annotators.base import PairRequest
+    from oaif.annotators.build import build_annotator
+    from oaif.data import messages_to_text
+
+    skipped: Counter = Counter()
+    if args.sample_from:
+        _check_sampling_args(args)
+        records, rows = load_sample_prompts(args, skipped)
+        from oaif.models import load_causal_lm
+
+        model, tok = load_causal_lm(args.sample_from)
+        # built before sampling, so a bad annotator fails fast; a judge named like the sampled
+        # model reuses it instead of loading a second copy
+        annotator = build_annotator(cfg, policy_path=args.sample_from, reference=model, tokenizer=tok)
+        pairs = sample_pairs(args, records, model, tok, skipped)
+    else:
+        pairs, rows, skipped = load_pairs(args.input, labelled=args.against_labels)
+        if args.limit is not None:
+            pairs = pairs[: args.limit]
+        annotator = build_annotator(cfg)
+
+    # With labels, alternate which slot holds the human-chosen response, so a judge asked in one
+    # order only (both_orders=false) is not flattered or punished by its position bias.
+    swapped = [args.against_labels and i % 2 == 1 for i in range(len(pairs))]
+    requests = [PairRequest(prompt=messages_to_text(p.prompt), a=p.b if sw else p.a, b=p.a if sw else p.b,
+                            prompt_id=p.id) for p, sw in zip(pairs, swapped)]
+
+    def live(judgments):
+        ok = [j for j in judgments if j.ok]
+        post = {"failed": len(judgments) - len(ok)}
+        if args.against_labels and ok:
+            post["agree"] = f"{agreement_stats(judgments, swapped)['agreement']:.3f}"
+        return post
+
+    t_judge = time.perf_counter()
+    judgments = judge_pairs(annotator, requests, args.batch_size, progress=not args.no_progress, on_chunk=live)
+    judge_s = time.perf_counter() - t_judge
+
+    stats = judge_stats(judgments)
+    report: dict[str, Any] = {
+        "judge": getattr(annotator, "name", type(annotator).__name__),
+        "input": str(args.input),
+        "mode": "against_labels" if args.against_labels else "sample" if args.sample_from else "pairs",
+        "limit": args.limit,
+        "rows": rows,
+        "skipped": dict(sorted(skipped.items())),
+    }
+    if args.against_labels:
+        report.update(agreement_stats(judgments, swapped))
+        report.update({k: v for k, v in stats.items() if k != "ties"})
+    else:
+        records, ties = orient(pairs, judgments)
+        report.update(stats)
+        if args.sample_from:
+            report["sampled_from"] = args.sample_from
+            report["sampling"] = {"num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens,
+                                  "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+        from oaif.data import save_preferences
+
+        report["written"] = save_preferences(args.out, records)
+        report["ties"] = ties
+        report["out"] = str(args.out)
+    report["annotator"] = asdict(cfg)
+    report["judge_seconds"] = round(judge_s, 3)
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    report["pairs_per_second"] = round(len(pairs) / judge_s, 3) if judge_s > 0 else None
+
+    if args.against_labels and args.out:
+        _write_judgments(args.out, pairs, judgments, swapped)
+    if args.report:
+        _write_json(args.report, report)
+    _print_summary(report, args)
+    return 0
+
+
+def _print_summary(r: dict, args) -> None:
+    lines = [f"judge            {r['judge']}",
+             f"input            {r['input']} ({r['rows']} rows; skipped: {_counts(r['skipped'])})",
+             f"pairs            {r['pairs']} (judged {r['judged']}, failed {r['failed_total']}: {_counts(r['failed'])})"]
+    if args.against_labels:
+        ci = r["agreement_ci95"]
+        lines += [f"agreement        {_fmt(r['agreement'])}  95% CI [{_fmt(ci[0]) if ci else 'n/a'}, "
+                  f"{_fmt(ci[1]) if ci else 'n/a'}] (Wilson; agree {r['agree']}, disagree {r['disagree']}, "
+                  f"ties {r['ties']} counted 1/2)",
+                  f"by order         chosen shown first {_fmt(r['agreement_by_order']['chosen_shown_first'])}, "
+                  f"shown second {_fmt(r['agreement_by_order']['chosen_shown_second'])}"]
+    else:
+        lines.append(f"written          {r['written']} preferences to {r['out']} (ties skipped: {r['ties']})")
+    lines += [f"consistency      {_fmt(r['position_consistency'])} (pairs whose two orders agree)",
+              f"first-position   {_fmt(r['first_position_rate'])} (readings picking the response shown first)",
+              f"confidence       {_fmt(r['mean_confidence'])} (mean max(p, 1-p))",
+              f"time             {r['seconds']:.1f} s ({_fmt(r['pairs_per_second'], 2)} pairs/s judging)"]
+    if args.against_labels and args.out:
+        lines.append(f"judgments        {args.out}")
+    if args.report:
+        lines.append(f"report           {args.report}")
+    print("\n".join(lines))

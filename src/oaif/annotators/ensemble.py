@@ -1,0 +1,169 @@
+"""Ensemble judge: several annotators judge the same pairs; their verdicts are combined.
+
+Every member's ``annotate`` is called on the same requests. Per pair, only the members that
+succeeded count:
+
+* ``mode="mean"``: the ensemble's probability is the mean of their probabilities;
+* ``mode="majority"``: it is the fraction of them that prefer ``a`` (prob > 0.5), a member at
+  exactly 0.5 counting half.
+
+``prob_ab`` / ``prob_ba`` are the means over the succeeded members that report them. When every
+member fails, the pair fails as ``"all_failed"``, never becoming a label. ``extra["members"]``
+maps each member's name to its probability or its failure reason.
+
+The ensemble keeps running counts (since creation or :meth:`EnsembleJudge.reset_stats`) of how
+often each member's winner agrees with the ensemble's winner (:meth:`agreement`), how often two
+members agree with each other (:meth:`pairwise_agreement`) and why members failed
+(:meth:`failures`). A winner is ``a`` (prob > 0.5), ``b`` (< 0.5) or a tie (exactly 0.5); a tie
+against a decisive winner counts as half an agreement.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Sequence
+
+from oaif.annotators.base import Judgment, PairRequest
+from oaif.errors import AnnotatorError, OaifError
+
+log = logging.getLogger("oaif.annotators")
+
+MODES = ("mean", "majority")
+
+
+def _winner(p: float) -> int:
+    return 1 if p > 0.5 else (-1 if p < 0.5 else 0)
+
+
+def _agreement(u: int, v: int) -> float:
+    if u == v:
+        return 1.0
+    return 0.5 if (u == 0 or v == 0) else 0.0
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+class EnsembleJudge:
+    """Combine the judgments of several annotators (mean of probabilities or majority vote)."""
+
+    def __init__(self, judges: Sequence, *, mode: str = "mean", name: str | None = None):
+        judges = list(judges)
+        if not judges:
+            raise AnnotatorError("an ensemble judge needs at least one member")
+        if mode not in MODES:
+            raise AnnotatorError(f"ensemble mode must be one of {', '.join(MODES)}, got {mode!r}")
+        for j in judges:
+            if not callable(getattr(j, "annotate", None)):
+                raise AnnotatorError(f"ensemble member {j!r} has no annotate(requests) method")
+        self.judges = judges
+        self.mode = mode
+        # Member names key the diagnostics, so they must be unique: repeated names get '#2', '#3', ...
+        names: list[str] = []
+        seen: Counter = Counter()
+        for j in judges:
+            base = str(getattr(j, "name", "") or type(j).__name__)
+            seen[base] += 1
+            names.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
+        self.member_names = names
+        self.name = name or f"ensemble:{mode}:" + "+".join(names)
+        self.reset_stats()
+
+    # -- running statistics ----------------------------------------------------------------
+    def reset_stats(self) -> None:
+        """Forget the agreement and failure counts."""
+        self._agree = {n: 0.0 for n in self.member_names}
+        self._counted = {n: 0 for n in self.member_names}
+        self._pair_agree: dict[tuple[str, str], float] = {}
+        self._pair_counted: dict[tuple[str, str], int] = {}
+        for i, a in enumerate(self.member_names):
+            for b in self.member_names[i + 1:]:
+                self._pair_agree[(a, b)] = 0.0
+                self._pair_counted[(a, b)] = 0
+        self._failures = {n: Counter() for n in self.member_names}
+        self.pairs_seen = 0
+        self.pairs_failed = 0
+
+    def agreement(self) -> dict[str, float]:
+        """Per member: the fraction of pairs (both it and the ensemble judged) where its winner is the ensemble's.
+
+        Members that have not judged a pair the ensemble also judged are left out.
+        """
+        return {n: self._agree[n] / self._counted[n] for n in self.member_names if self._counted[n]}
+
+    def agreement_counts(self) -> dict[str, tuple[float, int]]:
+        """Per member: ``(agreements, pairs counted)`` behind :meth:`agreement`."""
+        return {n: (self._agree[n], self._counted[n]) for n in self.member_names}
+
+    def pairwise_agreement(self) -> dict[str, float]:
+        """Per two members (key ``"name_a|name_b"``): the fraction of pairs both judged where their winners agree."""
+        return {f"{a}|{b}": self._pair_agree[(a, b)] / c for (a, b), c in self._pair_counted.items() if c}
+
+    def failures(self) -> dict[str, dict[str, int]]:
+        """Per member: failure reason -> count."""
+        return {n: dict(c) for n, c in self._failures.items()}
+
+    # -- judging ---------------------------------------------------------------------------
+    def _member_judgments(self, judge, member: str, requests: Sequence[PairRequest]) -> list[Judgment]:
+        try:
+            out = list(judge.annotate(requests))
+        except OaifError:
+            raise  # misconfiguration is the user's to fix, not a masked pair
+        except Exception as e:  # a member's fault masks its votes, never the whole batch
+            log.warning("ensemble member %s raised %s: %s (its judgments are masked)", member, type(e).__name__, e)
+            return [Judgment.failed("member_error", member, error=f"{type(e).__name__}: {e}") for _ in requests]
+        if len(out) != len(requests):
+            log.warning("ensemble member %s returned %d judgments for %d requests (its judgments are masked)",
+                        member, len(out), len(requests))
+            return [Judgment.failed("member_error", member, error="wrong number of judgments") for _ in requests]
+        return out
+
+    def annotate(self, requests: Sequence[PairRequest]) -> list[Judgment]:
+        if not requests:
+            return []
+        t0 = time.perf_counter()
+        per_member = [self._member_judgments(j, n, requests) for j, n in zip(self.judges, self.member_names)]
+        latency = (time.perf_counter() - t0) / len(requests)
+        out = []
+        for i in range(len(requests)):
+            members: dict[str, float | str] = {}
+            ok: list[tuple[str, Judgment]] = []
+            for n, js in zip(self.member_names, per_member):
+                j = js[i]
+                if j.ok:
+                    members[n] = float(j.prob)
+                    ok.append((n, j))
+                else:
+                    reason = j.failure or "nan"
+                    members[n] = reason
+                    self._failures[n][reason] += 1
+            self.pairs_seen += 1
+            if not ok:
+                self.pairs_failed += 1
+                out.append(Judgment.failed("all_failed", self.name, latency, members=members, n_ok=0))
+                continue
+            probs = [float(j.prob) for _, j in ok]
+            if self.mode == "mean":
+                prob = sum(probs) / len(probs)
+            else:
+                prob = sum(1.0 if p > 0.5 else (0.5 if p == 0.5 else 0.0) for p in probs) / len(probs)
+            prob_ab = _mean([j.prob_ab for _, j in ok if j.prob_ab is not None])
+            prob_ba = _mean([j.prob_ba for _, j in ok if j.prob_ba is not None])
+            out.append(Judgment(prob=prob, prob_ab=prob_ab, prob_ba=prob_ba, latency_s=latency, judge=self.name,
+                                extra={"members": members, "n_ok": len(ok)}))
+            self._count(ok, _winner(prob))
+        return out
+
+    def _count(self, ok: list[tuple[str, Judgment]], ensemble_winner: int) -> None:
+        winners = {n: _winner(float(j.prob)) for n, j in ok}
+        for n, w in winners.items():
+            self._agree[n] += _agreement(w, ensemble_winner)
+            self._counted[n] += 1
+        names = [n for n in self.member_names if n in winners]
+        for x, a in enumerate(names):
+            for b in names[x + 1:]:
+                self._pair_agree[(a, b)] += _agreement(winners[a], winners[b])
+                self._pair_counted[(a, b)] += 1

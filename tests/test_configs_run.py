@@ -1,0 +1,80 @@
+"""Every shipped config runs: the demo on the real embedded SmolLM2, the others on a tiny policy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from oaif.config import load_config
+from oaif.metrics import read_metrics
+from oaif.trainer import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def config(name, out, *overrides):
+    return load_config(ROOT / "configs" / name, [f"train.output_dir={out}", "logging.progress_bar=false",
+                                                  f"data.path={ROOT / 'data/prompts/demo_prompts.jsonl'}", *overrides])
+
+
+@pytest.mark.slow
+def test_demo_config_two_online_steps_on_smollm2_with_llm_judge(tmp_path, smollm2_path):
+    out = tmp_path / "demo"
+    cfg = config("demo.yaml", out, "train.max_steps=2", "train.batch_size=2", "sampling.max_new_tokens=16",
+                 "optim.lr=1.0e-5", "optim.warmup_steps=0")
+    summary = train(cfg)
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["pairs_judged"] == 2 - r["masked/identical"] for r in records)
+    assert sum(r["pairs_used"] for r in records) > 0
+    assert all(0.0 < r["judge_label_mass"] <= 1.0 and 0.5 <= r["judge_confidence"] <= 1.0 for r in records)
+    audit = [json.loads(line) for line in (out / "annotations.jsonl").read_text().splitlines()]
+    assert audit and all(a["judge"] == "llm:smollm2-135m-instruct:helpful" for a in audit)
+    assert all(a["prob"] == pytest.approx((a["prob_ab"] + a["prob_ba"]) / 2) for a in audit if a["prob"] is not None)
+    ckpt = Path(summary["final_checkpoint"])
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    start = AutoModelForCausalLM.from_pretrained(smollm2_path)
+    changed = [n for (n, a), b in zip(model.named_parameters(), start.parameters()) if not torch.equal(a, b)]
+    assert changed, "two steps with lr 1e-5 must move the weights"
+
+
+@pytest.mark.slow
+def test_offline_demo_config_runs(tmp_path, tiny_model_dir):
+    out = tmp_path / "offline"
+    train(config("offline_demo.yaml", out, f"model.name_or_path={tiny_model_dir}", "train.max_steps=2",
+                 f"data.preference_path={ROOT / 'data/prompts/hh_harmless_preferences.jsonl'}"))
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["pairs_used"] for r in records] == [4, 4]
+
+
+@pytest.mark.slow
+def test_lora_demo_config_runs_and_saves_merged_weights(tmp_path, tiny_model_dir):
+    out = tmp_path / "lora"
+    train(config("lora_demo.yaml", out, f"model.name_or_path={tiny_model_dir}", "train.max_steps=2",
+                 "train.batch_size=2", "sampling.max_new_tokens=8", "optim.lr=1.0e-2"))
+    ckpt = out / "checkpoint-2"
+    assert (ckpt / "adapter" / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(ckpt)
+    base = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    state = merged.state_dict()
+    assert not any("lora" in k for k in state)
+    assert not torch.equal(state["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(state["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.mark.slow
+def test_openai_judge_config_runs_against_a_real_llama_cpp_server(tmp_path, tiny_model_dir, llama_server):
+    out = tmp_path / "openai"
+    train(config("harmless_openai_judge.yaml", out, f"model.name_or_path={tiny_model_dir}", "train.max_steps=1",
+                 "train.batch_size=2", "sampling.max_new_tokens=8", f"annotator.base_url={llama_server.base_url}",
+                 f"annotator.model={llama_server.model}",
+                 f"data.path={ROOT / 'data/prompts/hh_harmless_prompts.jsonl'}"))
+    records = read_metrics(out / "metrics.jsonl")
+    assert records[0]["pairs_judged"] >= 1 and records[0]["pairs_failed"] == 0
+    audit = [json.loads(line) for line in (out / "annotations.jsonl").read_text().splitlines()]
+    assert all(a["judge"].startswith("openai:") and a["prob_ab"] is not None for a in audit)

@@ -1,0 +1,95 @@
+"""EnsembleJudge over real CallableJudge members (cheap), one of which always fails."""
+
+from __future__ import annotations
+
+import pytest
+
+from oaif.annotators.base import Annotator, PairRequest
+from oaif.annotators.callable_judge import CallableJudge
+from oaif.annotators.ensemble import EnsembleJudge
+from oaif.errors import AnnotatorError
+
+# Fixed one-order probabilities per pair (keyed by response a), so the hand checks are exact.
+P1 = {"a1": 0.9, "a2": 0.2, "a3": 0.5, "a4": 0.6}
+P2 = {"a1": 0.7, "a2": 0.4, "a3": 0.8, "a4": 0.1}
+P3 = {"a1": 0.2, "a2": 0.3, "a3": 0.5, "a4": 0.7}
+
+
+def _member(table, name):
+    return CallableJudge(lambda prompt, a, b: table[a], both_orders=False, name=name)
+
+
+def _broken(prompt, a, b):
+    raise RuntimeError("judge is down")
+
+
+REQS = [PairRequest("q", f"a{i}", "b", f"p{i}") for i in range(1, 5)]
+
+
+def test_mean_mode_hand_checked():
+    ens = EnsembleJudge([_member(P1, "one"), _member(P2, "two"), CallableJudge(_broken, name="down")])
+    assert isinstance(ens, Annotator)
+    out = ens.annotate(REQS)
+    expected = [(0.9 + 0.7) / 2, (0.2 + 0.4) / 2, (0.5 + 0.8) / 2, (0.6 + 0.1) / 2]
+    assert [j.prob for j in out] == pytest.approx(expected)
+    for j, r in zip(out, REQS):
+        a = r.a
+        assert j.ok and j.judge == ens.name
+        assert j.extra["members"] == {"one": P1[a], "two": P2[a], "down": "callable_error"}
+        assert j.extra["n_ok"] == 2
+        assert j.prob_ab == pytest.approx((P1[a] + P2[a]) / 2) and j.prob_ba is None
+    assert ens.failures()["down"] == {"callable_error": 4}
+
+
+def test_majority_mode_hand_checked():
+    ens = EnsembleJudge([_member(P1, "one"), _member(P2, "two"), _member(P3, "three")], mode="majority")
+    out = ens.annotate(REQS)
+    # a1: yes yes no -> 2/3; a2: no no no -> 0; a3: tie yes tie -> (0.5+1+0.5)/3; a4: yes no yes -> 2/3
+    assert [j.prob for j in out] == pytest.approx([2 / 3, 0.0, 2 / 3, 2 / 3])
+    assert ens.name.startswith("ensemble:majority:")
+
+
+def test_prob_ab_ba_averaged_over_members_that_report_them():
+    both = CallableJudge(lambda prompt, a, b: 0.8 if a == "a1" else 0.4, name="both")  # both orders
+    one = _member(P1, "one")
+    [j] = EnsembleJudge([both, one]).annotate(REQS[:1])
+    assert j.prob == pytest.approx((0.7 + 0.9) / 2)  # both: (0.8 + (1 - 0.4)) / 2 = 0.7
+    assert j.prob_ab == pytest.approx((0.8 + 0.9) / 2)
+    assert j.prob_ba == pytest.approx(0.6)
+
+
+def test_all_failed():
+    ens = EnsembleJudge([CallableJudge(_broken, name="x"), CallableJudge(lambda p, a, b: float("nan"), name="y")])
+    out = ens.annotate(REQS[:2])
+    for j in out:
+        assert not j.ok and j.prob is None and j.failure == "all_failed"
+        assert j.extra["members"] == {"x": "callable_error", "y": "nan"}
+    assert ens.pairs_failed == 2 and ens.agreement() == {}
+
+
+def test_agreement_counts_accumulate():
+    ens = EnsembleJudge([_member(P1, "one"), _member(P2, "two"), _member(P3, "three"),
+                         CallableJudge(_broken, name="down")])
+    ens.annotate(REQS[:2])
+    ens.annotate(REQS[2:])
+    # ensemble (mean): a1 0.6 -> a; a2 0.3 -> b; a3 0.6 -> a; a4 0.4667 -> b
+    # one:   a b tie a -> 1 + 1 + 0.5 + 0 ; two: a b a b -> 4 ; three: b b tie a -> 0 + 1 + 0.5 + 0
+    assert ens.agreement() == pytest.approx({"one": 2.5 / 4, "two": 1.0, "three": 1.5 / 4})
+    assert ens.agreement_counts()["two"] == (4.0, 4) and ens.agreement_counts()["down"] == (0.0, 0)
+    pw = ens.pairwise_agreement()
+    # one vs two: a=a, b=b, tie/a, a/b -> 2.5/4; one vs three: a/b, b=b, tie=tie, a=a -> 3/4
+    assert pw["one|two"] == pytest.approx(2.5 / 4) and pw["one|three"] == pytest.approx(3 / 4)
+    assert pw["two|three"] == pytest.approx(1.5 / 4)  # a/b, b=b, a/tie, b/a -> 0 + 1 + 0.5 + 0
+    ens.reset_stats()
+    assert ens.agreement() == {} and ens.pairs_seen == 0
+
+
+def test_duplicate_names_and_validation():
+    ens = EnsembleJudge([_member(P1, "same"), _member(P2, "same")])
+    assert ens.member_names == ["same", "same#2"]
+    assert set(ens.annotate(REQS[:1])[0].extra["members"]) == {"same", "same#2"}
+    assert ens.annotate([]) == []
+    with pytest.raises(AnnotatorError, match="at least one"):
+        EnsembleJudge([])
+    with pytest.raises(AnnotatorError, match="mode"):
+        EnsembleJudge([_member(P1, "one")], mode="median")
