@@ -93,3 +93,19 @@ def test_duplicate_names_and_validation():
         EnsembleJudge([])
     with pytest.raises(AnnotatorError, match="mode"):
         EnsembleJudge([_member(P1, "one")], mode="median")
+
+
+def test_ensemble_built_from_config():
+    from oaif.annotators.build import build_annotator
+    from oaif.config import load_config
+    from oaif.errors import ConfigError
+
+    cfg = load_config(None, ["annotator.type=ensemble", "annotator.ensemble_mode=majority",
+                             "annotator.members=[{type: callable, callable: 'oaif.annotators.rules:prefer_shorter'},"
+                             " {type: callable, callable: 'oaif.annotators.rules:prefer_no_digits'}]"])
+    judge = build_annotator(cfg.annotator)
+    [j] = judge.annotate([PairRequest("q", "one two three 4", "one")])
+    assert j.prob == 0.0 and set(j.extra["members"]) == {"callable:prefer_shorter", "callable:prefer_no_digits"}
+    bad = load_config(None, ["annotator.type=ensemble", "annotator.members=[{rubrik: helpful}]"])
+    with pytest.raises(ConfigError, match=r"annotator.members\[0\].rubrik"):
+        build_annotator(bad.annotator)

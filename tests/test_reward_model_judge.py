@@ -215,3 +215,21 @@ def test_train_reward_model_learns_and_loads(tmp_path, tiny_model_dir):
     judge = RewardModelJudge.from_pretrained(out)
     assert judge.model.config.num_labels == 1
     assert _agreement(judge, pairs) > 0.8
+
+
+def test_reward_model_judge_from_config_drives_training(rm_dir, tiny_model_dir, tmp_path):
+    """annotator.type=reward_model: the RM judge labels the online pairs of a real (tiny) run."""
+    from pathlib import Path
+
+    from oaif.config import load_config
+    from oaif.metrics import read_metrics
+    from oaif.trainer import train
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "run"
+    train(load_config(root / "configs/demo.yaml", [
+        f"model.name_or_path={tiny_model_dir}", "annotator.type=reward_model", f"annotator.model={rm_dir}",
+        f"train.output_dir={out}", "train.max_steps=1", "train.batch_size=2", "sampling.max_new_tokens=6",
+        "logging.progress_bar=false", f"data.path={root / 'data/prompts/demo_prompts.jsonl'}"]))
+    record = read_metrics(out / "metrics.jsonl")[0]
+    assert record["pairs_judged"] + record["masked/identical"] == 2 and record["pairs_failed"] == 0

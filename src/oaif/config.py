@@ -76,7 +76,7 @@ class SamplingConfig:
 
 @dataclass
 class AnnotatorConfig:
-    type: str = _f("llm", "llm (in-process judge model), openai (any OpenAI-compatible server) or callable (a Python function).")
+    type: str = _f("llm", "llm (in-process judge model), openai (any OpenAI-compatible server), reward_model (a sequence-classification model at annotator.model), callable (a Python function) or ensemble.")
     model: str = _f("smollm2-135m-instruct", "Judge model for type=llm (same forms as model.name_or_path).")
     rubric: str = _f("helpful", "A shipped rubric name (helpful, harmless, summarize, helpful_short, helpful_very_short) or a path to a rubric YAML file.")
     callable: str | None = _f(None, "type=callable: 'module:function' of (prompt, a, b) -> P(a better), or of (prompt, response) -> score.")
@@ -84,6 +84,8 @@ class AnnotatorConfig:
     batch_size: int = _f(8, "Judge prompts per forward pass.")
     max_length: int = _f(1024, "Longest judge prompt in tokens; longer pairs fail with reason 'too_long'.")
     dtype: str = _f("float32", "Judge weights dtype.")
+    members: list = _f([], "type=ensemble: member judges, each a mapping of annotator keys, e.g. [{type: llm, rubric: helpful}, {type: callable, callable: 'oaif.annotators.rules:prefer_shorter'}].")
+    ensemble_mode: str = _f("mean", "type=ensemble: mean (average probability) or majority (share of members preferring a).")
     base_url: str | None = _f(None, "type=openai: the chat-completions endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp server, Ollama, OpenAI).")
     api_key_env: str = _f("OPENAI_API_KEY", "type=openai: environment variable holding the API key (never logged).")
     request_timeout: float = _f(30.0, "type=openai: seconds before a request fails as 'timeout'.")
@@ -156,7 +158,8 @@ _CHOICES = {
     "data.format": {"auto", "jsonl", "csv", "parquet", "hf_disk"},
     "sampling.pairing": {"disjoint", "all"},
     "sampling.backend": {"shared_prefill", "hf"},
-    "annotator.type": {"llm", "callable", "openai"},
+    "annotator.type": {"llm", "callable", "openai", "reward_model", "ensemble"},
+    "annotator.ensemble_mode": {"mean", "majority"},
     "annotator.dtype": {"float32", "bfloat16", "float16", "auto"},
     "loss.type": {"dpo", "ipo", "slic"},
     "optim.scheduler": {"constant", "linear", "cosine"},
@@ -293,6 +296,8 @@ def validate(cfg: Config) -> Config:
         ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
         ("train.gradient_accumulation_steps", cfg.train.gradient_accumulation_steps >= 1, "must be >= 1"),
         ("data.eval_fraction", 0 <= cfg.data.eval_fraction < 1, "must be in [0, 1)"),
+        ("annotator.members", cfg.annotator.type != "ensemble" or len(cfg.annotator.members) >= 1,
+         "annotator.type=ensemble needs at least one member"),
         ("annotator.base_url", cfg.annotator.type != "openai" or cfg.annotator.base_url,
          "annotator.type=openai needs annotator.base_url"),
         ("annotator.request_timeout", cfg.annotator.request_timeout > 0, "must be > 0"),

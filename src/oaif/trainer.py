@@ -359,6 +359,9 @@ class Trainer:
         if rec["time_update_s"] > 0:
             rec["train_tokens_per_s"] = g.total("train_tokens") / rec["time_update_s"] / self.accelerator.num_processes
         rec["prompts_seen"] = self.stream.position
+        agreement = getattr(self.annotator, "agreement", None)
+        if callable(agreement):  # an ensemble: how often each member agrees with the ensemble (this process)
+            rec.update({f"judge_agreement/{name}": value for name, value in agreement().items()})
         return rec
 
     def _audit(self, rollouts: Rollouts, plan: PairPlan, judgments: list[Judgment]) -> None:

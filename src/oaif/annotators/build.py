@@ -34,6 +34,26 @@ def build_annotator(cfg: AnnotatorConfig, *, policy_path: str | None = None, ref
                 model.to(device)
         return LLMJudge(model, tok, rubric, both_orders=cfg.both_orders, batch_size=cfg.batch_size,
                         max_length=cfg.max_length, name=f"llm:{cfg.model}:{rubric.name}")
+    if cfg.type == "reward_model":
+        from oaif.annotators.reward_model_judge import RewardModelJudge
+
+        return RewardModelJudge.from_pretrained(cfg.model, dtype=cfg.dtype, device=device, cache_dir=cache_dir,
+                                                batch_size=cfg.batch_size, max_length=cfg.max_length)
+    if cfg.type == "ensemble":
+        import dataclasses
+
+        from oaif.annotators.ensemble import EnsembleJudge
+        from oaif.config import _apply
+
+        members = []
+        for i, spec in enumerate(cfg.members):
+            member = dataclasses.replace(cfg, members=[])
+            if not isinstance(spec, dict) or spec.get("type") == "ensemble":
+                raise AnnotatorError(f"annotator.members[{i}]: expected a mapping of annotator keys (not an ensemble)")
+            _apply(member, spec, f"annotator.members[{i}].")
+            members.append(build_annotator(member, policy_path=policy_path, reference=reference, tokenizer=tokenizer,
+                                           cache_dir=cache_dir, device=device))
+        return EnsembleJudge(members, mode=cfg.ensemble_mode)
     if cfg.type == "openai":
         from oaif.annotators.openai_judge import OpenAIJudge
         from oaif.annotators.rubrics import load_rubric
