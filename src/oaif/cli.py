@@ -2,6 +2,7 @@
 
     oaif train CONFIG [key.sub=value ...]     run online (or offline) training
     oaif annotate ...                         label a file of pairs and write a preference file
+    oaif eval ...                             win rate against a baseline, plots and a report
     oaif config show CONFIG [key=value ...]   print the resolved config
     oaif config keys                          list every config key with its help
 
@@ -64,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description=annotate_cmd.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     annotate_cmd.add_arguments(p)
     p.set_defaults(func=annotate_cmd.run)
+
+    from oaif import eval_cli
+
+    p = sub.add_parser("eval", help="win rate of a model (or a run's checkpoints) against another, with a report",
+                       description=eval_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    eval_cli.add_arguments(p)
+    p.set_defaults(func=eval_cli.run)
 
     p = sub.add_parser("config", help="show a resolved config, or list every key with its help")
     p.add_argument("action", choices=["show", "keys"])

@@ -1,0 +1,106 @@
+"""Shared plumbing for the experiment scripts: run oaif commands, split prompts, collect numbers.
+
+Each experiment drives the same `oaif` commands a user would type (printed before they run), so
+every number it reports can be reproduced step by step by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ROOT / "data" / "prompts" / "demo_prompts.jsonl"
+
+
+def base_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=out, help=f"output directory (default {out})")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="starting policy")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per run")
+    ap.add_argument("--batch-size", type=int, default=4, help="prompts (pairs) per step")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--eval-prompts", type=int, default=40, help="held-out prompts for the win rates")
+    ap.add_argument("--smoke", action="store_true", help="one step, tiny budgets: checks that everything runs")
+    ap.add_argument("--judge-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="annotator override for the training judge (repeatable)")
+    ap.add_argument("--eval-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="annotator override for the evaluation judge (repeatable)")
+    return ap
+
+
+def apply_smoke(args: argparse.Namespace, default_steps: int) -> None:
+    if args.smoke:
+        args.steps, args.batch_size, args.max_new_tokens, args.eval_prompts = 1, 2, 8, 2
+    elif args.steps is None:
+        args.steps = default_steps
+
+
+def oaif(*argv: str, log: Path | None = None) -> float:
+    """Run an oaif command, echoing it; returns its wall time. A failure stops the experiment."""
+    cmd = [sys.executable, "-m", "oaif.cli", *argv]
+    print("$ oaif " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    t0 = time.perf_counter()
+    with open(log, "a") if log else open("/dev/null", "w") as f:
+        result = subprocess.run(cmd, cwd=ROOT, stdout=f if log else None, stderr=subprocess.STDOUT if log else None)
+    if result.returncode != 0:
+        raise SystemExit(f"command failed ({result.returncode}): oaif {' '.join(argv)}" + (f"; see {log}" if log else ""))
+    return time.perf_counter() - t0
+
+
+def split_prompts(out: Path, n_eval: int, seed: int = 1234) -> tuple[Path, Path]:
+    """Write a fixed train / held-out split of the shipped demo prompts into ``out``."""
+    from oaif.data import load_prompts, split_eval
+
+    records = load_prompts(PROMPTS).records
+    train, held = split_eval(records, max(n_eval, 1) / len(records), seed)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = out / "train_prompts.jsonl", out / "heldout_prompts.jsonl"
+    for path, rows in zip(paths, (train, held[:n_eval])):
+        path.write_text("".join(json.dumps({"id": r.id, "prompt": r.prompt}) + "\n" for r in rows))
+    return paths
+
+
+def train_overrides(args, out_dir: Path, train_prompts: Path, *extra: str) -> list[str]:
+    return [str(ROOT / "configs" / "demo.yaml"), f"model.name_or_path={args.model}", f"data.path={train_prompts}",
+            "data.eval_fraction=0", f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
+            f"sampling.max_new_tokens={args.max_new_tokens}", f"train.output_dir={out_dir}", "train.save_every=0",
+            *[f"annotator.{s}" for s in args.judge_set], *extra]
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    return run_dir / (run_dir / "latest").read_text().strip()
+
+
+def eval_pair(args, a: str, b: str, heldout: Path, out_dir: Path, log: Path) -> dict:
+    """`oaif eval A B` on the held-out prompts; returns the parsed eval.json."""
+    oaif("eval", str(a), str(b), "--prompts", str(heldout), "--limit", str(args.eval_prompts), "--out", str(out_dir),
+         "--max-new-tokens", str(args.max_new_tokens), "--no-progress",
+         *[x for s in args.eval_set for x in ("--set", s)], log=log)
+    return json.loads((out_dir / "eval.json").read_text())
+
+
+def headline(result: dict) -> dict:
+    """Win rate with its CI, and both models' mean response length, from an eval.json."""
+    c = result["comparisons"][0]
+    models = result["models"]
+    return {"win_rate": c["win_rate"], "ci": c["ci95"], "n": c["judged"], "failed": c["failed_total"],
+            "ties": c["ties"], "consistency": c.get("judge_consistency"),
+            "len_a": models[c["a"]]["tokens"]["mean"], "len_b": models[c["b"]]["tokens"]["mean"],
+            "judge": result["judge"]["name"]}
+
+
+def fmt(h: dict) -> str:
+    ci = h.get("ci") or [float("nan"), float("nan")]
+    return f"{h['win_rate']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] (n={h['n']})"
+
+
+def write_summary(out: Path, name: str, rows: list[dict], lines: list[str]) -> None:
+    (out / "summary.json").write_text(json.dumps({"experiment": name, "rows": rows}, indent=2))
+    (out / "summary.md").write_text(f"# {name}\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
