@@ -35,6 +35,9 @@ def base_parser(doc: str, out: str) -> argparse.ArgumentParser:
 
 
 def apply_smoke(args: argparse.Namespace, default_steps: int) -> None:
+    """Fill in the smoke-mode budgets, and resolve --out against the repository root."""
+    if not Path(args.out).is_absolute():
+        args.out = str(ROOT / args.out)
     if args.smoke:
         args.steps, args.batch_size, args.max_new_tokens, args.eval_prompts = 1, 2, 8, 2
     elif args.steps is None:
