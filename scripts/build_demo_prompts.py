@@ -1,6 +1,6 @@
 """Build the shipped prompt files in data/prompts/ from the source data sets.
 
-    python scripts/build_demo_prompts.py [--source-dir /work/shared/data] [--out-dir data/prompts]
+    python scripts/build_demo_prompts.py [--source-dir ../shared/data] [--out-dir data/prompts]
 
 Writes, deterministically (same input -> byte-identical output):
 

@@ -16,7 +16,7 @@ from oaif.cli import main
 from oaif.data import load_preferences
 from oaif.errors import ConfigError
 
-HH_FILE = Path("/work/shared/data/hh_harmless_test.jsonl.gz")
+HH_FILE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hh_harmless_test.jsonl.gz"
 SHORTER = "oaif.annotators.rules:prefer_shorter"
 Z = 1.959963984540054
 

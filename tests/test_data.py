@@ -25,7 +25,7 @@ from oaif.data import (
 from oaif.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
-HH_FILE = Path("/work/shared/data/hh_harmless_test.jsonl.gz")
+HH_FILE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hh_harmless_test.jsonl.gz"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a colour."}]
 
