@@ -90,47 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # annotator config
 # --------------------------------------------------------------------------------------------
 def annotator_config(path: str | None = None, sets: list[str] | tuple[str, ...] = ()):
-    """The :class:`~oaif.config.AnnotatorConfig` from an optional YAML file and ``key=value`` items.
+    """The annotator settings of ``--annotator-config`` and ``--set`` (:func:`oaif.config.load_annotator_config`)."""
+    from oaif.config import load_annotator_config
 
-    Keys go through :func:`oaif.config.set_key`, so an unknown key or a bad value is the same
-    one-line :class:`~oaif.errors.ConfigError` as for ``oaif train``. A key may be written with
-    or without its ``annotator.`` prefix.
-    """
-    import yaml
-
-    from oaif.config import Config, set_key, validate
-    from oaif.errors import ConfigError
-
-    cfg = Config()
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"annotator config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping of annotator keys, got {type(data).__name__}")
-        group = data["annotator"] if "annotator" in data else data
-        if not isinstance(group, dict):
-            raise ConfigError(f"{p}: 'annotator' must be a mapping, got {group!r}")
-        set_key(cfg, "annotator", group)
-    for item in sets:
-        if "=" not in item:
-            raise ConfigError(f"--set '{item}' is not of the form key=value")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if key.startswith("annotator."):
-            key = key[len("annotator."):]
-        if not key:
-            raise ConfigError(f"--set '{item}' has no key")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        set_key(cfg, f"annotator.{key}", value)
-    return validate(cfg).annotator
+    return load_annotator_config(path, sets)
 
 
 # --------------------------------------------------------------------------------------------

@@ -329,18 +329,21 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _read_yaml(path: str | Path, what: str = "config") -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} file not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a :class:`Config` from an optional YAML file and ``key.sub=value`` overrides."""
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        _apply(cfg, data)
+        _apply(cfg, _read_yaml(path))
     for item in overrides:
         key, value = _parse_override(item)
         set_key(cfg, key, value)
@@ -368,3 +371,30 @@ def describe() -> str:
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def load_annotator_config(path: str | Path | None = None, sets: list[str] | tuple[str, ...] = ()) -> AnnotatorConfig:
+    """An :class:`AnnotatorConfig` from an optional YAML file and ``key=value`` items.
+
+    The file's ``annotator:`` group (a training config, a run's ``config.yaml``) or its top level
+    holds annotator keys. Keys in ``sets`` may carry the ``annotator.`` prefix or not. Errors are
+    the same one-line :class:`ConfigError` s as for a training config.
+    """
+    cfg = Config()
+    if path is not None:
+        data = _read_yaml(path, "annotator config")
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of annotator keys, got {type(data).__name__}")
+        group = data["annotator"] if "annotator" in data else data
+        if not isinstance(group, dict):
+            raise ConfigError(f"{path}: 'annotator' must be a mapping, got {group!r}")
+        set_key(cfg, "annotator", group)
+    for item in sets:
+        if "=" not in item:
+            raise ConfigError(f"--set '{item}' is not of the form key=value")
+        key, value = _parse_override(item)
+        key = key[len("annotator."):] if key.startswith("annotator.") else key
+        if not key:
+            raise ConfigError(f"--set '{item}' has no key")
+        set_key(cfg, f"annotator.{key}", value)
+    return validate(cfg).annotator

@@ -186,50 +186,10 @@ def length_stats(values: Sequence[float], edges: Sequence[float] | None = None) 
 # options
 # --------------------------------------------------------------------------------------------
 def annotator_config_from(args) -> Any:
-    """The :class:`~oaif.config.AnnotatorConfig` of ``--annotator-config FILE.yaml`` and ``--set key=value``.
+    """The :class:`~oaif.config.AnnotatorConfig` of ``--annotator-config FILE.yaml`` and ``--set key=value``."""
+    from oaif.config import load_annotator_config
 
-    ``args.annotator_config`` is a YAML file whose ``annotator:`` group (a training config, a
-    run's ``config.yaml``) or top level holds annotator keys; each ``args.sets`` item is
-    ``key=value`` with or without the ``annotator.`` prefix. Everything goes through
-    :func:`oaif.config.set_key` and :func:`oaif.config.validate`, so a bad key or value is a
-    one-line :class:`~oaif.errors.ConfigError`.
-    """
-    import yaml
-
-    from oaif.config import Config, set_key, validate
-
-    path = getattr(args, "annotator_config", None)
-    sets = getattr(args, "sets", None) or []
-    cfg = Config()
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"annotator config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping of annotator keys, got {type(data).__name__}")
-        group = data["annotator"] if "annotator" in data else data
-        if not isinstance(group, dict):
-            raise ConfigError(f"{p}: 'annotator' must be a mapping, got {group!r}")
-        set_key(cfg, "annotator", group)
-    for item in sets:
-        if "=" not in item:
-            raise ConfigError(f"--set '{item}' is not of the form key=value")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if key.startswith("annotator."):
-            key = key[len("annotator."):]
-        if not key:
-            raise ConfigError(f"--set '{item}' has no key")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        set_key(cfg, f"annotator.{key}", value)
-    return validate(cfg).annotator
+    return load_annotator_config(getattr(args, "annotator_config", None), getattr(args, "sets", None) or [])
 
 
 def describe_judge(cfg) -> str:

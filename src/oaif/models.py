@@ -325,6 +325,17 @@ def _torch_dtype(dtype: Any) -> Any:
     return table[dtype]
 
 
+def load_model_config(name_or_path: str, cache_dir: str | None = None, trust_remote_code: bool = False):
+    """``(resolved path, transformers config)`` of a model, with load errors as one-line ModelErrors."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name_or_path, cache_dir)
+    try:
+        return path, AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        raise ModelError(f"cannot load model {name_or_path}: {_one_line(e)}{_hub_note(str(name_or_path), path)}") from e
+
+
 def load_tokenizer(name_or_path: str, cache_dir: str | None = None, trust_remote_code: bool = False):
     """The model's tokenizer with a pad token (EOS when it has none) and left padding."""
     from transformers import AutoTokenizer

@@ -47,17 +47,12 @@ def _device(device) -> Any:
 def load_reward_model_for_training(base_model_path: str, dtype: Any = "float32", cache_dir: str | None = None,
                                    trust_remote_code: bool = False):
     """``(model, tokenizer)``: the checkpoint as a one-logit sequence classifier with ``pad_token_id`` set."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
-    from oaif.models import _hub_note, _one_line, _torch_dtype, load_tokenizer, resolve_model_path
+    from oaif.models import _one_line, _torch_dtype, load_model_config, load_tokenizer
 
-    path = resolve_model_path(base_model_path, cache_dir)
+    path, config = load_model_config(base_model_path, cache_dir, trust_remote_code)
     tokenizer = load_tokenizer(path, cache_dir, trust_remote_code)
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, ImportError) as e:
-        raise ModelError(f"cannot load model {base_model_path}: {_one_line(e)}"
-                         f"{_hub_note(str(base_model_path), path)}") from e
     archs = list(getattr(config, "architectures", None) or [])
     if any(a.endswith("ForSequenceClassification") for a in archs) and config.num_labels != 1:
         raise ModelError(f"{base_model_path} is a sequence classifier with num_labels={config.num_labels}; "

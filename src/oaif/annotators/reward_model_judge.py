@@ -181,16 +181,11 @@ class RewardModelJudge:
         :class:`AnnotatorError` when it is not a sequence classifier with ``num_labels=1``.
         ``kw`` go to the constructor (``batch_size``, ``max_length``, ``use_chat_template``, ...).
         """
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+        from transformers import AutoModelForSequenceClassification
 
-        from oaif.models import _hub_note, _one_line, _torch_dtype, load_tokenizer, resolve_model_path
+        from oaif.models import _hub_note, _one_line, _torch_dtype, load_model_config, load_tokenizer
 
-        path = resolve_model_path(name_or_path, cache_dir)
-        try:
-            config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, KeyError, ImportError) as e:
-            raise ModelError(f"cannot load reward model {name_or_path}: {_one_line(e)}"
-                             f"{_hub_note(str(name_or_path), path)}") from e
+        path, config = load_model_config(name_or_path, cache_dir, trust_remote_code)
         archs = list(getattr(config, "architectures", None) or [])
         if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
             raise AnnotatorError(f"{name_or_path} is not a reward model (architectures {archs}, expected a "
