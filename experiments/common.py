@@ -25,6 +25,7 @@ def base_parser(doc: str, out: str) -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=None, help="training steps per run")
     ap.add_argument("--batch-size", type=int, default=4, help="prompts (pairs) per step")
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--lr", type=float, default=2e-6, help="peak learning rate (the demo's default: 2e-6)")
     ap.add_argument("--eval-prompts", type=int, default=40, help="held-out prompts for the win rates")
     ap.add_argument("--smoke", action="store_true", help="one step, tiny budgets: checks that everything runs")
     ap.add_argument("--judge-set", action="append", default=[], metavar="KEY=VALUE",
@@ -73,6 +74,7 @@ def train_overrides(args, out_dir: Path, train_prompts: Path, *extra: str) -> li
     return [str(ROOT / "configs" / "demo.yaml"), f"model.name_or_path={args.model}", f"data.path={train_prompts}",
             "data.eval_fraction=0", f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
             f"sampling.max_new_tokens={args.max_new_tokens}", f"train.output_dir={out_dir}", "train.save_every=0",
+            f"optim.lr={args.lr}",
             *[f"annotator.{s}" for s in args.judge_set], *extra]
 
 
