@@ -72,15 +72,9 @@ def preference_rollouts(records, tokenizer, encode, positions: list[int]) -> tup
         plan.pairs.append((b, 0, 1))
         judgments.append(Judgment(prob=1.0 if rec.prob is None else float(rec.prob), judge="preference_file"))
     roll = Rollouts(positions=positions, prompt_ids=[r.id for r in records],
-                    prompt_texts=[_text(r.prompt) for r in records], prompt_tokens=prompt_tokens,
+                    prompt_texts=[r.text for r in records], prompt_tokens=prompt_tokens,
                     responses=responses, texts=texts, ended_eos=[[True, True] for _ in records])
     return roll, plan, judgments
-
-
-def _text(prompt) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in prompt)
 
 
 def preflight(cfg: Config) -> None:
