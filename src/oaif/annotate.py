@@ -119,33 +119,9 @@ def _first_row(path: Path) -> dict | None:
 
 def _load_ab(path: Path):
     """JSONL rows with prompt, a, b -> a PreferenceSet with a in ``chosen`` and b in ``rejected``."""
-    from oaif.data import PreferenceRecord, PreferenceSet, _iter_jsonl
-    from oaif.errors import DataError
+    from oaif.data import load_preferences
 
-    out = PreferenceSet(records=[])
-    for index, (line_no, obj) in enumerate(_iter_jsonl(path)):
-        out.rows += 1
-        where = f"{path} line {line_no}"
-        missing = [k for k in ("prompt", "a", "b") if k not in obj]
-        if missing:
-            raise DataError(f"{where}: no field {', '.join(repr(m) for m in missing)} (fields: {', '.join(obj) or 'none'})")
-        for k in ("a", "b"):
-            if not isinstance(obj[k], str):
-                raise DataError(f"{where}: '{k}' must be text, got {type(obj[k]).__name__}")
-        rid = str(obj["id"]) if obj.get("id") not in (None, "") else str(index)
-        try:
-            rec = PreferenceRecord(id=rid, prompt=obj["prompt"], chosen=obj["a"], rejected=obj["b"])
-        except DataError as e:
-            raise DataError(f"{where}: 'prompt': {e}") from None
-        if not rec.text.strip():
-            out.skipped["empty_prompt"] += 1
-        elif not rec.chosen.strip() or not rec.rejected.strip():
-            out.skipped["empty_response"] += 1
-        elif rec.chosen.strip() == rec.rejected.strip():
-            out.skipped["identical"] += 1
-        else:
-            out.records.append(rec)
-    return out
+    return load_preferences(path, fields=("a", "b"))
 
 
 def load_pairs(path: str | Path, labelled: bool = False):

@@ -550,26 +550,28 @@ def _add_preference(out: PreferenceSet, rid: str, prompt: Prompt, chosen: str, r
         out.records.append(rec)
 
 
-def load_preferences(path: str | Path) -> PreferenceSet:
+def load_preferences(path: str | Path, fields: tuple[str, str] = ("chosen", "rejected")) -> PreferenceSet:
     """Read an offline preference file: JSONL (optionally ``.gz``) with ``prompt`` (text or
     messages), ``chosen``, ``rejected``, optional ``prob`` or ``probability`` (P(chosen better)
     in [0, 1]) and optional ``id`` (default: the 0-based row index).
 
     Skipped and counted: empty prompt (``empty_prompt``), empty chosen or rejected
     (``empty_response``), chosen equal to rejected (``identical``). Anything malformed is a
-    :class:`DataError` naming the line.
+    :class:`DataError` naming the line. ``fields`` names the two response columns (``("a", "b")``
+    reads unlabelled pairs: the first goes to ``chosen``, the second to ``rejected``).
     """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"preference file not found: {p}")
+    first, second = fields
     out = PreferenceSet(records=[])
     for index, (line_no, obj) in enumerate(_iter_jsonl(p)):
         out.rows += 1
         where = f"{p} line {line_no}"
-        missing = [k for k in ("prompt", "chosen", "rejected") if k not in obj]
+        missing = [k for k in ("prompt", first, second) if k not in obj]
         if missing:
             raise DataError(f"{where}: no field {', '.join(repr(m) for m in missing)} (fields: {_columns_hint(obj)})")
-        for k in ("chosen", "rejected"):
+        for k in (first, second):
             if not isinstance(obj[k], str):
                 raise DataError(f"{where}: '{k}' must be text, got {type(obj[k]).__name__}")
         if "prob" in obj and "probability" in obj:
@@ -583,7 +585,7 @@ def load_preferences(path: str | Path) -> PreferenceSet:
             prompt = _check_prompt(obj["prompt"])
         except DataError as e:
             raise DataError(f"{where}: 'prompt': {e}") from None
-        _add_preference(out, _row_id(obj, index), prompt, obj["chosen"], obj["rejected"], prob)
+        _add_preference(out, _row_id(obj, index), prompt, obj[first], obj[second], prob)
     return out
 
 
