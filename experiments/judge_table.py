@@ -23,8 +23,10 @@ Numbers (``table.json``; ties count 1/2): agreement with the human label, Wilson
 both-order consistency; first-position rate (single-order readings that pick the reply shown
 first); rubric following: on pairs whose two replies differ in word count, how often the
 shorter one wins under ``helpful`` and under ``helpful_very_short`` (same pairs); seconds per
-pair (both orders), from ``judge_seconds`` of each chunk's report, with the 1-minute load
-average seen around each chunk (the CPU is shared: time under load is not the judge's alone).
+pair (both orders): CPU seconds of the judge server and the annotate process (hardly affected by
+other load; with 2 server threads, an idle 2-core machine needs about half of it in wall time),
+and wall seconds from ``judge_seconds`` of each chunk's report, with the 1-minute load average
+seen around each chunk (the CPU is shared: wall time under load is not the judge's alone).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -108,8 +111,25 @@ def chunk_done(jdir: Path, k: int) -> bool:
     return (jdir / f"chunk_{k:05d}.report.json").exists()
 
 
-def annotate_chunks(out: Path, judge: str, variant: str, chunks: list[Path], sets: list[str], env: dict) -> None:
-    """Judge every missing chunk with one `oaif annotate` each; a failed chunk stops this variant."""
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process (Linux /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def annotate_chunks(out: Path, judge: str, variant: str, chunks: list[Path], sets: list[str], env: dict,
+                    server_pid: int | None = None) -> None:
+    """Judge every missing chunk with one `oaif annotate` each; a failed chunk stops this variant.
+
+    Each chunk's report also gets the CPU seconds spent on it (the annotate process and the judge
+    server): unlike wall time, that hardly depends on what else the shared CPU is running."""
     jdir = out / judge / variant
     jdir.mkdir(parents=True, exist_ok=True)
     for k, chunk in enumerate(chunks):
@@ -118,6 +138,7 @@ def annotate_chunks(out: Path, judge: str, variant: str, chunks: list[Path], set
         judgments, report = jdir / f"chunk_{k:05d}.jsonl", jdir / f"chunk_{k:05d}.report.json"
         partial = jdir / f"chunk_{k:05d}.partial.json"  # renamed to `report` (the done mark) with the load added
         load0 = os.getloadavg()[0]
+        cpu0 = (children_cpu_seconds(), process_cpu_seconds(server_pid) if server_pid else 0.0)
         os.environ.update(env)
         try:
             oaif("annotate", str(chunk), "--against-labels", "--no-progress", "--batch-size", "64",
@@ -131,6 +152,8 @@ def annotate_chunks(out: Path, judge: str, variant: str, chunks: list[Path], set
                 os.environ.pop(key, None)
         data = json.loads(partial.read_text())
         data["loadavg_1min"] = [load0, os.getloadavg()[0]]
+        data["cpu_seconds"] = {"annotate": round(children_cpu_seconds() - cpu0[0], 2),
+                               "server": round(process_cpu_seconds(server_pid) - cpu0[1], 2) if server_pid else 0.0}
         report.write_text(json.dumps(data, indent=2) + "\n")
         partial.unlink()
         write_table(out)
@@ -158,9 +181,9 @@ def run_judge(out: Path, judge: str, variants: list[str], chunks: list[Path], th
             if v == "pointwise_harmless":
                 env = {"OAIF_POINTWISE_URL": server.base_url, "OAIF_POINTWISE_MODEL": judge,
                        "OAIF_POINTWISE_RUBRIC": str(POINTWISE_RUBRIC)}
-                annotate_chunks(out, judge, v, chunks, VARIANTS[v], env)
+                annotate_chunks(out, judge, v, chunks, VARIANTS[v], env, server.process.pid)
             else:
-                annotate_chunks(out, judge, v, chunks, served + VARIANTS[v], {})
+                annotate_chunks(out, judge, v, chunks, served + VARIANTS[v], {}, server.process.pid)
 
 
 def train_rm(out: Path, hh: Path, skip: int, n: int, max_length: int, base: str) -> None:
@@ -216,6 +239,8 @@ def variant_stats(rows: list[dict], reports: list[dict]) -> dict:
         if r.get("failure") is not None or "p_chosen" not in r:
             failed[r.get("failure") or "no_prob"] = failed.get(r.get("failure") or "no_prob", 0) + 1
     seconds = sum(rep["judge_seconds"] for rep in reports)
+    cpu = [sum(rep["cpu_seconds"].values()) for rep in reports if "cpu_seconds" in rep]
+    cpu_pairs = sum(rep["pairs"] for rep in reports if "cpu_seconds" in rep)
     loads = [x for rep in reports for x in rep.get("loadavg_1min", [])]
     return {
         "pairs": len(rows), "judged": len(ok), "failed": failed,
@@ -225,6 +250,7 @@ def variant_stats(rows: list[dict], reports: list[dict]) -> dict:
             [_score(r["p_chosen_shown_first"]) for r in both] + [_score(1 - r["p_chosen_shown_second"]) for r in both]),
         "readout": "pointwise" if pointwise else "pairwise",
         "seconds_per_pair": seconds / len(rows) if rows else None,
+        "cpu_seconds_per_pair": sum(cpu) / cpu_pairs if cpu_pairs else None,
         "mean_loadavg_1min": _mean(loads),
     }
 
@@ -275,12 +301,13 @@ def write_table(out: Path) -> dict:
         if variants:
             data["judges"][judge] = {"variants": variants, "rubric_following": rubric_following(out, judge)}
     lines = ["| judge | variant | pairs | agreement with humans [95% CI] | consistency | first-position | "
-             "s / pair (load) | failed |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "CPU s / pair | wall s / pair (load) | failed |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for judge, d in data["judges"].items():
         for v, s in d["variants"].items():
             ci = s["agreement_ci95"] or [None, None]
             lines.append(f"| {judge} | {v} | {s['judged']} | {_f(s['agreement'])} [{_f(ci[0])}, {_f(ci[1])}] | "
                          f"{_f(s['position_consistency'])} | {_f(s['first_position_rate'])} | "
+                         f"{_f(s['cpu_seconds_per_pair'], 2)} | "
                          f"{_f(s['seconds_per_pair'], 1)} ({_f(s['mean_loadavg_1min'], 1)}) | "
                          f"{sum(s['failed'].values()) or 0} |")
     lines += ["", "Rubric following: on pairs whose replies differ in word count, how often the shorter reply wins.", "",
@@ -298,6 +325,10 @@ def write_table(out: Path) -> dict:
     return data
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/judge_table", help="output directory (default runs/judge_table)")
@@ -306,7 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", default="harmless", help=f"comma-separated: {', '.join(VARIANTS)}")
     ap.add_argument("--pairs", type=int, default=20, help="judge the first N usable HH pairs (default 20)")
     ap.add_argument("--chunk", type=int, default=20, help="pairs per oaif annotate command (even; default 20)")
-    ap.add_argument("--threads", type=int, default=2, help="llama.cpp server threads (default 2)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="llama.cpp server threads (default 1: on a busy CPU, a second thread spins waiting for the "
+                         "first, which inflates the CPU time measured)")
     ap.add_argument("--train-rm", action="store_true", help="train the reward model (once) before judging")
     ap.add_argument("--rm-skip", type=int, default=500, help="RM training starts after this many HH pairs (default 500)")
     ap.add_argument("--rm-pairs", type=int, default=100000, help="at most this many RM training pairs (default all)")
@@ -315,6 +348,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--table-only", action="store_true", help="only rebuild table.md / table.json")
     ap.add_argument("--smoke", action="store_true", help="SmolLM2 on 4 pairs in chunks of 2, every variant")
     args = ap.parse_args(argv)
+    # `kill PID` stops the run cleanly: the server and the current oaif command are stopped too
+    signal.signal(signal.SIGTERM, _interrupt)
     out = Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(EXPERIMENTS), os.environ.get("PYTHONPATH", "")])
