@@ -186,8 +186,13 @@ def run_judge(out: Path, judge: str, variants: list[str], chunks: list[Path], th
                 annotate_chunks(out, judge, v, chunks, served + VARIANTS[v], {}, server.process.pid)
 
 
-def train_rm(out: Path, hh: Path, skip: int, n: int, max_length: int, base: str) -> None:
-    """Train the reward model once on HH pairs [skip, skip + n) (after the test pairs) and record the time."""
+def train_rm(out: Path, hh: Path, skip: int, n: int, max_length: int, base: str, segment: int) -> None:
+    """Train the reward model on HH pairs [skip, skip + n) (after the test pairs), one epoch, in
+    segments of ``segment`` pairs: each segment is one ``train_reward_model`` call that starts from
+    the previous segment's checkpoint, so a stopped run resumes at the last finished segment (AdamW
+    restarts each segment). The last segment's directory is copied to ``OUT/reward_model``."""
+    import shutil
+
     rm = out / "reward_model"
     if (rm / "config.json").exists():
         return
@@ -195,14 +200,31 @@ def train_rm(out: Path, hh: Path, skip: int, n: int, max_length: int, base: str)
     from oaif.reward_model import train_reward_model
 
     pairs = load_hh_pairs(hh).records[skip:skip + n]
-    print(f"$ train_reward_model({base!r}, HH pairs [{skip}, {skip + len(pairs)}), output_dir={str(rm)!r}, "
-          f"epochs=1, lr=1e-5, batch_size=8, max_length={max_length}, seed=0)", flush=True)
-    t0 = time.perf_counter()
-    train_reward_model(base, pairs, str(rm), epochs=1, lr=1e-5, batch_size=8, max_length=max_length, seed=0,
-                       progress=False)
-    stats = json.loads((rm / "oaif_reward_model.json").read_text())
-    stats.update({"wall_seconds": round(time.perf_counter() - t0, 1), "hh_range": [skip, skip + len(pairs)]})
-    (rm / "oaif_reward_model.json").write_text(json.dumps(stats, indent=2) + "\n")
+    seg_root = out / "reward_model_segments"
+    previous, log = base, []
+    for k, start in enumerate(range(0, len(pairs), segment)):
+        seg = seg_root / f"segment_{k:03d}"
+        if not (seg / "oaif_reward_model.json").exists():
+            print(f"$ train_reward_model({previous!r}, HH pairs [{skip + start}, {skip + start + segment}), "
+                  f"output_dir={str(seg)!r}, epochs=1, lr=1e-5, batch_size=8, max_length={max_length}, seed={k})",
+                  flush=True)
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            train_reward_model(previous, pairs[start:start + segment], str(seg), epochs=1, lr=1e-5, batch_size=8,
+                               max_length=max_length, seed=k, progress=False)
+            stats = json.loads((seg / "oaif_reward_model.json").read_text())
+            stats.update({"wall_seconds": round(time.perf_counter() - t0, 1),
+                          "cpu_seconds": round(time.process_time() - cpu0, 1),
+                          "loadavg_1min": os.getloadavg()[0], "hh_range": [skip + start, skip + start + segment]})
+            (seg / "oaif_reward_model.json").write_text(json.dumps(stats, indent=2) + "\n")
+        log.append(json.loads((seg / "oaif_reward_model.json").read_text()))
+        previous = str(seg)
+    shutil.copytree(previous, rm)
+    summary = {"base_model": base, "hh_range": [skip, skip + len(pairs)], "segment": segment, "segments": log,
+               "pairs": sum(x["pairs"] for x in log), "trained_pairs": sum(x["trained_pairs"] for x in log),
+               "skipped_too_long": sum(x["skipped_too_long"] for x in log), "max_length": max_length,
+               "wall_seconds": round(sum(x["wall_seconds"] for x in log), 1),
+               "cpu_seconds": round(sum(x["cpu_seconds"] for x in log), 1)}
+    (rm / "oaif_reward_model.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rm-pairs", type=int, default=100000, help="at most this many RM training pairs (default all)")
     ap.add_argument("--rm-max-length", type=int, default=512, help="RM training: skip longer pairs (default 512)")
     ap.add_argument("--rm-base", default="smollm2-135m-instruct", help="RM starting checkpoint")
+    ap.add_argument("--rm-segment", type=int, default=100, help="RM training pairs per resumable segment (default 100)")
     ap.add_argument("--table-only", action="store_true", help="only rebuild table.md / table.json")
     ap.add_argument("--smoke", action="store_true", help="SmolLM2 on 4 pairs in chunks of 2, every variant")
     args = ap.parse_args(argv)
@@ -365,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.rm_skip < args.pairs:
                 raise SystemExit(f"judge_table: --rm-skip {args.rm_skip} would train the reward model on test pairs "
                                  f"(--pairs {args.pairs})")
-            train_rm(out, Path(args.hh), args.rm_skip, args.rm_pairs, args.rm_max_length, args.rm_base)
+            train_rm(out, Path(args.hh), args.rm_skip, args.rm_pairs, args.rm_max_length, args.rm_base, args.rm_segment)
         for judge in judges:
             run_judge(out, judge, variants, chunks, args.threads)
     write_table(out)
