@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from oaif.annotators.base import PairRequest
 from oaif.annotators.llm_judge import LLMJudge, label_token_ids
@@ -94,3 +95,18 @@ def test_rubric_files_load_and_missing_variables_are_errors(tmp_path):
         load_rubric(str(tmp_path / "missing.yaml"))
     with pytest.raises(AnnotatorError, match="labels must be two different"):
         Rubric(name="x", template="{context}{response_1}{response_2}", labels=("1", "1"))
+
+
+def test_shared_prefix_is_computed_in_eval_mode(tmp_path, smollm2_path):
+    """A judge model left in train mode with dropout: the shared-prefix path equals the no-prefix path."""
+    from helpers import make_tiny_llama
+
+    model, tok = load_causal_lm(make_tiny_llama(tmp_path / "dropout", seed=0, tokenizer_source=smollm2_path,
+                                                attention_dropout=0.5))
+    model.train()
+    shared = LLMJudge(model, tok, load_rubric("helpful"), batch_size=4, max_length=4096)
+    plain = LLMJudge(model, tok, load_rubric("helpful"), batch_size=4, max_length=4096, share_prefix=False)
+    seqs = [shared.judge_tokens(r.prompt, r.a, r.b) for r in PAIRS]
+    with_prefix, without = shared.label_logprobs(seqs), plain.label_logprobs(seqs)
+    assert torch.allclose(with_prefix, without, atol=1e-5), (with_prefix - without).abs().max()
+    assert model.training  # the caller's mode is restored
