@@ -7,9 +7,10 @@ label: the trainer masks failed pairs and counts them by reason.
 
 Implementations compose (an ensemble holds judges, a both-orders wrapper holds a one-order
 judge); none inherits behaviour from a base class. The helpers here are what every judge and
-every caller of judges shares: :func:`combine_orders` and :func:`checked` build judgments,
-:func:`eval_mode` runs an in-process judge model without dropout, :func:`annotate_all` drives any
-annotator over many requests in batches, :func:`failure_counts` counts failures by reason.
+every caller of judges shares: :func:`combine_orders` and :func:`checked` build judgments;
+:func:`frozen` and :func:`eval_mode` keep an in-process judge model free of gradients and dropout;
+:func:`annotate_all` drives any annotator over many requests in batches; :func:`failure_counts`
+counts failures by reason.
 """
 
 from __future__ import annotations
@@ -151,3 +152,12 @@ def eval_mode(model) -> Iterator:
         yield model
     finally:
         model.train(was_training)
+
+
+def frozen(model, device=None):
+    """Prepare a model loaded only to judge: no gradients, eval mode, moved to ``device`` when given."""
+    model.requires_grad_(False)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
-from oaif.annotators.base import Judgment, PairRequest, checked, eval_mode
+from oaif.annotators.base import Judgment, PairRequest, checked, eval_mode, frozen
 from oaif.errors import AnnotatorError, ModelError
 from oaif.reward_scoring import conversation_ids, sequence_rewards, text_config, trained_with_chat_template
 from oaif.stats import sigmoid
@@ -87,10 +87,7 @@ class RewardModelJudge:
         except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:
             raise ModelError(f"cannot load reward model {name_or_path}: {_one_line(e)}"
                              f"{_hub_note(str(name_or_path), path)}") from e
-        model.requires_grad_(False)
-        model.eval()
-        if device is not None:
-            model.to(device)
+        frozen(model, device)
         kw.setdefault("name", f"rm:{name_or_path}")
         if "use_chat_template" not in kw:  # score the way train_reward_model trained it
             kw["use_chat_template"] = trained_with_chat_template(path)
