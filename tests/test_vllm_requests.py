@@ -4,6 +4,7 @@ Runs without vLLM (main environment); the engine and server tests check the same
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
@@ -57,6 +58,14 @@ def test_request_params_set_every_filter_and_only_oaif_stop_ids():
 def test_bad_settings_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         VllmConfig(**override).validate()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_colocated_engine_without_vllm_says_how_to_install_it(tmp_path):
+    from oaif.generation.vllm_colocated import ColocatedVllm
+
+    with pytest.raises(GenerationError, match=r"needs vLLM.*setup.sh --vllm"):
+        ColocatedVllm(str(tmp_path), StopRules(frozenset({2})), max_model_len=64)
 
 
 def test_importing_oaif_and_its_generation_package_does_not_import_vllm():

@@ -52,7 +52,8 @@ class ColocatedVllm:
         try:
             from vllm import LLM
         except ImportError as e:
-            raise GenerationError("sampling.backend=vllm needs vLLM: pip install 'oaif[vllm]' "
+            raise GenerationError("the vLLM backend needs vLLM, which is not installed here: on a GPU "
+                                  "pip install 'oaif[vllm]'; on a CPU scripts/setup.sh --vllm builds .venv-vllm "
                                   f"(see the README's vLLM section) ({e})") from e
         threads = torch.get_num_threads()
         try:

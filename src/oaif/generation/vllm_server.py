@@ -39,6 +39,7 @@ import torch
 
 from oaif.generation.base import GenerationError, StopRules, regroup, request_params, sample_rows
 from oaif.generation.settings import VllmConfig
+from oaif.generation.vllm_worker import EXTENSION
 from oaif.generation.weights import save_weights
 
 _CHUNKED_HINT = ("; the server prefilled a seeded prompt in chunks, which fails on CPU: restart it with "
@@ -77,6 +78,8 @@ class VllmServer:
                 raise GenerationError(f"the vLLM server at {self.url} does not accept weight reloads ({path} not "
                                       "found): start it with VLLM_SERVER_DEV_MODE=1") from e
             hint = _CHUNKED_HINT if "does not use offset" in detail else ""
+            if path == "/collective_rpc":
+                hint = f"; was the server started with --worker-extension-cls {EXTENSION}?"
             raise GenerationError(f"the vLLM server at {self.url} answered {method} {path} with HTTP {e.code}: "
                                   f"{detail}{hint}") from e
         except (urllib.error.URLError, OSError) as e:
