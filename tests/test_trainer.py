@@ -66,7 +66,7 @@ def test_online_training_changes_parameters_and_logs_correct_metrics(tiny_model_
     assert [r["step"] for r in records] == [1, 2, 3]
     first = records[0]
     # at step 1 the policy is the reference: zero KL, zero margins, DPO loss = log 2
-    assert first["kl"] == 0.0 and first["margin"] == 0.0
+    assert first["kl"] == 0.0 and first["logratio_margin"] == 0.0
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     for r in records:
         assert r["pairs_used"] + r["pairs_masked"] + r["pairs_failed"] == 4
@@ -156,5 +156,5 @@ def test_offline_mode_learns_the_file_preferences(tiny_model_dir, tmp_path):
     train(tiny_cfg(tiny_model_dir, out, "train.mode=offline", f"data.preference_path={prefs}", "train.max_steps=4"))
     records = read_metrics(out / "metrics.jsonl")
     assert all(r["pairs_used"] == 4 for r in records)
-    assert records[0]["margin"] == 0.0 and records[-1]["margin"] > 0 and records[-1]["reward_accuracy"] == 1.0
+    assert records[0]["logratio_margin"] == 0.0 and records[-1]["logratio_margin"] > 0 and records[-1]["reward_accuracy"] == 1.0
     assert records[-1]["loss"] < records[0]["loss"]

@@ -21,6 +21,7 @@ import torch
 from oaif.annotators.base import Judgment, PairRequest, checked, combine_orders
 from oaif.annotators.rubrics import Rubric
 from oaif.errors import AnnotatorError
+from oaif.models import kv_cache_key
 
 log = logging.getLogger("oaif.annotators")
 
@@ -94,7 +95,7 @@ class LLMJudge:
         prefix_cache = None
         if prefix_len > 0:
             ids = torch.tensor([sequences[0][:prefix_len]], device=device)
-            prefix_cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+            prefix_cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)[kv_cache_key()]
         was_training = self.model.training
         self.model.eval()
         try:
@@ -115,7 +116,7 @@ class LLMJudge:
                 if prefix_cache is not None:
                     cache = copy.deepcopy(prefix_cache)
                     cache.batch_repeat_interleave(len(rows))
-                    kwargs["past_key_values"] = cache
+                    kwargs[kv_cache_key()] = cache
                 logits = self.model(**kwargs).logits[:, -1].float()
                 logp = logits.log_softmax(-1)[:, self.label_ids].cpu()
                 out[rows] = logp
