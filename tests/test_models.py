@@ -14,9 +14,10 @@ import torch
 
 from oaif import models
 from oaif.config import LoraConfig, ModelConfig
+from oaif.data import messages_to_text
 from oaif.errors import ModelError
-from oaif.models import (EMBEDDED_MODELS, encode_prompt, load_causal_lm, load_policy_and_reference, load_tokenizer,
-                         reference_context, resolve_model_path)
+from oaif.models import (EMBEDDED_MODELS, encode_prompt, end_of_turn_id, load_causal_lm, load_policy_and_reference,
+                         load_tokenizer, reference_context, resolve_model_path)
 
 from helpers import EMBEDDED
 
@@ -277,6 +278,19 @@ def test_encode_prompt_plain_text(tiny_model_dir):
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
                 {"role": "user", "content": "Bye"}]
     assert tok.decode(encode_prompt(tok, messages)) == "User: Hi\n\nAssistant: Hello.\n\nUser: Bye\n\nAssistant:"
+    # one rendering of messages for judges and template-less tokenizers: oaif.data.messages_to_text
+    assert tok.decode(encode_prompt(tok, messages[:1])) == messages_to_text(messages[:1]) + "\n\nAssistant:"
+
+
+def test_end_of_turn_is_what_the_template_writes_after_an_answer(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    im_end, endoftext = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    assert end_of_turn_id(tok, {im_end, endoftext}) == im_end
+    tok.eos_token = "<|endoftext|>"  # an EOS that is not the end of a turn (as Llama 3's <|end_of_text|>)
+    assert end_of_turn_id(tok, {im_end, endoftext}) == im_end
+    tok.chat_template = None  # no template: the EOS, when sampling stops on it
+    assert end_of_turn_id(tok, {im_end, endoftext}) == endoftext
+    assert end_of_turn_id(tok, {im_end}) == im_end
 
 
 def test_encode_prompt_rejects_bad_messages(tiny_model_dir):
