@@ -40,7 +40,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def test_prompt_record_text_and_validation():
     assert PromptRecord("a", "  plain  ").text == "  plain  "
     rec = PromptRecord("b", CHAT)
-    assert rec.is_chat
+    assert isinstance(rec.prompt, list)
     assert rec.text == "System: Be brief.\n\nUser: Hi\n\nAssistant: Hello!\n\nUser: Name a colour."
     assert rec.text.endswith("User: Name a colour.")
     with pytest.raises(DataError, match="content"):
@@ -269,7 +269,7 @@ def test_stream_epochs_and_determinism():
     s = PromptStream(RECS, seed=11)
     got = s.take(21)
     assert [p for p, _ in got] == list(range(21))
-    assert s.position == 21 and s.epoch == 3
+    assert s.position == 21
     epochs = [[r.id for _, r in got[i:i + 7]] for i in (0, 7, 14)]
     for ids in epochs:  # each epoch is a permutation of all records
         assert sorted(ids) == sorted(r.id for r in RECS)
@@ -418,4 +418,4 @@ def test_shipped_demo_prompts():
 def test_shipped_hh_prompts():
     ps = load_prompts(REPO / "data" / "prompts" / "hh_harmless_prompts.jsonl")
     assert len(ps.records) == 200
-    assert all(r.is_chat and r.prompt[-1]["role"] == "user" for r in ps.records)
+    assert all(isinstance(r.prompt, list) and r.prompt[-1]["role"] == "user" for r in ps.records)

@@ -78,6 +78,10 @@ def test_online_training_changes_parameters_and_logs_correct_metrics(tiny_model_
     audit = [json.loads(line) for line in (out / "annotations.jsonl").read_text().splitlines()]
     assert len(audit) == sum(r["pairs_judged"] for r in records)
     assert all(a["judge"] == "callable:prefer_shorter" and a["failure"] is None for a in audit)
+    for r in records:  # TRL's names: rewards/margins is beta * rho; logps are the policy's summed log-probs
+        assert r["rewards/margins"] == pytest.approx(0.1 * r["logratio_margin"], abs=1e-7)
+        assert r["rewards/margins"] == pytest.approx(r["rewards/chosen"] - r["rewards/rejected"], abs=1e-7)
+        assert r["logps/chosen"] < 0 and r["logps/rejected"] < 0
     documented = set(METRICS) | set(RECORD_KEYS)
     assert all(k in documented or k.split("/")[0] + "/<reason>" in documented for r in records for k in r)
 
@@ -225,6 +229,17 @@ def test_bf16_margin_and_kl_are_exactly_zero_at_step_0(tiny_model_dir, tmp_path,
     assert stats.loss.margins.numel() == mb.prefs.size
     assert torch.count_nonzero(stats.loss.margins) == 0, stats.loss.margins
     assert stats.kl.numel() == 8 and torch.count_nonzero(stats.kl) == 0, stats.kl  # every sampled response
+
+
+def test_kl_covers_every_sampled_response_not_only_paired_ones(tiny_model_dir, tmp_path):
+    prompts = marked_prompts(tmp_path / "prompts.jsonl", ["", "TIE ", "FAIL ", ""])
+    t, mb = first_micro_batch(tiny_cfg(tiny_model_dir, tmp_path / "run", f"data.path={prompts}", "data.shuffle=false",
+                                       "data.eval_fraction=0", "annotator.type=callable",
+                                       f"annotator.callable={JUDGES}:shorter_unless_marked"))
+    assert mb.prefs.size == 2 and len(mb.prefs.responses_used()) == 4
+    stats = t.update(mb.rollouts, mb.prefs, global_pairs=mb.prefs.size)
+    assert stats.kl.numel() == 8 and torch.count_nonzero(stats.kl) == 0  # all 4 x 2 responses, exact at step 0
+    assert stats.train_tokens == sum(len(mb.rollouts.responses[f // 2][f % 2]) for f in mb.prefs.responses_used())
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ A checkpoint is written into a temporary directory and renamed into place, then 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -26,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger("oaif")
 
 LATEST = "latest"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -193,3 +196,51 @@ def restore_trainer_state(checkpoint: Path, model, optimizer, scheduler, stream,
     set_rng_state(state["rng"])
     failures.load_state_dict(state["failures"])
     return int(state["step"])
+
+
+class RunCheckpoints:
+    """One run's checkpoints across its processes: only the main process writes them.
+
+    :meth:`save` waits for every process before and after writing. :meth:`save_after_error` keeps
+    the progress since the last checkpoint when a step raised; with several processes it writes
+    from the main process without barriers, since the others may be stuck in (or gone from) a
+    collective call, and a barrier there would deadlock.
+    """
+
+    def __init__(self, accelerator, output_dir: str | Path, keep_last: int):
+        self.accelerator, self.out, self.keep_last = accelerator, Path(output_dir), keep_last
+        self.last_saved = -1
+
+    def save(self, step: int, model, tokenizer, state, *, collective: bool = True) -> Path:
+        """Write ``checkpoint-<step>``; ``state()`` gives the trainer state (called on the main process only)."""
+        if collective:
+            self.accelerator.wait_for_everyone()
+        path = self.out / f"checkpoint-{step}"
+        if self.accelerator.is_main_process:
+            path = save_checkpoint(self.out, step, model, tokenizer, state(), keep_last=self.keep_last)
+        self.last_saved = step
+        if collective:
+            self.accelerator.wait_for_everyone()
+        return path
+
+    def save_after_error(self, step: int, model, tokenizer, state, error: BaseException) -> None:
+        alone = self.accelerator.num_processes == 1
+        if step <= max(0, self.last_saved) or not (alone or self.accelerator.is_main_process):
+            return
+        try:
+            path = self.save(step, model, tokenizer, state, collective=alone)
+            log.error("stopped at step %d (%s); progress saved in %s, rerun with train.resume=true",
+                      step, type(error).__name__, path)
+        except Exception:  # pragma: no cover - the original error matters more
+            log.exception("could not save a checkpoint after the error")
+
+    def restore(self, resume: bool | str, model, optimizer, scheduler, stream, failures) -> int:
+        """Load the checkpoint ``train.resume`` names (a path, or ``True``: the latest in the run directory)
+        into the run's objects; return its step (0 when ``True`` finds none)."""
+        ckpt = Path(resume) if isinstance(resume, str) else latest_checkpoint(self.out)
+        if ckpt is None:
+            log.warning("train.resume=true but %s has no checkpoint: starting from step 0", self.out)
+            return 0
+        step = self.last_saved = restore_trainer_state(ckpt, model, optimizer, scheduler, stream, failures)
+        log.info("resumed from %s at step %d", ckpt, step)
+        return step

@@ -129,10 +129,6 @@ class PromptRecord:
         return messages_to_text(self.prompt)
 
     @property
-    def is_chat(self) -> bool:
-        return isinstance(self.prompt, list)
-
-    @property
     def is_empty(self) -> bool:
         """True for whitespace-only text, no messages, or messages with only whitespace content."""
         return _is_empty(self.prompt)
@@ -498,11 +494,6 @@ class PromptStream(Generic[R]):
     def position(self) -> int:
         """Number of records consumed so far (over all epochs)."""
         return self._position
-
-    @property
-    def epoch(self) -> int:
-        """The epoch the next record comes from (0-based)."""
-        return self._position // len(self.records)
 
     def _order(self, epoch: int) -> list[int]:
         if epoch != self._perm_epoch:

@@ -677,7 +677,7 @@ def evaluate_run(run_dir: str | Path, annotator_cfg=None, *, settings: EvalSetti
     return _finish(result, out_dir, metrics=metrics, n_samples=n_samples)
 
 
-TRAINING_KEYS = ("loss", "margin", "reward_accuracy", "kl", "judge_consistency", "judge_confidence",
+TRAINING_KEYS = ("loss", "logratio_margin", "reward_accuracy", "kl", "judge_consistency", "judge_confidence",
                  "response_length", "eos_rate", "pairs_failed")
 
 

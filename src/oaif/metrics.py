@@ -185,9 +185,13 @@ class FailureWindow:
         self.window.extend([True] * failed + [False] * (judged - failed))
         self.reasons.update(step.failed)
 
-    def rate(self) -> float | None:
-        """The failure rate once the window is full, else None."""
-        return sum(self.window) / len(self.window) if len(self.window) == self.window.maxlen else None
+    def exceeded(self, limit: float) -> str | None:
+        """Once the window is full and more than ``limit`` of it failed: what happened, in words; else None."""
+        if len(self.window) < self.window.maxlen or sum(self.window) / len(self.window) <= limit:
+            return None
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items()))
+        return (f"the annotator failed on {sum(self.window) / len(self.window):.0%} of the last {len(self.window)} "
+                f"pairs (over annotator.max_failure_rate={limit}; reasons so far: {reasons})")
 
     def state_dict(self) -> dict[str, Any]:
         return {"window": list(self.window), "reasons": dict(self.reasons)}

@@ -464,15 +464,6 @@ def _enable_gradient_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def is_checkpointing(model) -> bool:
-    """Whether gradient (activation) checkpointing is on for ``model`` or the model inside a peft wrapper."""
-    inner = base_model(model)
-    flag = getattr(inner, "is_activation_checkpointing", None)
-    if flag is None:
-        flag = getattr(inner, "is_gradient_checkpointing", False)
-    return bool(flag)
-
-
 # --------------------------------------------------------------------------- reference
 
 

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from oaif.annotators.base import Judgment, PairRequest
+from oaif.errors import AnnotatorError
 from oaif.sampling import Rollouts
 
 
@@ -58,6 +59,16 @@ def pair_requests(rollouts: Rollouts, pairing: str = "disjoint") -> PairPlan:
             plan.requests.append(PairRequest(prompt=rollouts.prompt_texts[b], a=rollouts.texts[b][ka],
                                              b=rollouts.texts[b][kb], prompt_id=rollouts.prompt_ids[b]))
     return plan
+
+
+def annotate_pairs(annotator, rollouts: Rollouts, pairing: str) -> tuple[PairPlan, list[Judgment]]:
+    """Step 2: the plan of pairs to judge and the annotator's judgment of each (none asked when all are identical)."""
+    plan = pair_requests(rollouts, pairing)
+    judgments = annotator.annotate(plan.requests) if plan.requests else []
+    if len(judgments) != len(plan.requests):
+        raise AnnotatorError(f"annotator {getattr(annotator, 'name', '?')} returned {len(judgments)} "
+                             f"judgments for {len(plan.requests)} pairs")
+    return plan, judgments
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 :func:`build_run` checks the inputs it can check cheaply (:func:`preflight`), then builds the
 accelerator, the policy and its reference, the records (:func:`oaif.data.training_prompts`), the
-prompt stream, the optimizer, the schedule and the annotator.
+prompt stream, the optimizer, the schedule and the annotator. :func:`open_run_dir` is the one
+place the run directory is written before training: ``config.yaml``, ``metrics.jsonl`` and the
+audit log ``annotations.jsonl`` (both cut after the resumed step).
 
 Precision: ``accelerator.prepare`` wraps the policy's forward in the run's autocast context
 (``train.mixed_precision``). The reference goes through ``accelerator.prepare_model(...,
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 
-from oaif.config import Config
+from oaif.config import Config, dump_yaml
 from oaif.errors import ConfigError, DataError
 
 log = logging.getLogger("oaif")
@@ -115,3 +117,22 @@ def build_run(cfg: Config, annotator=None) -> RunParts:
                                     tokenizer=tokenizer, cache_dir=cfg.model.cache_dir, device=accelerator.device)
     return RunParts(accelerator, policy, reference, tokenizer, encode, prompts, stream, optimizer, scheduler,
                     annotator, stop_ids, models.end_of_turn_id(tokenizer, stop_ids))
+
+
+def open_run_dir(cfg: Config, is_main: bool, resume_step: int | None):
+    """``(metrics writer or None off the main process, audit log)`` of the run directory ``train.output_dir``.
+
+    ``resume_step=None`` starts both logs afresh; otherwise their lines after that step are cut.
+    """
+    from oaif.audit import AuditLog
+    from oaif.metrics import MetricsWriter
+
+    out = Path(cfg.train.output_dir)
+    metrics = None
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_yaml(cfg))
+        metrics = MetricsWriter(out / "metrics.jsonl", cfg.logging.report_to, cfg.logging.run_name or out.name,
+                                cfg.to_dict(), resume_step=resume_step)
+    audit = cfg.annotator.audit_log and cfg.train.mode == "online"
+    return metrics, AuditLog(out / "annotations.jsonl" if audit else None, is_main=is_main, resume_step=resume_step)

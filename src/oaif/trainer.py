@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 from oaif.annotators.base import Judgment
-from oaif.config import Config, dump_yaml
+from oaif.config import Config
 from oaif.errors import AnnotatorError
-from oaif.metrics import FailureWindow, MetricsWriter, StepMetrics
-from oaif.pairs import PairPlan, PreferenceBatch, build_pairs, pair_requests, preference_rollouts
-from oaif.sampling import Rollouts, sample_responses
+from oaif.metrics import FailureWindow, StepMetrics
+from oaif.pairs import PairPlan, PreferenceBatch, annotate_pairs, build_pairs, preference_rollouts
+from oaif.sampling import Rollouts, sample_rollouts
 
 log = logging.getLogger("oaif")
 
@@ -49,12 +49,12 @@ class Trainer:
 
     def __init__(self, cfg: Config, *, annotator=None):
         self.cfg, self._annotator_override = cfg, annotator
-        self.out = Path(cfg.train.output_dir)
-        self.step, self._last_saved = 0, -1
+        self.step = 0
         self.failures = FailureWindow(cfg.annotator.failure_window)
 
     def setup(self) -> "Trainer":
-        from oaif.run_setup import build_run
+        from oaif.checkpoint import RunCheckpoints
+        from oaif.run_setup import build_run, open_run_dir
         from oaif.update import PolicyUpdate
 
         cfg = self.cfg
@@ -64,26 +64,13 @@ class Trainer:
                                                                         parts.annotator)
         self.update = PolicyUpdate(self.accelerator, self.policy, parts.reference, self.tokenizer.pad_token_id,
                                    cfg.loss, kl=cfg.train.mode == "online")
-        self._committed_stream = self.stream.state_dict()
+        self.checkpoints = RunCheckpoints(self.accelerator, cfg.train.output_dir, cfg.train.keep_last)
         if cfg.train.resume:
-            self._restore()
-        self._open_run_dir(resume_step=self.step if cfg.train.resume else None)
+            self.step = self.checkpoints.restore(cfg.train.resume, self.unwrapped, self.optimizer, self.scheduler,
+                                                 self.stream, self.failures)
+        self._committed_stream = self.stream.state_dict()  # the stream as of the last finished step
+        self.metrics, self.audit = open_run_dir(cfg, self.is_main, self.step if cfg.train.resume else None)
         return self
-
-    def _open_run_dir(self, resume_step: int | None) -> None:
-        """The one place the run directory is written before training: config, metrics and audit logs."""
-        from oaif.audit import AuditLog
-
-        cfg = self.cfg
-        self.metrics = None
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(dump_yaml(cfg))
-            self.metrics = MetricsWriter(self.out / "metrics.jsonl", cfg.logging.report_to,
-                                         cfg.logging.run_name or self.out.name, cfg.to_dict(), resume_step=resume_step)
-        audit = cfg.annotator.audit_log and cfg.train.mode == "online"
-        self.audit = AuditLog(self.out / "annotations.jsonl" if audit else None, is_main=self.is_main,
-                              resume_step=resume_step)
 
     @property
     def is_main(self) -> bool:
@@ -99,25 +86,11 @@ class Trainer:
         return self.stream.take_for_rank(self.cfg.train.batch_size * a.num_processes, a.process_index, a.num_processes)
 
     def sample(self, batch) -> Rollouts:
-        cfg, tokens = self.cfg.sampling, self.parts.prompts.prompt_tokens
-        records = [rec for _, rec in batch]
-        prompt_tokens = [tokens[r.id] for r in records]
-        responses, ended = sample_responses(self.unwrapped, self.tokenizer, prompt_tokens, [pos for pos, _ in batch],
-                                            k=cfg.num_samples, seed=self.cfg.train.seed, temperature=cfg.temperature,
-                                            top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, backend=cfg.backend,
-                                            batch_size=cfg.batch_size)
-        texts = [[self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in rs] for rs in responses]
-        return Rollouts(positions=[pos for pos, _ in batch], prompt_ids=[r.id for r in records],
-                        prompt_texts=[r.text for r in records], prompt_tokens=prompt_tokens,
-                        responses=responses, texts=texts, ended_eos=ended)
+        return sample_rollouts(self.unwrapped, self.tokenizer, batch, self.parts.prompts.prompt_tokens,
+                               self.cfg.sampling, self.cfg.train.seed)
 
     def annotate(self, rollouts: Rollouts) -> tuple[PairPlan, list[Judgment]]:
-        plan = pair_requests(rollouts, self.cfg.sampling.pairing)
-        judgments = self.annotator.annotate(plan.requests) if plan.requests else []
-        if len(judgments) != len(plan.requests):
-            raise AnnotatorError(f"annotator {getattr(self.annotator, 'name', '?')} returned {len(judgments)} "
-                                 f"judgments for {len(plan.requests)} pairs")
-        return plan, judgments
+        return annotate_pairs(self.annotator, rollouts, self.cfg.sampling.pairing)
 
     def collect(self, batch, metrics: StepMetrics) -> MicroBatch:
         """Steps 1-3 for one micro-batch: sample, annotate, build pairs (offline: a preference file's pairs)."""
@@ -161,8 +134,6 @@ class Trainer:
         return self._end_step(metrics, grad_norm, started)
 
     def _global_sum(self, n: int) -> int:
-        if self.accelerator.num_processes == 1:
-            return n
         t = torch.tensor([n], device=self.accelerator.device, dtype=torch.long)
         return int(self.accelerator.reduce(t, reduction="sum").item())
 
@@ -184,58 +155,21 @@ class Trainer:
         return record
 
     # -- checkpoints -----------------------------------------------------------------------
-    def save(self, *, collective: bool = True) -> Path:
-        """Write ``checkpoint-<step>`` from the main process. ``collective=False``: no barriers (error path)."""
-        from oaif.checkpoint import save_checkpoint, trainer_state
+    def save(self) -> Path:
+        """Write ``checkpoint-<step>`` (see :class:`oaif.checkpoint.RunCheckpoints`); every process calls it."""
+        return self.checkpoints.save(self.step, self.unwrapped, self.tokenizer, self._state)
 
-        if collective:
-            self.accelerator.wait_for_everyone()
-        path = self.out / f"checkpoint-{self.step}"
-        if self.is_main:
-            # the stream as of the last finished step: an interrupted step's prompts are drawn again
-            state = trainer_state(self.step, self._committed_stream, self.optimizer, self.scheduler, self.failures,
-                                  self.cfg.to_dict())
-            path = save_checkpoint(self.out, self.step, self.unwrapped, self.tokenizer, state,
-                                   keep_last=self.cfg.train.keep_last)
-        self._last_saved = self.step
-        if collective:
-            self.accelerator.wait_for_everyone()
-        return path
+    def _state(self) -> dict:
+        from oaif.checkpoint import trainer_state
 
-    def _restore(self) -> None:
-        from oaif.checkpoint import latest_checkpoint, restore_trainer_state
-
-        resume = self.cfg.train.resume
-        ckpt = Path(resume) if isinstance(resume, str) else latest_checkpoint(self.out)
-        if ckpt is None:
-            log.warning("train.resume=true but %s has no checkpoint: starting from step 0", self.out)
-            return
-        self.step = self._last_saved = restore_trainer_state(ckpt, self.unwrapped, self.optimizer, self.scheduler,
-                                                             self.stream, self.failures)
-        self._committed_stream = self.stream.state_dict()
-        log.info("resumed from %s at step %d", ckpt, self.step)
+        # the stream as of the last finished step: an interrupted step's prompts are drawn again
+        return trainer_state(self.step, self._committed_stream, self.optimizer, self.scheduler, self.failures,
+                             self.cfg.to_dict())
 
     def _check_failures(self) -> None:
-        rate, limit = self.failures.rate(), self.cfg.annotator.max_failure_rate
-        if rate is not None and rate > limit:
-            path = self.save()
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.failures.reasons.items()))
-            raise AnnotatorError(
-                f"the annotator failed on {rate:.0%} of the last {len(self.failures.window)} pairs (over "
-                f"annotator.max_failure_rate={limit}; reasons so far: {reasons}); saved {path}, "
-                f"fix the annotator and rerun with train.resume=true")
-
-    def _save_after_error(self, error: BaseException) -> None:
-        """Keep the progress since the last checkpoint. With several processes only the main one saves,
-        without barriers: the others may be stuck in (or gone from) a collective call."""
-        if self.step <= max(0, self._last_saved) or not (self.is_main or self.accelerator.num_processes == 1):
-            return
-        try:
-            path = self.save(collective=self.accelerator.num_processes == 1)
-            log.error("stopped at step %d (%s); progress saved in %s, rerun with train.resume=true",
-                      self.step, type(error).__name__, path)
-        except Exception:  # pragma: no cover - the original error matters more
-            log.exception("could not save a checkpoint after the error")
+        if problem := self.failures.exceeded(self.cfg.annotator.max_failure_rate):
+            path = self.save()  # every process sees the same summed counts: they stop together
+            raise AnnotatorError(f"{problem}; saved {path}, fix the annotator and rerun with train.resume=true")
 
     # -- the run ---------------------------------------------------------------------------
     def train(self) -> dict:
@@ -259,8 +193,8 @@ class Trainer:
                     self.save()
             final = self.save()
         except (KeyboardInterrupt, Exception) as e:
-            if not isinstance(e, AnnotatorError):
-                self._save_after_error(e)
+            if not isinstance(e, AnnotatorError):  # an annotator failure saved already
+                self.checkpoints.save_after_error(self.step, self.unwrapped, self.tokenizer, self._state, e)
             raise
         finally:
             bar.close()
