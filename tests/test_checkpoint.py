@@ -46,9 +46,17 @@ def test_kill_at_any_moment_leaves_a_complete_latest(tiny_model_dir, tmp_path):
     cmd = [sys.executable, "-m", "oaif.cli", "train", str(ROOT / "configs/demo.yaml"),
            *args(tiny_model_dir, out, "train.max_steps=1000", "train.save_every=1", "train.keep_last=2")]
     seen = set()
-    for delay in (6.0, 7.3, 8.1, 9.7):
+    # kill at a few offsets into the training loop, measured from the run's first new metrics line (not from
+    # the start, which takes 5-15 s depending on the machine's load)
+    for delay in (0.0, 0.4, 0.9, 1.7):
+        lines = len(read_metrics(out / "metrics.jsonl")) if (out / "metrics.jsonl").exists() else 0
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env=dict(os.environ, OMP_NUM_THREADS="1"))
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").exists() and len(read_metrics(out / "metrics.jsonl")) > lines:
+                break
+            time.sleep(0.05)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()

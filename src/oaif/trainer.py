@@ -20,7 +20,6 @@ the audit log in :mod:`oaif.audit`, checkpoint state in :mod:`oaif.checkpoint`.
 
 from __future__ import annotations
 
-import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -34,9 +33,6 @@ from oaif.errors import AnnotatorError
 from oaif.metrics import FailureWindow, StepMetrics
 from oaif.pairs import PairPlan, PreferenceBatch, annotate_pairs, build_pairs, preference_rollouts
 from oaif.sampling import Rollouts, sample_rollouts
-
-log = logging.getLogger("oaif")
-
 
 @dataclass
 class MicroBatch:
