@@ -27,7 +27,7 @@ def _train(args: argparse.Namespace) -> int:
 
     summary = train(cfg)
     last = summary["last"]
-    keys = ("loss", "reward_accuracy", "margin", "kl", "response_length", "eos_rate", "judge_consistency", "time_step_s")
+    keys = ("loss", "reward_accuracy", "logratio_margin", "kl", "response_length", "eos_rate", "judge_consistency", "time_step_s")
     print(f"done: {summary['steps']} steps, checkpoint {summary['final_checkpoint']}")
     print("last step: " + ", ".join(f"{k}={last[k]:.4g}" for k in keys if k in last))
     print(f"metrics: {os.path.join(cfg.train.output_dir, 'metrics.jsonl')}")

@@ -201,23 +201,19 @@ def _filter_and_limit(records, tokenizers, settings: EvalSettings, limit: int | 
 
 
 def held_out_prompts(run_cfg, tokenizer=None) -> tuple[list, dict]:
-    """The run's held-out prompts, exactly as :class:`oaif.trainer.Trainer` chose them.
-
-    ``data.eval_path`` when set; otherwise the prompts of ``data.path`` that fit in
-    ``data.max_prompt_tokens`` (with the run's chat template and system prompt), split by
-    :func:`oaif.data.split_eval` with ``data.eval_fraction`` and ``train.seed``. Returns
-    ``(records, source)`` where ``source`` describes where they came from.
+    """The run's held-out prompts, exactly as :class:`oaif.trainer.Trainer` chose them: both call
+    :func:`oaif.data.training_prompts` (``data.eval_path`` when set; otherwise the ``data.eval_fraction``
+    split, with ``train.seed``, of the prompts of ``data.path`` that fit in ``data.max_prompt_tokens``
+    with the run's chat template and system prompt). Returns ``(records, source)`` where ``source``
+    describes where they came from.
     """
     from oaif import data as data_mod
     from oaif.models import encode_prompt, load_tokenizer
 
     d = run_cfg.data
-    if d.eval_path:
-        if not Path(d.eval_path).exists():
-            raise DataError(f"the run's data.eval_path is not found: {d.eval_path} (pass --prompts FILE)")
-        records = data_mod.load_prompts(d.eval_path, d.format, d.field).records
-        return records, {"kind": "run eval_path", "path": str(d.eval_path)}
-    if d.eval_fraction <= 0:
+    if d.eval_path and not Path(d.eval_path).exists():
+        raise DataError(f"the run's data.eval_path is not found: {d.eval_path} (pass --prompts FILE)")
+    if not d.eval_path and d.eval_fraction <= 0:
         raise DataError("the run held out no prompts (data.eval_fraction=0 and no data.eval_path); "
                         "pass --prompts FILE")
     if not Path(d.path).exists():
@@ -225,13 +221,12 @@ def held_out_prompts(run_cfg, tokenizer=None) -> tuple[list, dict]:
                         f"started in, or pass --prompts FILE)")
     if tokenizer is None:
         tokenizer = load_tokenizer(run_cfg.model.name_or_path, run_cfg.model.cache_dir, run_cfg.model.trust_remote_code)
-    prompt_set = data_mod.load_prompts(d.path, d.format, d.field)
-    kept = [r for r in prompt_set.records
-            if len(encode_prompt(tokenizer, r.prompt, run_cfg.model.chat_template, run_cfg.model.system_prompt))
-            <= d.max_prompt_tokens]
-    _, evals = data_mod.split_eval(kept, d.eval_fraction, run_cfg.train.seed)
-    return evals, {"kind": "run eval split", "path": str(d.path), "eval_fraction": d.eval_fraction,
-                   "seed": run_cfg.train.seed, "split_of": len(kept)}
+    split = data_mod.training_prompts(d, "online", run_cfg.train.seed, lambda prompt: encode_prompt(
+        tokenizer, prompt, run_cfg.model.chat_template, run_cfg.model.system_prompt))
+    if d.eval_path:
+        return split.held_out, {"kind": "run eval_path", "path": str(d.eval_path)}
+    return split.held_out, {"kind": "run eval split", "path": str(d.path), "eval_fraction": d.eval_fraction,
+                            "seed": run_cfg.train.seed, "split_of": split.usable}
 
 
 def discover_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -549,7 +544,7 @@ def evaluate_run(run_dir: str | Path, annotator_cfg=None, *, settings: EvalSetti
     return _finish(result, out_dir, metrics=metrics, n_samples=n_samples)
 
 
-TRAINING_KEYS = ("loss", "margin", "reward_accuracy", "kl", "judge_consistency", "judge_confidence",
+TRAINING_KEYS = ("loss", "logratio_margin", "reward_accuracy", "kl", "judge_consistency", "judge_confidence",
                  "response_length", "eos_rate", "pairs_failed")
 
 

@@ -33,7 +33,7 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 # metrics.jsonl key -> (panel title, y-axis label)
 TRAINING_PANELS = {
     "loss": ("Loss", "loss (per pair)"),
-    "margin": ("Log-ratio margin (chosen - rejected)", "rho (nats)"),
+    "logratio_margin": ("Log-ratio margin (chosen - rejected)", "rho (nats)"),
     "reward_accuracy": ("Reward accuracy", "fraction of pairs with rho > 0"),
     "kl": ("KL estimate to the reference", "nats per response"),
     "judge_consistency": ("Judge consistency", "fraction of pairs, both orders agree"),

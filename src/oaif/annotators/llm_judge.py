@@ -21,6 +21,7 @@ import torch
 from oaif.annotators.base import Judgment, PairRequest, checked, combine_orders, eval_mode
 from oaif.annotators.rubrics import Rubric
 from oaif.errors import AnnotatorError
+from oaif.models import kv_cache_key
 from oaif.stats import sigmoid
 
 log = logging.getLogger("oaif.annotators")
@@ -104,7 +105,7 @@ class LLMJudge:
     def _prefix_cache(self, prefix: list[int]):
         device = next(self.model.parameters()).device
         ids = torch.tensor([prefix], device=device)
-        return self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        return self.model(input_ids=ids, use_cache=True, logits_to_keep=1)[kv_cache_key()]
 
     def _suffix_logprobs(self, suffixes: list[list[int]], prefix_len: int, prefix_cache) -> torch.Tensor:
         """Label log-probs of left-padded ``suffixes`` that follow the cached ``prefix_len`` tokens."""
@@ -124,7 +125,7 @@ class LLMJudge:
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(n)
-            kwargs["past_key_values"] = cache
+            kwargs[kv_cache_key()] = cache
         logits = self.model(**kwargs).logits[:, -1].float()
         return logits.log_softmax(-1)[:, self.label_ids].cpu()
 
