@@ -1,7 +1,9 @@
 """Shared plumbing for the experiment scripts: run oaif commands, split prompts, collect numbers.
 
 Each experiment drives the same `oaif` commands a user would type (printed before they run), so
-every number it reports can be reproduced step by step by hand.
+every number it reports can be reproduced step by step by hand. Its summary.json names the files
+each number comes from: the `eval.json` of every comparison (`eval_json`) and, for every training
+run, its directory, final checkpoint and `metrics.jsonl` (`run_info`).
 """
 
 from __future__ import annotations
@@ -35,14 +37,19 @@ def base_parser(doc: str, out: str) -> argparse.ArgumentParser:
     return ap
 
 
-def apply_smoke(args: argparse.Namespace, default_steps: int) -> None:
-    """Fill in the smoke-mode budgets, and resolve --out against the repository root."""
+def parse_args(ap: argparse.ArgumentParser, default_steps: int) -> tuple[argparse.Namespace, Path, Path]:
+    """Parse the command line and fill in the smoke-mode budgets; returns ``(args, out, log)``:
+    the output directory (resolved against the repository root, created) and its commands.log."""
+    args = ap.parse_args()
     if not Path(args.out).is_absolute():
         args.out = str(ROOT / args.out)
     if args.smoke:
         args.steps, args.batch_size, args.max_new_tokens, args.eval_prompts = 1, 2, 8, 2
     elif args.steps is None:
         args.steps = default_steps
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return args, out, out / "commands.log"
 
 
 def oaif(*argv: str, log: Path | None = None) -> float:
@@ -82,22 +89,28 @@ def final_checkpoint(run_dir: Path) -> Path:
     return run_dir / (run_dir / "latest").read_text().strip()
 
 
+def run_info(run_dir: Path) -> dict:
+    """Where a finished training run keeps what the summary reports about it."""
+    return {"dir": str(run_dir), "checkpoint": str(final_checkpoint(run_dir)), "metrics": str(run_dir / "metrics.jsonl")}
+
+
 def eval_pair(args, a: str, b: str, heldout: Path, out_dir: Path, log: Path) -> dict:
-    """`oaif eval A B` on the held-out prompts; returns the parsed eval.json."""
+    """`oaif eval A B` on the held-out prompts; returns the headline of its eval.json."""
     oaif("eval", str(a), str(b), "--prompts", str(heldout), "--limit", str(args.eval_prompts), "--out", str(out_dir),
          "--max-new-tokens", str(args.max_new_tokens), "--no-progress",
          *[x for s in args.eval_set for x in ("--set", s)], log=log)
-    return json.loads((out_dir / "eval.json").read_text())
+    return headline(out_dir / "eval.json")
 
 
-def headline(result: dict) -> dict:
-    """Win rate with its CI, and both models' mean response length, from an eval.json."""
+def headline(eval_json: Path) -> dict:
+    """Win rate with its CI, and both models' mean response length, from an eval.json (named in it)."""
+    result = json.loads(eval_json.read_text())
     c = result["comparisons"][0]
     models = result["models"]
     return {"win_rate": c["win_rate"], "ci": c["ci95"], "n": c["judged"], "failed": c["failed_total"],
             "ties": c["ties"], "consistency": c.get("judge_consistency"),
             "len_a": models[c["a"]]["tokens"]["mean"], "len_b": models[c["b"]]["tokens"]["mean"],
-            "judge": result["judge"]["name"]}
+            "judge": result["judge"]["name"], "eval_json": str(eval_json)}
 
 
 def fmt(h: dict) -> str:

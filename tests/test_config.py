@@ -97,3 +97,27 @@ def test_core_import_is_light():
     code = "import sys, oaif, oaif.config, oaif.cli; print(any(m in sys.modules for m in ('torch', 'transformers', 'openai')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("annotator.failure_window=0", "annotator.failure_window: must be >= 1"),
+    ("loss.missing_eos_penalty=-1", "loss.missing_eos_penalty: must be >= 0 (.inf: an unfinished response loses)"),
+    ("loss.missing_eos_penalty=.nan", "loss.missing_eos_penalty: must be >= 0 (.inf: an unfinished response loses)"),
+    ("train.resume=", "train.resume: must be true, false or a checkpoint directory"),
+])
+def test_new_keys_are_validated(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/demo.yaml", [override])
+    assert str(e.value) == message
+    with pytest.raises(ConfigError, match="model.lora.dropout: has no effect with model.disable_dropout=true"):
+        load_config(ROOT / "configs/lora_demo.yaml", ["model.lora.dropout=0.1"])
+
+
+def test_resume_takes_a_flag_or_a_checkpoint_path():
+    assert load_config(ROOT / "configs/demo.yaml", ["train.resume=true"]).train.resume is True
+    assert load_config(ROOT / "configs/demo.yaml", ["train.resume=false"]).train.resume is False
+    assert load_config(ROOT / "configs/demo.yaml", ["train.resume=runs/demo/checkpoint-10"]).train.resume == \
+        "runs/demo/checkpoint-10"
+    cfg = load_config(ROOT / "configs/lora_demo.yaml", ["model.lora.dropout=0.1", "model.disable_dropout=false",
+                                                       "loss.missing_eos_penalty=.inf"])
+    assert cfg.model.lora.dropout == 0.1 and cfg.loss.missing_eos_penalty == float("inf")

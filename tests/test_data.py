@@ -21,6 +21,7 @@ from oaif.data import (
     parse_hh_dialogue,
     save_preferences,
     split_eval,
+    training_prompts,
 )
 from oaif.errors import DataError
 
@@ -39,7 +40,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def test_prompt_record_text_and_validation():
     assert PromptRecord("a", "  plain  ").text == "  plain  "
     rec = PromptRecord("b", CHAT)
-    assert rec.is_chat
+    assert isinstance(rec.prompt, list)
     assert rec.text == "System: Be brief.\n\nUser: Hi\n\nAssistant: Hello!\n\nUser: Name a colour."
     assert rec.text.endswith("User: Name a colour.")
     with pytest.raises(DataError, match="content"):
@@ -218,15 +219,57 @@ def test_split_eval_deterministic_disjoint():
     assert [len(x) for x in split_eval(recs[:2], 0.01, seed=0)] == [1, 1]
 
 
+def data_cfg(**kw):
+    from oaif.config import DataConfig
+
+    return DataConfig(**kw)
+
+
+def words(prompt) -> list[int]:
+    """A stand-in tokenizer: one id per word of the prompt's text."""
+    text = prompt if isinstance(prompt, str) else " ".join(m["content"] for m in prompt)
+    return list(range(len(text.split())))
+
+
+def test_training_prompts_filters_then_splits(tmp_path):
+    rows = [{"id": f"r{i}", "prompt": "word " * (i % 7 + 1)} for i in range(40)] + [{"id": "empty", "prompt": " "}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    split = training_prompts(data_cfg(path=str(path), max_prompt_tokens=5, eval_fraction=0.25), "online", 3, words)
+    kept = [PromptRecord(r["id"], r["prompt"]) for r in rows[:40] if len(r["prompt"].split()) <= 5]
+    assert split.skipped == {"empty": 1, "too_long": 40 - len(kept)} and split.usable == len(kept)
+    assert (split.train, split.held_out) == tuple(split_eval(kept, 0.25, 3))  # the split is of usable prompts
+    assert split.prompt_tokens == {r.id: words(r.prompt) for r in split.train}
+    assert training_prompts(data_cfg(path=str(path), max_prompt_tokens=5, eval_fraction=0.25), "online", 4,
+                            words).held_out != split.held_out
+
+    evals = write_jsonl(tmp_path / "e.jsonl", [{"id": "e0", "prompt": "held out"}])
+    with_file = training_prompts(data_cfg(path=str(path), max_prompt_tokens=5, eval_path=str(evals),
+                                          eval_fraction=0.25), "online", 3, words)
+    assert with_file.train == kept and [r.id for r in with_file.held_out] == ["e0"]
+    with pytest.raises(DataError, match=r"no usable records in .*p.jsonl \(skipped: .*'too_long': 40"):
+        training_prompts(data_cfg(path=str(path), max_prompt_tokens=1), "online", 3, lambda p: [0, 0])
+
+
+def test_training_prompts_offline_filters_preferences_by_prompt_length(tmp_path):
+    rows = [{"prompt": "short one", "chosen": "a", "rejected": "b"},
+            {"prompt": "a prompt that is far too long", "chosen": "a", "rejected": "b"},
+            {"prompt": "same", "chosen": "x", "rejected": "x"}]
+    path = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    split = training_prompts(data_cfg(preference_path=str(path), max_prompt_tokens=3, eval_fraction=0.5),
+                             "offline", 0, words)
+    assert [r.id for r in split.train] == ["0"] and split.held_out == []
+    assert split.skipped == {"too_long": 1, "identical": 1}
+
+
 # -- the stream -------------------------------------------------------------------------------
 RECS = [PromptRecord(f"r{i}", f"prompt {i}") for i in range(7)]
 
 
 def test_stream_epochs_and_determinism():
-    s = PromptStream(RECS, batch_size=3, seed=11)
+    s = PromptStream(RECS, seed=11)
     got = s.take(21)
     assert [p for p, _ in got] == list(range(21))
-    assert s.position == 21 and s.epoch == 3
+    assert s.position == 21
     epochs = [[r.id for _, r in got[i:i + 7]] for i in (0, 7, 14)]
     for ids in epochs:  # each epoch is a permutation of all records
         assert sorted(ids) == sorted(r.id for r in RECS)
@@ -235,7 +278,6 @@ def test_stream_epochs_and_determinism():
     assert [r.id for _, r in PromptStream(RECS, seed=12).take(21)] != [r.id for _, r in got]
     plain = PromptStream(RECS, seed=11, shuffle=False)
     assert [r.id for _, r in plain.take(9)] == [f"r{i}" for i in range(7)] + ["r0", "r1"]
-    assert [p for p, _ in s.next_batch()] == [21, 22, 23]
 
 
 def test_stream_resume_matches_uninterrupted():
@@ -376,4 +418,4 @@ def test_shipped_demo_prompts():
 def test_shipped_hh_prompts():
     ps = load_prompts(REPO / "data" / "prompts" / "hh_harmless_prompts.jsonl")
     assert len(ps.records) == 200
-    assert all(r.is_chat and r.prompt[-1]["role"] == "user" for r in ps.records)
+    assert all(isinstance(r.prompt, list) and r.prompt[-1]["role"] == "user" for r in ps.records)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from oaif.metrics import read_metrics
 
@@ -74,3 +75,100 @@ def test_online_two_processes_run_the_loop_and_match_one(tiny_model_dir, tmp_pat
         assert a["prompts_seen"] == b["prompts_seen"] == 4 * a["step"]
     assert_same_weights(tmp_path / "one" / "checkpoint-3", tmp_path / "two" / "checkpoint-3", atol=1e-4)
     assert len((tmp_path / "two" / "annotations.jsonl").read_text().splitlines()) > 0
+
+
+JUDGES = Path(__file__).resolve().parent / "judges_for_tests.py"
+
+
+def marked_prompts(path: Path, marks: list[str], repeats: int = 6) -> Path:
+    """A prompt file read in order (data.shuffle=false): ``marks`` repeated; a TIE or FAIL mark makes
+    :mod:`judges_for_tests` tie or fail every pair of that prompt."""
+    rows = [{"id": f"p{i}-{j}", "prompt": f"{mark}Question {i}.{j}: name something that is {i + j} metres long."}
+            for i in range(repeats) for j, mark in enumerate(marks)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def marked(model_dir, out, prompts, batch_size, *extra):
+    return common(model_dir, out, batch_size) + [
+        f"data.path={prompts}", "data.shuffle=false", "data.eval_fraction=0", "annotator.type=callable",
+        f"annotator.callable={JUDGES}:shorter_unless_marked", "train.max_steps=2", *extra]
+
+
+def audit_lines(run: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (run / "annotations.jsonl").read_text().splitlines()]
+    for line in lines:
+        line.pop("latency_s")
+    return lines
+
+
+NOT_COMPARED = ("time_", "_per_s")
+
+
+@pytest.mark.slow
+def test_a_process_without_usable_pairs_matches_one_process(tiny_model_dir, tmp_path):
+    # each step's global batch is [plain, plain, TIE, FAIL]: the second process has only a tie and a failure,
+    # so it has no loss, no margin, no successful judgment, nothing to back-propagate
+    prompts = marked_prompts(tmp_path / "prompts.jsonl", ["", "", "TIE ", "FAIL "])
+    run(marked(tiny_model_dir, tmp_path / "one", prompts, 4), 1)
+    run(marked(tiny_model_dir, tmp_path / "two", prompts, 2), 2)
+    one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in two] == [1, 2]
+    for a, b in zip(one, two):
+        assert a["masked/tie"] == a["pairs_failed"] == a["failed/nan"] == 1 and a["pairs_used"] == 2
+        assert a.keys() == b.keys()
+        for key in a:
+            if not any(part in key for part in NOT_COMPARED):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    assert_same_weights(tmp_path / "one" / "checkpoint-2", tmp_path / "two" / "checkpoint-2", atol=1e-5)
+    # the audit log holds every judgment of both processes once, in the one-process order
+    lines = audit_lines(tmp_path / "two")
+    assert len(lines) == sum(r["pairs_judged"] for r in two) == 8
+    assert lines == audit_lines(tmp_path / "one")
+    assert sum(line["failure"] == "nan" for line in lines) == 2
+
+
+@pytest.mark.slow
+def test_accumulation_with_an_empty_micro_batch_keeps_processes_identical(tiny_model_dir, tmp_path):
+    # per step: micro-batch 1 is four plain prompts, micro-batch 2 has no usable pair on any process
+    prompts = marked_prompts(tmp_path / "prompts.jsonl", ["", "", "", "", "TIE ", "FAIL ", "TIE ", "FAIL "])
+    extra = ["train.gradient_accumulation_steps=2"]
+    run(marked(tiny_model_dir, tmp_path / "one", prompts, 4, *extra), 1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(Path(__file__).parent / "train_and_dump_ranks.py"),
+           *marked(tiny_model_dir, tmp_path / "two", prompts, 2, *extra)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / "two" / f"rank-{i}.pt") for i in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "the processes' parameters diverged"
+    assert_same_weights(tmp_path / "one" / "checkpoint-2", tmp_path / "two" / "checkpoint-2", atol=1e-5)
+    one = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    assert [r["pairs_used"] for r in one] == [4, 4] and all(r["masked/tie"] == r["pairs_failed"] == 2 for r in one)
+
+
+@pytest.mark.slow
+def test_one_process_failing_does_not_deadlock_the_error_save(tiny_model_dir, tmp_path):
+    # the main process raises during step 2 (after 4 judge calls: 2 pairs x 2 orders) while the other
+    # goes on to the step's collective calls; the main process must save step 1 without waiting for it
+    prompts = marked_prompts(tmp_path / "prompts.jsonl", ["", "", "", ""])
+    out = tmp_path / "two"
+    args = marked(tiny_model_dir, out, prompts, 2, f"annotator.callable={JUDGES}:interrupt_main_process",
+                  "train.max_steps=5")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", OAIF_TEST_INTERRUPT_AFTER="4")
+    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "oaif.cli", "train", *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        import psutil  # an accelerate dependency
+
+        for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            p.kill()  # the launcher and the processes it started (they run in sessions of their own)
+        proc.communicate()
+        raise AssertionError("the processes deadlocked after one of them failed") from None
+    assert proc.returncode != 0, stderr[-3000:]
+    assert (out / "latest").read_text().strip() == "checkpoint-1"
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
+    AutoModelForCausalLM.from_pretrained(out / "checkpoint-1")

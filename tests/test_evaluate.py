@@ -1,5 +1,6 @@
-"""``oaif eval``: win-rate statistics against hand-computed values, and the command end to end on
-tiny real models (and a tiny real training run) with a rule judge."""
+"""``oaif eval``: the win rate of judgments against hand-computed values, and the command end to
+end on tiny real models (and a tiny real training run) with a rule judge. The statistics under it
+are pinned in test_stats.py."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from helpers import make_tiny_llama
-from oaif import eval_cli
 from oaif.annotators.base import Judgment
+from oaif.commands import eval as eval_cmd
+from oaif.config import load_annotator_config
 from oaif.data import load_prompts
 from oaif.errors import ConfigError, DataError
-from oaif.evaluate import (EvalSettings, annotator_config_from, bootstrap_ci, evaluate_models, histogram,
-                           histogram_edges, length_stats, percentile, win_rate)
+from oaif.evaluate import EvalSettings, evaluate_models, win_rate
 from oaif.report import fmt, fmt_ci
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,8 +35,8 @@ def failed(reason: str) -> Judgment:
 
 def cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="oaif eval")
-    eval_cli.add_arguments(parser)
-    return eval_cli.run(parser.parse_args(list(argv)))
+    eval_cmd.add_arguments(parser)
+    return eval_cmd.run(parser.parse_args(list(argv)))
 
 
 def words(text: str) -> int:
@@ -85,39 +86,15 @@ def test_degenerate_cases_and_no_judgments():
         win_rate([ok(0.9)], [True, False])
 
 
-def test_bootstrap_ci_known_small_cases():
-    assert bootstrap_ci([1.0] * 7) == (1.0, 1.0)
-    assert bootstrap_ci([]) is None
-    # [0, 1]: resample means are 0, 1/2, 1 with probability 1/4, 1/2, 1/4 -> 2.5% and 97.5% quantiles 0 and 1
-    assert bootstrap_ci([0.0, 1.0], n=1000, seed=0) == (0.0, 1.0)
-    # [0, 0, 0, 1]: P(mean <= 1/2) = 0.949 < 0.975 < P(mean <= 3/4) = 0.996 -> [0, 3/4]
-    assert bootstrap_ci([0.0, 0.0, 0.0, 1.0], n=1000, seed=0) == (0.0, 0.75)
-    # 60 wins in 100: close to the normal interval 0.6 +- 1.96 * sqrt(0.24 / 100)
-    lo, hi = bootstrap_ci([1.0] * 60 + [0.0] * 40, n=2000, seed=1)
-    half = 1.959964 * math.sqrt(0.24 / 100)
-    assert lo == pytest.approx(0.6 - half, abs=0.02) and hi == pytest.approx(0.6 + half, abs=0.02)
-    assert bootstrap_ci([0.0, 1.0, 1.0], n=300, seed=5) == bootstrap_ci([0.0, 1.0, 1.0], n=300, seed=5)
-
-
-def test_length_stats_by_hand():
-    s = length_stats([1, 2, 3, 4, 10])
-    assert (s["n"], s["mean"], s["median"], s["min"], s["max"]) == (5, 4.0, 3.0, 1.0, 10.0)
-    assert s["p10"] == pytest.approx(1.4) and s["p90"] == pytest.approx(7.6)  # linear interpolation
-    assert sum(s["histogram"]["counts"]) == 5 and s["histogram"]["edges"][-1] > 10
-    assert percentile([], 50) is None
-    assert histogram_edges(10, bins=5) == [0, 3, 6, 9, 12]
-    assert histogram([0, 2, 3, 11, 12], [0, 3, 6, 9, 12]) == [2, 1, 0, 2]
-
-
 def test_annotator_options_and_argument_errors(tmp_path):
-    cfg = annotator_config_from(argparse.Namespace(annotator_config=None, sets=["type=callable", f"callable={SHORTER}"]))
+    cfg = load_annotator_config(None, ["type=callable", f"callable={SHORTER}"])
     assert (cfg.type, cfg.callable) == ("callable", SHORTER)
     run_cfg = tmp_path / "config.yaml"
     run_cfg.write_text("train:\n  max_steps: 3\nannotator:\n  type: llm\n  rubric: harmless\n")
-    cfg = annotator_config_from(argparse.Namespace(annotator_config=str(run_cfg), sets=["annotator.batch_size=2"]))
+    cfg = load_annotator_config(str(run_cfg), ["annotator.batch_size=2"])
     assert (cfg.type, cfg.rubric, cfg.batch_size) == ("llm", "harmless", 2)
     with pytest.raises(ConfigError, match=r"unknown config key 'annotator.rubrik' \(did you mean 'annotator.rubric'\?\)"):
-        annotator_config_from(argparse.Namespace(annotator_config=None, sets=["rubrik=helpful"]))
+        cli("a", "b", "--prompts", "p.jsonl", "--set", "rubrik=helpful")
     with pytest.raises(ConfigError, match="annotator.callable: annotator.type=callable needs"):
         cli("a", "b", "--prompts", "p.jsonl", "--set", "type=callable")
     with pytest.raises(ConfigError, match="expected two models"):

@@ -1,4 +1,6 @@
-"""Every experiment script runs end to end in its smoke mode (one step, tiny budgets, tiny policy)."""
+"""Every experiment script runs end to end in its smoke mode (one step, tiny budgets, tiny policy),
+and its summary.json agrees with the files it names: each comparison's eval.json, each training
+run's metrics.jsonl and final checkpoint, and the annotation reports; the counts in them add up."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+HH_FILE = ROOT.parent / "shared" / "data" / "hh_harmless_test.jsonl.gz"  # what experiments/rm_vs_llm.py reads
 RULE = ["--judge-set", "type=callable", "--judge-set", "callable=oaif.annotators.rules:prefer_shorter",
         "--eval-set", "type=callable", "--eval-set", "callable=oaif.annotators.rules:prefer_shorter"]
+STEPS, BATCH, EVAL_PROMPTS = 1, 2, 2  # the smoke-mode budgets (experiments/common.py)
 
 
 def run(script: str, *args: str) -> str:
@@ -21,14 +25,65 @@ def run(script: str, *args: str) -> str:
     return result.stdout
 
 
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def check_comparison(h: dict, model_a: str | None = None) -> None:
+    """A summary headline equals its eval.json, whose counts add up over the held-out prompts."""
+    result = json.loads(Path(h["eval_json"]).read_text())
+    c = result["comparisons"][0]
+    assert (h["win_rate"], h["ci"], h["n"], h["failed"], h["ties"], h["judge"]) == \
+        (c["win_rate"], c["ci95"], c["judged"], c["failed_total"], c["ties"], result["judge"]["name"])
+    assert (h["len_a"], h["len_b"]) == (result["models"][c["a"]]["tokens"]["mean"],
+                                        result["models"][c["b"]]["tokens"]["mean"])
+    assert c["wins"] + c["ties"] + c["losses"] == c["judged"]
+    assert c["judged"] + c["failed_total"] == c["pairs"] == result["prompts"]["count"] == EVAL_PROMPTS
+    samples = result["samples"]
+    scores = [s["judgments"][0]["score"] for s in samples if s["judgments"][0]["score"] is not None]
+    assert len(samples) == EVAL_PROMPTS and len(scores) == c["judged"]
+    assert c["win_rate"] == pytest.approx((c["wins"] + 0.5 * c["ties"]) / c["judged"]) == pytest.approx(
+        sum(scores) / len(scores))
+    for label, key in ((c["a"], "len_a"), (c["b"], "len_b")):
+        assert h[key] == pytest.approx(sum(s["tokens"][label] for s in samples) / len(samples))
+    if model_a is not None:  # the comparison evaluated the checkpoint the summary names
+        assert result["models"][c["a"]]["model"] == model_a
+
+
+def check_run(info: dict) -> list[dict]:
+    """A run's metrics.jsonl has one record per step, its pair counts add up, and its final checkpoint exists."""
+    records = read_jsonl(info["metrics"])
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    for r in records:  # one pair per prompt; identical pairs are masked without asking the judge
+        assert r["pairs_used"] + r["pairs_masked"] + r["pairs_failed"] == BATCH
+        assert r["pairs_judged"] + r["masked/identical"] == BATCH
+    assert records[-1]["prompts_seen"] == STEPS * BATCH
+    ckpt = Path(info["checkpoint"])
+    assert ckpt.name == f"checkpoint-{STEPS}" and ckpt.parent == Path(info["dir"]) and (ckpt / "config.json").is_file()
+    return records
+
+
 @pytest.mark.slow
 def test_online_vs_offline_smoke(tiny_model_dir, tmp_path):
     out = run("online_vs_offline.py", "--model", tiny_model_dir, "--out", str(tmp_path), *RULE)
     summary = json.loads((tmp_path / "summary.json").read_text())
     [row] = summary["rows"]
-    assert set(row) >= {"online_vs_offline", "online_vs_start", "offline_vs_start"}
-    assert all(0 <= row[k]["win_rate"] <= 1 for k in ("online_vs_offline", "online_vs_start", "offline_vs_start"))
-    assert "online vs offline" in out and (tmp_path / "dpo" / "offline_prefs.jsonl").is_file()
+    online, offline = row["runs"]["online"], row["runs"]["offline"]
+    check_comparison(row["online_vs_offline"], online["checkpoint"])
+    check_comparison(row["online_vs_start"], online["checkpoint"])
+    check_comparison(row["offline_vs_start"], offline["checkpoint"])
+    assert json.loads(Path(row["online_vs_offline"]["eval_json"]).read_text())["models"]["B"]["model"] == \
+        offline["checkpoint"]
+    online_records, offline_records = check_run(online), check_run(offline)
+    # the same annotation budget: the offline file was labelled from as many prompts as online judged pairs
+    annotation = json.loads(Path(row["offline_annotation"]).read_text())
+    prefs = read_jsonl(row["offline_prefs"])
+    assert annotation["written"] == len(prefs) and annotation["mode"] == "sample"
+    assert annotation["written"] + annotation["ties"] + annotation["failed_total"] == annotation["pairs"]
+    assert annotation["pairs"] + sum(annotation["skipped"].values()) == annotation["rows"] == \
+        sum(r["pairs_judged"] + r["masked/identical"] for r in online_records) == STEPS * BATCH
+    assert sum(r["pairs_judged"] + r["masked/identical"] for r in offline_records) == STEPS * BATCH
+    assert "online vs offline" in out
 
 
 @pytest.mark.slow
@@ -37,13 +92,33 @@ def test_rubric_control_smoke(tiny_model_dir, tmp_path):
         "--rule", "--eval-set", "type=callable", "--eval-set", "callable=oaif.annotators.rules:prefer_shorter")
     rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
     assert [r["rubric"] for r in rows] == ["helpful_short", "rule:prefer_shorter"]
-    assert all(r["len_a"] is not None for r in rows)
+    for r in rows:
+        check_run(r["run"])
+        check_comparison(r, r["run"]["checkpoint"])
+    assert Path(rows[1]["run"]["dir"]).name == "rule_prefer_shorter"
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not HH_FILE.is_file(), reason="shared HH test split not present")
 def test_rm_vs_llm_smoke(tiny_model_dir, tmp_path):
     run("rm_vs_llm.py", "--model", tiny_model_dir, "--out", str(tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
-    agreement = summary["rows"][0]
-    assert 0 <= agreement["rm_agreement"]["agreement"] <= 1 and 0 <= agreement["llm_agreement"]["agreement"] <= 1
-    assert {r["eval_judge"] for r in summary["rows"][1:]} == {"LLM judge (SmolLM2, harmless rubric)", "reward model"}
+    first, comparisons = summary["rows"][0], summary["rows"][1:]
+    test_pairs = read_jsonl(first["files"]["rm_test_pairs"])
+    for key in ("rm_agreement", "llm_agreement"):
+        rep = first[key]
+        assert rep == json.loads(Path(first["files"][key]).read_text())
+        assert rep["rows"] == len(test_pairs) == 4 and rep["mode"] == "against_labels"
+        assert rep["agree"] + rep["disagree"] + rep["ties"] == rep["judged"]
+        assert rep["judged"] + rep["failed_total"] == rep["pairs"] == rep["rows"] - sum(rep["skipped"].values())
+        if rep["judged"]:
+            assert rep["agreement"] == pytest.approx((rep["agree"] + 0.5 * rep["ties"]) / rep["judged"])
+    assert first["rm_agreement"]["judge"] == f"rm:{first['reward_model']}"
+    assert {r["eval_judge"] for r in comparisons} == {"LLM judge (SmolLM2, harmless rubric)", "reward model"}
+    runs = first["runs"]
+    for info in runs.values():
+        check_run(info)
+    for r in comparisons:
+        check_comparison(r["rm_run_vs_llm_run"], runs["rm_run"]["checkpoint"])
+        check_comparison(r["rm_run_vs_start"], runs["rm_run"]["checkpoint"])
+        check_comparison(r["llm_run_vs_start"], runs["llm_run"]["checkpoint"])

@@ -14,9 +14,10 @@ import torch
 
 from oaif import models
 from oaif.config import LoraConfig, ModelConfig
+from oaif.data import messages_to_text
 from oaif.errors import ModelError
-from oaif.models import (EMBEDDED_MODELS, encode_prompt, load_causal_lm, load_policy_and_reference, load_tokenizer,
-                         reference_context, resolve_model_path)
+from oaif.models import (EMBEDDED_MODELS, encode_prompt, end_of_turn_id, load_causal_lm, load_policy_and_reference,
+                         load_tokenizer, reference_context, resolve_model_path)
 
 from helpers import EMBEDDED
 
@@ -277,6 +278,19 @@ def test_encode_prompt_plain_text(tiny_model_dir):
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
                 {"role": "user", "content": "Bye"}]
     assert tok.decode(encode_prompt(tok, messages)) == "User: Hi\n\nAssistant: Hello.\n\nUser: Bye\n\nAssistant:"
+    # one rendering of messages for judges and template-less tokenizers: oaif.data.messages_to_text
+    assert tok.decode(encode_prompt(tok, messages[:1])) == messages_to_text(messages[:1]) + "\n\nAssistant:"
+
+
+def test_end_of_turn_is_what_the_template_writes_after_an_answer(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    im_end, endoftext = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    assert end_of_turn_id(tok, {im_end, endoftext}) == im_end
+    tok.eos_token = "<|endoftext|>"  # an EOS that is not the end of a turn (as Llama 3's <|end_of_text|>)
+    assert end_of_turn_id(tok, {im_end, endoftext}) == im_end
+    tok.chat_template = None  # no template: the EOS, when sampling stops on it
+    assert end_of_turn_id(tok, {im_end, endoftext}) == endoftext
+    assert end_of_turn_id(tok, {im_end}) == im_end
 
 
 def test_encode_prompt_rejects_bad_messages(tiny_model_dir):
@@ -346,8 +360,6 @@ def test_lora_reference_is_the_base_with_adapter_disabled(tiny_model_dir):
     assert torch.allclose(ref_logits, base, atol=1e-5)
     assert policy.training  # mode and adapter restored
     assert torch.allclose(_logits(policy, ids), policy_logits, atol=1e-6)
-    with models.reference_mode(policy) as ref_model:
-        assert torch.allclose(ref_model(torch.tensor([ids])).logits[0], base, atol=1e-5)
 
     plain, _ = load_causal_lm(tiny_model_dir)
     with pytest.raises(ValueError, match="no reference"):
@@ -360,8 +372,12 @@ def test_gradient_checkpointing_trains(tiny_model_dir, lora):
     cfg = ModelConfig(name_or_path=tiny_model_dir, gradient_checkpointing=True,
                       lora=LoraConfig(enabled=lora, r=2, alpha=4))
     policy, reference, tok = load_policy_and_reference(cfg)
-    assert reference is None or not models.is_checkpointing(reference)
-    assert models.is_checkpointing(policy)
+    def checkpointing(model) -> bool:  # transformers 5 renamed is_gradient_checkpointing
+        flag = getattr(model, "is_activation_checkpointing", None)
+        return bool(model.is_gradient_checkpointing if flag is None else flag)
+
+    assert checkpointing(policy.get_base_model() if lora else policy)
+    assert reference is None or not checkpointing(reference)
     ids = torch.tensor([_ids(tok)])
     loss = policy(ids, labels=ids).loss
     loss.backward()

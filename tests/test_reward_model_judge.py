@@ -194,7 +194,8 @@ def _agreement(judge: RewardModelJudge, pairs) -> float:
 
 
 def test_train_reward_model_learns_and_loads(tmp_path, tiny_model_dir):
-    from oaif.reward_model import STATS_FILE, load_reward_model_for_training, train_reward_model
+    from oaif.reward_model_training import load_reward_model_for_training, train_reward_model
+    from oaif.reward_scoring import STATS_FILE
 
     pairs = _synthetic_pairs()
     untrained, tok = load_reward_model_for_training(tiny_model_dir)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -57,11 +59,30 @@ def test_samples_depend_on_prompt_position_not_on_batch(smol):
     assert chunked == together
 
 
-def test_hf_backend_runs(smol):
+def test_hf_backend_samples_depend_on_prompt_position_not_on_batch(smol):
     model, tok, prompts = smol
-    responses, ended = sample_responses(model, tok, prompts, [0, 1], k=2, seed=0, temperature=0.9, top_p=1.0,
-                                        max_new_tokens=8, backend="hf")
-    assert [len(rs) for rs in responses] == [2, 2] and all(1 <= len(r) <= 8 for rs in responses for r in rs)
+    kw = dict(k=2, temperature=0.9, top_p=0.95, max_new_tokens=8, backend="hf")
+    together, ended = sample_responses(model, tok, prompts, [10, 11], seed=5, **kw)
+    assert [len(rs) for rs in together] == [2, 2] and all(1 <= len(r) <= 8 for rs in together for r in rs)
+    for rs, es in zip(together, ended):
+        for r, e in zip(rs, es):
+            assert e == (r[-1] == tok.eos_token_id) and tok.eos_token_id not in r[:-1] and (e or len(r) == 8)
+    alone, _ = sample_responses(model, tok, prompts[1:], [11], seed=5, **kw)
+    assert together[1] == alone[0]  # the noise of a row depends on (seed, position, k), not on its batch
+    assert sample_responses(model, tok, prompts[1:], [11], seed=6, **kw)[0][0] != alone[0]
+    assert sample_responses(model, tok, prompts[1:], [12], seed=5, **kw)[0][0] != alone[0]
+    # a vanishing temperature: both backends decode greedily, so they agree
+    greedy = dict(k=1, seed=0, temperature=1e-7, top_p=1.0, max_new_tokens=8)
+    assert (sample_responses(model, tok, prompts, [0, 1], backend="hf", **greedy)
+            == sample_responses(model, tok, prompts, [0, 1], backend="shared_prefill", **greedy))
+
+
+def test_sampling_passes_the_kv_cache_the_installed_transformers_way(smol):
+    model, tok, prompts = smol
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sample_responses(model, tok, prompts, [0, 1], k=2, seed=0, temperature=1.0, top_p=1.0, max_new_tokens=4)
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():

@@ -12,12 +12,13 @@ from safetensors.torch import load_file
 
 from oaif.config import load_config
 from oaif.errors import AnnotatorError
-from oaif.metrics import read_metrics
+from oaif.metrics import METRICS, RECORD_KEYS, StepMetrics, read_metrics
 from oaif.pairs import build_pairs
 from oaif.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORTER = "oaif.annotators.rules:prefer_shorter"
+JUDGES = Path(__file__).resolve().parent / "judges_for_tests.py"
 
 
 def tiny_cfg(model_dir, out, *extra):
@@ -66,7 +67,7 @@ def test_online_training_changes_parameters_and_logs_correct_metrics(tiny_model_
     assert [r["step"] for r in records] == [1, 2, 3]
     first = records[0]
     # at step 1 the policy is the reference: zero KL, zero margins, DPO loss = log 2
-    assert first["kl"] == 0.0 and first["margin"] == 0.0
+    assert first["kl"] == 0.0 and first["logratio_margin"] == 0.0
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     for r in records:
         assert r["pairs_used"] + r["pairs_masked"] + r["pairs_failed"] == 4
@@ -77,6 +78,12 @@ def test_online_training_changes_parameters_and_logs_correct_metrics(tiny_model_
     audit = [json.loads(line) for line in (out / "annotations.jsonl").read_text().splitlines()]
     assert len(audit) == sum(r["pairs_judged"] for r in records)
     assert all(a["judge"] == "callable:prefer_shorter" and a["failure"] is None for a in audit)
+    for r in records:  # TRL's names: rewards/margins is beta * rho; logps are the policy's summed log-probs
+        assert r["rewards/margins"] == pytest.approx(0.1 * r["logratio_margin"], abs=1e-7)
+        assert r["rewards/margins"] == pytest.approx(r["rewards/chosen"] - r["rewards/rejected"], abs=1e-7)
+        assert r["logps/chosen"] < 0 and r["logps/rejected"] < 0
+    documented = set(METRICS) | set(RECORD_KEYS)
+    assert all(k in documented or k.split("/")[0] + "/<reason>" in documented for r in records for k in r)
 
 
 def test_identical_pairs_are_masked_and_never_trained_on(tiny_model_dir, tmp_path):
@@ -156,5 +163,224 @@ def test_offline_mode_learns_the_file_preferences(tiny_model_dir, tmp_path):
     train(tiny_cfg(tiny_model_dir, out, "train.mode=offline", f"data.preference_path={prefs}", "train.max_steps=4"))
     records = read_metrics(out / "metrics.jsonl")
     assert all(r["pairs_used"] == 4 for r in records)
-    assert records[0]["margin"] == 0.0 and records[-1]["margin"] > 0 and records[-1]["reward_accuracy"] == 1.0
+    assert records[0]["logratio_margin"] == 0.0 and records[-1]["logratio_margin"] > 0 and records[-1]["reward_accuracy"] == 1.0
     assert records[-1]["loss"] < records[0]["loss"]
+
+
+# -- helpers for the tests below -----------------------------------------------------------------
+def marked_prompts(path: Path, marks: list[str], repeats: int = 4) -> Path:
+    """Prompts read in order (with data.shuffle=false); judges_for_tests ties every pair of a TIE prompt."""
+    rows = [{"id": f"p{i}-{j}", "prompt": f"{mark}Question {i}.{j}: name something that is {i + j} metres long."}
+            for i in range(repeats) for j, mark in enumerate(marks)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def first_micro_batch(cfg):
+    """Set up a trainer and collect one micro-batch: what the step-0 update sees."""
+    t = Trainer(cfg).setup()
+    mb = t.collect(t.next_prompts(), StepMetrics())
+    assert mb.prefs.size > 0
+    return t, mb
+
+
+# -- the step's objective is the mean over all of its pairs ---------------------------------------
+def test_accumulation_equals_one_larger_batch(tiny_model_dir, tmp_path):
+    # micro-batches of 2 prompts: [plain, plain] then [plain, TIE]: 2 pairs, then 1 pair. Every pair of
+    # the step must weigh the same, as in one batch of 4 prompts.
+    prompts = marked_prompts(tmp_path / "prompts.jsonl", ["", "", "", "TIE "])
+    common = [f"data.path={prompts}", "data.shuffle=false", "data.eval_fraction=0", "train.max_steps=2",
+              "annotator.type=callable", f"annotator.callable={JUDGES}:shorter_unless_marked"]
+    train(tiny_cfg(tiny_model_dir, tmp_path / "accum", *common, "train.batch_size=2",
+                   "train.gradient_accumulation_steps=2"))
+    train(tiny_cfg(tiny_model_dir, tmp_path / "batch", *common, "train.batch_size=4"))
+    accum, batch = read_metrics(tmp_path / "accum" / "metrics.jsonl"), read_metrics(tmp_path / "batch" / "metrics.jsonl")
+    for a, b in zip(accum, batch):
+        assert a["pairs_used"] == b["pairs_used"] == 3 and a["masked/tie"] == 1
+        for key in ("loss", "logratio_margin", "kl", "grad_norm", "response_length"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    # Adam divides by sqrt(v), so parameters with a near-zero gradient turn the float noise of the two
+    # batch layouts into differences up to ~1e-5; unequal pair weights moved most parameters by ~lr (1e-3)
+    wa, wb = weights(tmp_path / "accum" / "checkpoint-2"), weights(tmp_path / "batch" / "checkpoint-2")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=5e-5, rtol=0, msg=k)
+
+
+# -- step 0: the policy is the reference --------------------------------------------------------
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one AcceleratorState per process and refuses another mixed precision in it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+@pytest.mark.usefixtures("fresh_accelerator_state")
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("precision", [["train.mixed_precision=bf16"], ["model.dtype=bfloat16"]],
+                         ids=["autocast_bf16", "weights_bf16"])
+def test_bf16_margin_and_kl_are_exactly_zero_at_step_0(tiny_model_dir, tmp_path, lora, precision):
+    cfg = tiny_cfg(tiny_model_dir, tmp_path / "run", *precision, f"model.lora.enabled={str(lora).lower()}",
+                   "model.lora.r=4", "model.lora.alpha=8")
+    t, mb = first_micro_batch(cfg)
+    stats = t.update(mb.rollouts, mb.prefs, global_pairs=mb.prefs.size)
+    assert stats.loss.margins.numel() == mb.prefs.size
+    assert torch.count_nonzero(stats.loss.margins) == 0, stats.loss.margins
+    assert stats.kl.numel() == 8 and torch.count_nonzero(stats.kl) == 0, stats.kl  # every sampled response
+
+
+def test_kl_covers_every_sampled_response_not_only_paired_ones(tiny_model_dir, tmp_path):
+    prompts = marked_prompts(tmp_path / "prompts.jsonl", ["", "TIE ", "FAIL ", ""])
+    t, mb = first_micro_batch(tiny_cfg(tiny_model_dir, tmp_path / "run", f"data.path={prompts}", "data.shuffle=false",
+                                       "data.eval_fraction=0", "annotator.type=callable",
+                                       f"annotator.callable={JUDGES}:shorter_unless_marked"))
+    assert mb.prefs.size == 2 and len(mb.prefs.responses_used()) == 4
+    stats = t.update(mb.rollouts, mb.prefs, global_pairs=mb.prefs.size)
+    assert stats.kl.numel() == 8 and torch.count_nonzero(stats.kl) == 0  # all 4 x 2 responses, exact at step 0
+    assert stats.train_tokens == sum(len(mb.rollouts.responses[f // 2][f % 2]) for f in mb.prefs.responses_used())
+
+
+@pytest.fixture(scope="module")
+def dropout_model_dir(tmp_path_factory, smollm2_path):
+    from helpers import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("dropout_llama"), seed=0, tokenizer_source=smollm2_path,
+                           attention_dropout=0.5)
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_dropout_is_off_by_default_so_policy_and_reference_agree(dropout_model_dir, tmp_path, disable):
+    cfg = tiny_cfg(dropout_model_dir, tmp_path / "run", f"model.disable_dropout={str(disable).lower()}")
+    t, mb = first_micro_batch(cfg)
+    stats = t.update(mb.rollouts, mb.prefs, global_pairs=mb.prefs.size)
+    assert t.unwrapped.training
+    if disable:
+        assert torch.count_nonzero(stats.loss.margins) == 0 and torch.count_nonzero(stats.kl) == 0
+        assert t.unwrapped.config.attention_dropout == 0.0
+    else:  # the flag matters: with dropout on, the policy's train-mode forward disagrees with the reference
+        assert torch.count_nonzero(stats.loss.margins) > 0
+
+
+# -- the audit log ------------------------------------------------------------------------------
+def test_killed_and_resumed_run_writes_the_audit_log_of_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def args(out, *extra):
+        return [f"model.name_or_path={tiny_model_dir}", f"train.output_dir={out}", "train.max_steps=4",
+                "train.save_every=2", "train.batch_size=2", "sampling.max_new_tokens=8", "optim.lr=1.0e-3",
+                "optim.warmup_steps=0", "logging.progress_bar=false", "annotator.type=callable",
+                f"annotator.callable={JUDGES}:killed_after", f"data.path={ROOT / 'data/prompts/demo_prompts.jsonl'}",
+                *extra]
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(load_config(ROOT / "configs/demo.yaml", args(full)))
+    # a pointwise judge is called twice per pair: 2 pairs x 2 calls a step; killed (SIGKILL) during step 4,
+    # after step 3 was logged but with step 2 the last checkpoint
+    result = subprocess.run([sys.executable, "-m", "oaif.cli", "train", str(ROOT / "configs/demo.yaml"), *args(part)],
+                            env=dict(os.environ, OAIF_TEST_KILL_AFTER="12"), capture_output=True, text=True,
+                            cwd=ROOT, timeout=600)
+    assert result.returncode == -9, result.stderr[-2000:]
+    assert (part / "latest").read_text().strip() == "checkpoint-2"
+    assert max(json.loads(line)["step"] for line in (part / "annotations.jsonl").read_text().splitlines()) == 3
+    train(load_config(ROOT / "configs/demo.yaml", args(part, "train.resume=true")))
+
+    def audit(run):
+        lines = [json.loads(line) for line in (run / "annotations.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in line.items() if k != "latency_s"} for line in lines]
+
+    assert len(audit(full)) == sum(r["pairs_judged"] for r in read_metrics(full / "metrics.jsonl")) == 8
+    assert audit(part) == audit(full)
+
+
+# -- every loss and option runs through the trainer ----------------------------------------------
+OPTIONS = {
+    # at step 1 rho = 0: IPO's loss is (0 - 1/(2 beta))^2 = 25 with beta 0.1, with soft labels too
+    "ipo_soft_labels": (["loss.type=ipo", "loss.soft_labels=true"], 25.0),
+    # SLiC's loss at rho = 0 is max(0, 1 - 0) = 1
+    "slic_min_confidence": (["loss.type=slic", "loss.min_confidence=0.15"], 1.0),
+    "dpo_all_pairs_top_p_temperature": (["sampling.pairing=all", "sampling.num_samples=3", "sampling.top_p=0.9",
+                                         "sampling.temperature=1.3", "loss.missing_eos_penalty=1.0"], math.log(2)),
+    "hf_backend": (["sampling.backend=hf"], math.log(2)),
+}
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_every_loss_and_option_runs_through_the_trainer(tiny_model_dir, tmp_path, name):
+    overrides, first_loss = OPTIONS[name]
+    out = tmp_path / "run"
+    cfg = tiny_cfg(tiny_model_dir, out, "train.max_steps=2", "annotator.type=callable",
+                   f"annotator.callable={JUDGES}:graded_by_length", *overrides)
+    train(cfg)
+    records = read_metrics(out / "metrics.jsonl")
+    audit = [json.loads(line) for line in (out / "annotations.jsonl").read_text().splitlines()]
+    pairs_per_prompt = 3 if cfg.sampling.pairing == "all" else 1
+    assert records[0]["loss"] == pytest.approx(first_loss, rel=1e-5)
+    for r in records:
+        assert r["pairs_judged"] + r["masked/identical"] == 4 * pairs_per_prompt
+        assert 1 <= r["response_length"] <= 12
+    ties = sum(abs(a["prob"] - 0.5) < cfg.loss.min_confidence or a["prob"] == 0.5 for a in audit)
+    assert sum(r["masked/tie"] for r in records) == ties
+    assert sum(r["pairs_used"] for r in records) == len(audit) - ties > 0
+    before, after = weights(tiny_model_dir), weights(out / "checkpoint-2")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_soft_labels_are_the_judged_probabilities(tiny_model_dir, tmp_path):
+    cfg = tiny_cfg(tiny_model_dir, tmp_path / "run", "annotator.type=callable", "loss.soft_labels=true",
+                   f"annotator.callable={JUDGES}:graded_by_length")
+    t = Trainer(cfg).setup()
+    rollouts = t.sample(t.next_prompts())
+    plan, judgments = t.annotate(rollouts)
+    prefs = build_pairs(rollouts, plan, judgments, soft_labels=True)
+    probs = sorted(max(j.prob, 1 - j.prob) for j in judgments if j.prob != 0.5)
+    assert sorted(prefs.label_probs) == pytest.approx(probs) and all(0.5 < p < 0.9 for p in probs)
+
+
+# -- offline mode tokenizes as online mode samples ----------------------------------------------
+@pytest.fixture(scope="module")
+def end_of_turn_model_dir(tmp_path_factory, smollm2_path):
+    """As with Llama 3: the tokenizer's EOS (<|endoftext|>) is not what ends an assistant turn in the chat
+    template (<|im_end|>); generation stops on both."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from helpers import make_tiny_llama
+
+    path = make_tiny_llama(tmp_path_factory.mktemp("eot_llama"), seed=0, tokenizer_source=smollm2_path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.eos_token = "<|endoftext|>"
+    tok.save_pretrained(path)
+    gen = GenerationConfig.from_pretrained(path)
+    gen.eos_token_id = [tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|im_end|>")]
+    gen.save_pretrained(path)
+    return path
+
+
+def test_offline_pairs_are_tokenized_like_online_samples(end_of_turn_model_dir, tmp_path):
+    rows = [{"prompt": f"Name a colour ({i}).", "chosen": "Blue.", "rejected": "Well, " + "there are many colours, " * 8}
+            for i in range(6)] + [{"prompt": "word " * 400, "chosen": "a", "rejected": "b"}]
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_cfg(end_of_turn_model_dir, tmp_path / "run", "train.mode=offline", f"data.preference_path={prefs}",
+                   "train.max_steps=2", "train.batch_size=3")
+    t = Trainer(cfg).setup()
+    assert t.parts.prompts.skipped == {"too_long": 1}  # data.max_prompt_tokens, as online
+    eot = t.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert t.parts.end_of_turn == eot != t.tokenizer.eos_token_id
+    metrics = StepMetrics()
+    mb = t.collect(t.next_prompts(), metrics)
+    blue = t.tokenizer("Blue.", add_special_tokens=False)["input_ids"]
+    for (chosen, rejected), (chosen_ended, rejected_ended) in zip(mb.rollouts.responses, mb.rollouts.ended_eos):
+        assert chosen == blue + [eot] and chosen_ended  # ends as a sampled response that stopped
+        assert len(rejected) == 12 and eot not in rejected and not rejected_ended  # cut at sampling.max_new_tokens
+    record = metrics.record()
+    assert record["responses_truncated"] == 3 and record["eos_rate"] == 0.5 and record["pairs_used"] == 3
+    assert not [k for k in record if k.startswith("judge_")] and "kl" not in record  # no judge, no samples
+
+    summary = train(cfg)
+    assert summary["skipped_inputs"] == {"too_long": 1}
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert all(r["responses_truncated"] == 3 and "judge_confidence" not in r for r in records)

@@ -5,7 +5,8 @@ Layout of ``<output_dir>/checkpoint-<step>/``::
     config.json, model.safetensors, generation_config.json, tokenizer files
         -> ``AutoModelForCausalLM.from_pretrained`` loads it (LoRA runs save merged weights)
     adapter/            LoRA runs only: the adapter, which resume loads
-    trainer_state.pt    optimizer, scheduler, RNG states, data position, step, counters
+    trainer_state.pt    optimizer, scheduler, RNG states, data position, step, counters: tensors
+                        and plain containers only, so ``torch.load(weights_only=True)`` reads it
     trainer_state.json  the same minus tensors, for people
 
 A checkpoint is written into a temporary directory and renamed into place, then the
@@ -16,6 +17,7 @@ A checkpoint is written into a temporary directory and renamed into place, then 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -26,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+log = logging.getLogger("oaif")
+
 LATEST = "latest"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -34,35 +38,54 @@ def _is_peft(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
+@torch.no_grad()
 def merged_state_dict(model) -> dict[str, torch.Tensor]:
     """A LoRA model's full weights with the adapter merged in, under the base model's key names.
 
-    Tied output embeddings are left out, as ``save_pretrained`` does for a plain model.
+    Each adapted weight is computed out of place as ``W + delta`` (peft's ``get_delta_weight``:
+    ``scale * B @ A``), summed in float32 and rounded once to ``W``'s dtype. The live model is
+    never merged and unmerged, so its frozen base (which is also the reference) stays bit-identical;
+    in bfloat16 ``(W + delta) - delta`` is not ``W``. Tied output embeddings are left out, as
+    ``save_pretrained`` does for a plain model.
     """
+    from peft.tuners.lora import LoraLayer
+
     base = model.get_base_model()
     tied = getattr(base.config, "tie_word_embeddings", False)
-    model.merge_adapter()
-    try:
-        sd = {}
-        for key, value in base.state_dict().items():
-            if "lora_" in key or (tied and key.endswith("lm_head.weight")):
-                continue
-            sd[key.replace(".base_layer.", ".")] = value.detach().clone()
-    finally:
-        model.unmerge_adapter()
+    merged = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and not getattr(module, "disable_adapters", False):
+            weight = module.get_base_layer().weight
+            total = weight.float().clone()
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    total += module.get_delta_weight(adapter).float()
+            merged[f"{name}.weight"] = total.to(weight.dtype)
+    sd = {}
+    for key, value in base.state_dict().items():
+        if "lora_" in key or (tied and key.endswith("lm_head.weight")):
+            continue
+        key = key.replace(".base_layer.", ".")
+        sd[key] = merged[key] if key in merged else value.detach().clone()
     return sd
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy and torch RNG states as tensors and plain containers (no numpy arrays)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -152,4 +175,72 @@ def load_model_weights(model, checkpoint: Path) -> None:
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    return torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
+    """A checkpoint's trainer state, read with ``weights_only=True`` (no arbitrary unpickling)."""
+    return torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True)
+
+
+def trainer_state(step: int, stream_state: dict, optimizer, scheduler, failures, config: dict) -> dict[str, Any]:
+    """What ``trainer_state.pt`` holds besides the weights: enough to continue exactly."""
+    return {"step": step, "stream": stream_state, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": rng_state(), "failures": failures.state_dict(),
+            "config": config}
+
+
+def restore_trainer_state(checkpoint: Path, model, optimizer, scheduler, stream, failures) -> int:
+    """Load a checkpoint's weights and trainer state into the run's objects; return its step."""
+    load_model_weights(model, checkpoint)
+    state = load_trainer_state(checkpoint)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    stream.load_state_dict(state["stream"])
+    set_rng_state(state["rng"])
+    failures.load_state_dict(state["failures"])
+    return int(state["step"])
+
+
+class RunCheckpoints:
+    """One run's checkpoints across its processes: only the main process writes them.
+
+    :meth:`save` waits for every process before and after writing. :meth:`save_after_error` keeps
+    the progress since the last checkpoint when a step raised; with several processes it writes
+    from the main process without barriers, since the others may be stuck in (or gone from) a
+    collective call, and a barrier there would deadlock.
+    """
+
+    def __init__(self, accelerator, output_dir: str | Path, keep_last: int):
+        self.accelerator, self.out, self.keep_last = accelerator, Path(output_dir), keep_last
+        self.last_saved = -1
+
+    def save(self, step: int, model, tokenizer, state, *, collective: bool = True) -> Path:
+        """Write ``checkpoint-<step>``; ``state()`` gives the trainer state (called on the main process only)."""
+        if collective:
+            self.accelerator.wait_for_everyone()
+        path = self.out / f"checkpoint-{step}"
+        if self.accelerator.is_main_process:
+            path = save_checkpoint(self.out, step, model, tokenizer, state(), keep_last=self.keep_last)
+        self.last_saved = step
+        if collective:
+            self.accelerator.wait_for_everyone()
+        return path
+
+    def save_after_error(self, step: int, model, tokenizer, state, error: BaseException) -> None:
+        alone = self.accelerator.num_processes == 1
+        if step <= max(0, self.last_saved) or not (alone or self.accelerator.is_main_process):
+            return
+        try:
+            path = self.save(step, model, tokenizer, state, collective=alone)
+            log.error("stopped at step %d (%s); progress saved in %s, rerun with train.resume=true",
+                      step, type(error).__name__, path)
+        except Exception:  # pragma: no cover - the original error matters more
+            log.exception("could not save a checkpoint after the error")
+
+    def restore(self, resume: bool | str, model, optimizer, scheduler, stream, failures) -> int:
+        """Load the checkpoint ``train.resume`` names (a path, or ``True``: the latest in the run directory)
+        into the run's objects; return its step (0 when ``True`` finds none)."""
+        ckpt = Path(resume) if isinstance(resume, str) else latest_checkpoint(self.out)
+        if ckpt is None:
+            log.warning("train.resume=true but %s has no checkpoint: starting from step 0", self.out)
+            return 0
+        step = self.last_saved = restore_trainer_state(ckpt, model, optimizer, scheduler, stream, failures)
+        log.info("resumed from %s at step %d", ckpt, step)
+        return step

@@ -27,7 +27,7 @@ def _train(args: argparse.Namespace) -> int:
 
     summary = train(cfg)
     last = summary["last"]
-    keys = ("loss", "reward_accuracy", "margin", "kl", "response_length", "eos_rate", "judge_consistency", "time_step_s")
+    keys = ("loss", "reward_accuracy", "logratio_margin", "kl", "response_length", "eos_rate", "judge_consistency", "time_step_s")
     print(f"done: {summary['steps']} steps, checkpoint {summary['final_checkpoint']}")
     print("last step: " + ", ".join(f"{k}={last[k]:.4g}" for k in keys if k in last))
     print(f"metrics: {os.path.join(cfg.train.output_dir, 'metrics.jsonl')}")
@@ -59,19 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.set_defaults(func=_train)
 
-    from oaif import annotate as annotate_cmd
+    from oaif.commands import annotate as annotate_cmd
+    from oaif.commands import eval as eval_cmd
 
-    p = sub.add_parser("annotate", help="label pairs (or sampled pairs) with an annotator; compare with human labels",
-                       description=annotate_cmd.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    annotate_cmd.add_arguments(p)
-    p.set_defaults(func=annotate_cmd.run)
-
-    from oaif import eval_cli
-
-    p = sub.add_parser("eval", help="win rate of a model (or a run's checkpoints) against another, with a report",
-                       description=eval_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    eval_cli.add_arguments(p)
-    p.set_defaults(func=eval_cli.run)
+    for name, cmd, help_text in (
+            ("annotate", annotate_cmd,
+             "label pairs (or sampled pairs) with an annotator; compare with human labels"),
+            ("eval", eval_cmd, "win rate of a model (or a run's checkpoints) against another, with a report")):
+        p = sub.add_parser(name, help=help_text, description=cmd.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        cmd.add_arguments(p)
+        p.set_defaults(func=cmd.run)
 
     p = sub.add_parser("config", help="show a resolved config, or list every key with its help")
     p.add_argument("action", choices=["show", "keys"])

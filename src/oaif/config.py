@@ -48,6 +48,7 @@ class ModelConfig:
     system_prompt: str | None = _f(None, "Optional system message prepended to every prompt.")
     gradient_checkpointing: bool = _f(False, "Trade compute for memory in the policy's backward pass.")
     trust_remote_code: bool = _f(False, "Allow custom model code from the model directory.")
+    disable_dropout: bool = _f(True, "Turn off every dropout in the policy and reference (as TRL does): a policy with dropout would disagree with the reference on identical weights, biasing the margin and KL.")
     lora: LoraConfig = _group(LoraConfig, "LoRA adapter settings.")
 
 
@@ -103,6 +104,7 @@ class LossConfig:
     beta: float = _f(0.1, "Strength of the pull towards the reference model.")
     soft_labels: bool = _f(False, "Train on the annotator's probability instead of a hard 0/1 label.")
     min_confidence: float = _f(0.0, "Mask pairs whose judged probability is within this distance of 0.5 (ties).")
+    missing_eos_penalty: float = _f(0.0, "TRL's missing_eos_penalty for a pairwise judge: subtracted from the Bradley-Terry score of a response that did not end within sampling.max_new_tokens when the other one did, i.e. P(it is better) = sigmoid(logit(p) - penalty); .inf makes it lose. 0 disables.")
 
 
 @dataclass
@@ -126,7 +128,7 @@ class TrainConfig:
     output_dir: str = _f("runs/demo", "Run directory: checkpoints, metrics.jsonl, annotations.jsonl.")
     save_every: int = _f(0, "Save a checkpoint every N steps (0: only at the end).")
     keep_last: int = _f(2, "Keep this many step checkpoints (the final one is always kept).")
-    resume: bool = _f(False, "Continue from the latest checkpoint in output_dir.")
+    resume: bool | str = _f(False, "true: continue from the latest checkpoint in output_dir; a path: continue from that checkpoint directory; false: start afresh.")
     device: str = _f("auto", "auto, cpu or cuda.")
     mixed_precision: str = _f("no", "Accelerate mixed precision: no, bf16 or fp16.")
 
@@ -309,6 +311,12 @@ def validate(cfg: Config) -> Config:
          "offline mode needs data.preference_path"),
         ("annotator.callable", cfg.annotator.type != "callable" or cfg.annotator.callable,
          "annotator.type=callable needs annotator.callable='module:function'"),
+        ("annotator.failure_window", cfg.annotator.failure_window >= 1, "must be >= 1"),
+        ("loss.missing_eos_penalty", cfg.loss.missing_eos_penalty >= 0, "must be >= 0 (.inf: an unfinished response loses)"),
+        ("model.lora.dropout", not (cfg.model.lora.enabled and cfg.model.disable_dropout and cfg.model.lora.dropout > 0),
+         "has no effect with model.disable_dropout=true (set model.disable_dropout=false to use it)"),
+        ("train.resume", not isinstance(cfg.train.resume, str) or bool(cfg.train.resume.strip()),
+         "must be true, false or a checkpoint directory"),
     ]
     for key, ok, msg in checks:
         if not ok:

@@ -1,5 +1,9 @@
 """Prompt and preference data: loading, filtering, splitting and a resumable prompt stream.
 
+:func:`training_prompts` is the one place where a run's records are chosen: loaded, filtered
+(empty, too long) and split into training and held-out prompts. The trainer and
+``oaif eval --run`` (:func:`oaif.evaluate.held_out_prompts`) both call it, so they cannot drift.
+
 Prompts come from JSONL (optionally gzipped), CSV, Parquet or a ``datasets`` ``save_to_disk``
 directory. A prompt is plain text or a list of chat messages (``{"role": ..., "content": ...}``).
 Rows that cannot be used for a benign reason (an empty prompt, a prompt that is too long, an
@@ -42,6 +46,7 @@ __all__ = [
     "PromptRecord",
     "PromptSet",
     "PromptStream",
+    "TrainingPrompts",
     "detect_format",
     "filter_long",
     "load_hh_pairs",
@@ -51,6 +56,7 @@ __all__ = [
     "parse_hh_dialogue",
     "save_preferences",
     "split_eval",
+    "training_prompts",
 ]
 
 #: Values accepted by ``load_prompts(format=...)`` (and ``data.format`` in the config).
@@ -89,7 +95,7 @@ def _check_prompt(prompt: Any) -> Prompt:
 
 
 def messages_to_text(prompt: Prompt) -> str:
-    """Flatten a prompt to plain text for judges.
+    """Flatten a prompt to plain text (for judges, and for tokenizers without a chat template).
 
     Text is returned unchanged; messages become ``"User: ...\\n\\nAssistant: ...\\n\\nUser: ..."``
     in conversation order (so the last user turn comes last).
@@ -121,10 +127,6 @@ class PromptRecord:
     def text(self) -> str:
         """The prompt as plain text (messages flattened as ``Role: content`` turns)."""
         return messages_to_text(self.prompt)
-
-    @property
-    def is_chat(self) -> bool:
-        return isinstance(self.prompt, list)
 
     @property
     def is_empty(self) -> bool:
@@ -426,6 +428,46 @@ def split_eval(records: Sequence[R], fraction: float, seed: int) -> tuple[list[R
     return train, evals
 
 
+@dataclass
+class TrainingPrompts:
+    """The records a run trains on and holds out (see :func:`training_prompts`)."""
+
+    train: list  # PromptRecord (online) or PreferenceRecord (offline), in file order
+    held_out: list[PromptRecord]
+    prompt_tokens: dict[str, list[int]]  # record id -> templated prompt token ids, for every train record
+    skipped: Counter  # reason -> rows left out (empty, too_long, and the preference file's reasons)
+    usable: int  # records that passed the filters (what a held-out split was drawn from)
+
+
+def training_prompts(data_cfg: Any, mode: str, seed: int, encode: Callable[[Prompt], list[int]]) -> TrainingPrompts:
+    """Load, filter and split a run's records as ``data_cfg`` (a :class:`oaif.config.DataConfig`) says.
+
+    ``mode="online"``: prompts from ``data.path`` (empty ones skipped), those longer than
+    ``data.max_prompt_tokens`` after ``encode`` (the chat template) skipped as ``too_long``; the
+    held-out prompts are ``data.eval_path``'s when set, else a ``data.eval_fraction`` split of the
+    usable prompts (:func:`split_eval` with ``seed``). ``mode="offline"``: the preference file
+    ``data.preference_path``, filtered by the same prompt length; nothing is held out.
+    Raises :class:`DataError` when no record is left.
+    """
+    path = data_cfg.path if mode == "online" else data_cfg.preference_path
+    loaded: _LoadedSet = (load_prompts(path, data_cfg.format, data_cfg.field) if mode == "online"
+                          else load_preferences(path))
+    skipped = Counter(loaded.skipped)
+    tokens = {rec.id: encode(rec.prompt) for rec in loaded.records}
+    usable, _ = filter_long(loaded.records, lambda rec: len(tokens[rec.id]), data_cfg.max_prompt_tokens, skipped)
+    if mode == "offline":
+        train, held_out = usable, []
+    elif data_cfg.eval_path:
+        train, held_out = usable, load_prompts(data_cfg.eval_path, data_cfg.format, data_cfg.field).records
+    else:
+        train, held_out = split_eval(usable, data_cfg.eval_fraction, seed)
+    if not train:
+        raise DataError(f"no usable records in {path} (skipped: {dict(skipped) or 'none'}"
+                        f"{', the rest held out' if usable else ''})")
+    return TrainingPrompts(train=train, held_out=held_out, prompt_tokens={r.id: tokens[r.id] for r in train},
+                           skipped=skipped, usable=len(usable))
+
+
 class PromptStream(Generic[R]):
     """An endless, deterministic stream over ``records``, epoch after epoch.
 
@@ -435,14 +477,10 @@ class PromptStream(Generic[R]):
     :meth:`state_dict` only needs the position to resume exactly.
     """
 
-    def __init__(self, records: Sequence[R], batch_size: int | None = None, seed: int = 0,
-                 shuffle: bool = True) -> None:
+    def __init__(self, records: Sequence[R], seed: int = 0, shuffle: bool = True) -> None:
         if len(records) == 0:
             raise DataError("no records to stream (every row was empty, too long or skipped)")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.records: list[R] = list(records)
-        self.batch_size = batch_size
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
         self._position = 0
@@ -456,11 +494,6 @@ class PromptStream(Generic[R]):
     def position(self) -> int:
         """Number of records consumed so far (over all epochs)."""
         return self._position
-
-    @property
-    def epoch(self) -> int:
-        """The epoch the next record comes from (0-based)."""
-        return self._position // len(self.records)
 
     def _order(self, epoch: int) -> list[int]:
         if epoch != self._perm_epoch:
@@ -504,17 +537,6 @@ class PromptStream(Generic[R]):
         out = [(pos, self.record_at(pos)) for pos in range(start + lo, start + hi)]
         self._position = start + n_global
         return out
-
-    def next_batch(self) -> list[tuple[int, R]]:
-        """``take(batch_size)``; needs ``batch_size`` set at construction."""
-        if self.batch_size is None:
-            raise ValueError("PromptStream.next_batch needs a batch_size")
-        return self.take(self.batch_size)
-
-    def __iter__(self) -> Iterator[list[tuple[int, R]]]:
-        """Endless iterator over :meth:`next_batch`."""
-        while True:
-            yield self.next_batch()
 
     def state_dict(self) -> dict[str, Any]:
         return {"position": self._position, "seed": self.seed, "shuffle": self.shuffle,

@@ -1,12 +1,10 @@
 """Head-to-head evaluation: how often a judge prefers model A's response to model B's.
 
-Pure statistics (no torch, no I/O):
-
-* :func:`win_rate` -- per prompt, the judge's P(A better) ``p`` scores 1 if ``p > 0.5``, 1/2 if
-  ``p == 0.5`` and 0 otherwise; the win rate is the mean score over judged prompts, with the mean
-  probability next to it. Failed judgments are left out and counted by reason.
-* :func:`bootstrap_ci` -- percentile bootstrap over prompts (seeded, 1000 resamples by default).
-* :func:`length_stats` -- mean, median, p10/p90 and histogram data of response lengths.
+:func:`win_rate` -- per prompt, the judge's P(A better) ``p`` scores 1 if ``p > 0.5``, 1/2 if
+``p == 0.5`` and 0 otherwise; the win rate is the mean score over judged prompts, with the mean
+probability next to it, each with a percentile bootstrap interval over prompts (seeded, 1000
+resamples by default). Failed judgments are left out and counted by reason. The statistics
+themselves (scores, bootstrap, length distributions) are :mod:`oaif.stats`.
 
 Orchestration (models load lazily, inside the functions):
 
@@ -28,72 +26,21 @@ import dataclasses
 import gc
 import json
 import logging
-import math
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from oaif.errors import ConfigError, DataError
+from oaif.stats import CI_LEVEL, bootstrap_ci, histogram_edges, length_stats, mean, outcomes, score
 
 log = logging.getLogger("oaif.evaluate")
 
-CI_LEVEL = 0.95
-_CKPT = re.compile(r"^checkpoint-(\d+)$")
-
 
 # --------------------------------------------------------------------------------------------
-# statistics
+# the win rate
 # --------------------------------------------------------------------------------------------
-def score(p: float) -> float:
-    """1 if ``p`` (P(A better)) favours A, 1/2 for an exact tie, else 0."""
-    return 1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0
-
-
-def _mean(xs: Sequence[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
-def bootstrap_ci(values: Sequence[float], n: int = 1000, seed: int = 0,
-                 level: float = CI_LEVEL) -> tuple[float, float] | None:
-    """Percentile bootstrap interval for the mean of ``values``.
-
-    Draws ``n`` resamples of ``len(values)`` items with replacement (numpy's PCG64 seeded with
-    ``seed``), and returns the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles (linear
-    interpolation) of the resample means. ``None`` for no values; a constant list gives a
-    zero-width interval at that constant.
-    """
-    import numpy as np
-
-    if n < 1:
-        raise ValueError(f"bootstrap resamples must be >= 1, got {n}")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    x = np.asarray(list(values), dtype=np.float64)
-    if x.size == 0:
-        return None
-    rng = np.random.default_rng(seed)
-    means = np.empty(n, dtype=np.float64)
-    rows = max(1, 4_000_000 // x.size)  # bound the index matrix to a few tens of MB
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
-        idx = rng.integers(0, x.size, size=(stop - start, x.size))
-        means[start:stop] = x[idx].mean(axis=1)
-    lo, hi = np.quantile(means, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
-    # clamp float noise (a mean of ones can read 0.9999999999999999)
-    lo, hi = max(float(lo), float(x.min())), min(float(hi), float(x.max()))
-    return lo, hi
-
-
-def prob_a(judgment, a_is_first: bool = True) -> float | None:
-    """P(model A better) from a judgment of (a, b), or None when it failed."""
-    if not judgment.ok:
-        return None
-    return float(judgment.prob) if a_is_first else 1.0 - float(judgment.prob)
-
-
 def win_rate(judgments: Sequence, a_is_first: Sequence[bool] | None = None, *, n_bootstrap: int = 1000,
              seed: int = 0) -> dict:
     """Win rate of model A from judgments of pairs (one pair per prompt).
@@ -107,91 +54,36 @@ def win_rate(judgments: Sequence, a_is_first: Sequence[bool] | None = None, *, n
     ``wins``, ``ties``, ``losses``, ``judged``, ``pairs``
     ``failed``        failures by reason (never scored), ``failed_total``
     """
+    from oaif.annotators.base import failure_counts
+
     if a_is_first is None:
         a_is_first = [True] * len(judgments)
     if len(a_is_first) != len(judgments):
         raise ValueError(f"{len(judgments)} judgments but {len(a_is_first)} a_is_first flags")
-    probs, failed = [], Counter()
-    for j, first in zip(judgments, a_is_first):
-        p = prob_a(j, first)
-        if p is None:
-            failed[j.failure or "no_prob"] += 1
-        else:
-            probs.append(p)
-    scores = [score(p) for p in probs]
-    ci = bootstrap_ci(scores, n_bootstrap, seed) if scores else None
+    probs = [p for j, first in zip(judgments, a_is_first) if (p := j.prob_for(first)) is not None]
+    o = outcomes(probs)
+    failed = failure_counts(judgments)
+    ci = bootstrap_ci(o.scores, n_bootstrap, seed) if probs else None
     ci_p = bootstrap_ci(probs, n_bootstrap, seed) if probs else None
     return {
-        "win_rate": _mean(scores),
+        "win_rate": o.rate,
         "ci95": list(ci) if ci else None,
-        "mean_prob": _mean(probs),
+        "mean_prob": mean(probs),
         "mean_prob_ci95": list(ci_p) if ci_p else None,
-        "wins": sum(1 for s in scores if s == 1.0),
-        "ties": sum(1 for s in scores if s == 0.5),
-        "losses": sum(1 for s in scores if s == 0.0),
-        "judged": len(scores),
+        "wins": o.wins,
+        "ties": o.ties,
+        "losses": o.losses,
+        "judged": o.n,
         "pairs": len(judgments),
-        "failed": dict(sorted(failed.items())),
+        "failed": failed,
         "failed_total": sum(failed.values()),
         "ci_method": f"percentile bootstrap over prompts, {n_bootstrap} resamples, seed {seed}",
-    }
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile (0-100) with linear interpolation (numpy's default method)."""
-    xs = sorted(float(v) for v in values)
-    if not xs:
-        return None
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def histogram_edges(max_value: float, bins: int = 12) -> list[int]:
-    """Integer bin edges from 0 that cover ``max_value``: bins ``[e_i, e_{i+1})`` of equal width."""
-    width = max(1, math.ceil((max(0.0, float(max_value)) + 1) / bins))
-    n = max(1, math.ceil((max(0.0, float(max_value)) + 1) / width))
-    return [i * width for i in range(n + 1)]
-
-
-def histogram(values: Sequence[float], edges: Sequence[float]) -> list[int]:
-    """Counts per bin ``[edges[i], edges[i+1])``; the last bin also takes values equal to its right edge."""
-    counts = [0] * (len(edges) - 1)
-    for v in values:
-        for i in range(len(counts)):
-            if edges[i] <= v < edges[i + 1] or (i == len(counts) - 1 and v == edges[-1]):
-                counts[i] += 1
-                break
-    return counts
-
-
-def length_stats(values: Sequence[float], edges: Sequence[float] | None = None) -> dict:
-    """Mean, median, p10, p90, min, max and a histogram (``edges``, ``counts``) of lengths."""
-    xs = [float(v) for v in values]
-    edges = list(edges) if edges is not None else histogram_edges(max(xs, default=0))
-    return {
-        "n": len(xs),
-        "mean": _mean(xs),
-        "median": percentile(xs, 50),
-        "p10": percentile(xs, 10),
-        "p90": percentile(xs, 90),
-        "min": min(xs) if xs else None,
-        "max": max(xs) if xs else None,
-        "histogram": {"edges": edges, "counts": histogram(xs, edges)},
     }
 
 
 # --------------------------------------------------------------------------------------------
 # options
 # --------------------------------------------------------------------------------------------
-def annotator_config_from(args) -> Any:
-    """The :class:`~oaif.config.AnnotatorConfig` of ``--annotator-config FILE.yaml`` and ``--set key=value``."""
-    from oaif.config import load_annotator_config
-
-    return load_annotator_config(getattr(args, "annotator_config", None), getattr(args, "sets", None) or [])
-
-
 def describe_judge(cfg) -> str:
     """A short human description of an annotator config (what judges, with which rubric)."""
     if cfg is None:
@@ -308,32 +200,20 @@ def _filter_and_limit(records, tokenizers, settings: EvalSettings, limit: int | 
     return kept
 
 
-def load_prompt_file(path: str | Path, field: str = "prompt", fmt: str = "auto"):
-    """``(records, rows, skipped)`` of a prompt file (empty prompts skipped and counted)."""
-    from oaif.data import load_prompts
-
-    ps = load_prompts(path, fmt, field)
-    return ps.records, ps.rows, Counter(ps.skipped)
-
-
 def held_out_prompts(run_cfg, tokenizer=None) -> tuple[list, dict]:
-    """The run's held-out prompts, exactly as :class:`oaif.trainer.Trainer` chose them.
-
-    ``data.eval_path`` when set; otherwise the prompts of ``data.path`` that fit in
-    ``data.max_prompt_tokens`` (with the run's chat template and system prompt), split by
-    :func:`oaif.data.split_eval` with ``data.eval_fraction`` and ``train.seed``. Returns
-    ``(records, source)`` where ``source`` describes where they came from.
+    """The run's held-out prompts, exactly as :class:`oaif.trainer.Trainer` chose them: both call
+    :func:`oaif.data.training_prompts` (``data.eval_path`` when set; otherwise the ``data.eval_fraction``
+    split, with ``train.seed``, of the prompts of ``data.path`` that fit in ``data.max_prompt_tokens``
+    with the run's chat template and system prompt). Returns ``(records, source)`` where ``source``
+    describes where they came from.
     """
     from oaif import data as data_mod
     from oaif.models import encode_prompt, load_tokenizer
 
     d = run_cfg.data
-    if d.eval_path:
-        if not Path(d.eval_path).exists():
-            raise DataError(f"the run's data.eval_path is not found: {d.eval_path} (pass --prompts FILE)")
-        records = data_mod.load_prompts(d.eval_path, d.format, d.field).records
-        return records, {"kind": "run eval_path", "path": str(d.eval_path)}
-    if d.eval_fraction <= 0:
+    if d.eval_path and not Path(d.eval_path).exists():
+        raise DataError(f"the run's data.eval_path is not found: {d.eval_path} (pass --prompts FILE)")
+    if not d.eval_path and d.eval_fraction <= 0:
         raise DataError("the run held out no prompts (data.eval_fraction=0 and no data.eval_path); "
                         "pass --prompts FILE")
     if not Path(d.path).exists():
@@ -341,17 +221,18 @@ def held_out_prompts(run_cfg, tokenizer=None) -> tuple[list, dict]:
                         f"started in, or pass --prompts FILE)")
     if tokenizer is None:
         tokenizer = load_tokenizer(run_cfg.model.name_or_path, run_cfg.model.cache_dir, run_cfg.model.trust_remote_code)
-    prompt_set = data_mod.load_prompts(d.path, d.format, d.field)
-    kept = [r for r in prompt_set.records
-            if len(encode_prompt(tokenizer, r.prompt, run_cfg.model.chat_template, run_cfg.model.system_prompt))
-            <= d.max_prompt_tokens]
-    _, evals = data_mod.split_eval(kept, d.eval_fraction, run_cfg.train.seed)
-    return evals, {"kind": "run eval split", "path": str(d.path), "eval_fraction": d.eval_fraction,
-                   "seed": run_cfg.train.seed, "split_of": len(kept)}
+    split = data_mod.training_prompts(d, "online", run_cfg.train.seed, lambda prompt: encode_prompt(
+        tokenizer, prompt, run_cfg.model.chat_template, run_cfg.model.system_prompt))
+    if d.eval_path:
+        return split.held_out, {"kind": "run eval_path", "path": str(d.eval_path)}
+    return split.held_out, {"kind": "run eval split", "path": str(d.path), "eval_fraction": d.eval_fraction,
+                            "seed": run_cfg.train.seed, "split_of": split.usable}
 
 
 def discover_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """``(step, path)`` of every complete ``checkpoint-N`` directory of a run, by step."""
+    from oaif.checkpoint import _CKPT  # the trainer's checkpoint-name pattern
+
     out = []
     for p in Path(run_dir).iterdir():
         m = _CKPT.match(p.name)
@@ -377,7 +258,7 @@ class Generation:
     def stats(self, token_edges=None, char_edges=None) -> dict:
         return {"model": self.model, "tokens": length_stats(self.tokens, token_edges),
                 "chars": length_stats([len(t) for t in self.texts], char_edges),
-                "eos_rate": _mean([float(e) for e in self.ended_eos]), "generate_seconds": round(self.seconds, 3)}
+                "eos_rate": mean([float(e) for e in self.ended_eos]), "generate_seconds": round(self.seconds, 3)}
 
 
 def generate(model_path: str, records: Sequence, settings: EvalSettings, *, label: str, device=None,
@@ -424,10 +305,7 @@ def judge(annotator, records: Sequence, gen_a: Generation, gen_b: Generation, se
     Identical responses are ties without a judge call; A goes in slot ``a`` for even prompt
     indices and in slot ``b`` for odd ones.
     """
-    from tqdm.auto import tqdm
-
-    from oaif.annotators.base import Judgment, PairRequest
-    from oaif.errors import AnnotatorError
+    from oaif.annotators.base import Judgment, PairRequest, annotate_all
 
     t0 = time.perf_counter()
     a_is_first = [i % 2 == 0 for i in range(len(records))]
@@ -440,22 +318,15 @@ def judge(annotator, records: Sequence, gen_a: Generation, gen_b: Generation, se
             continue
         first, second = (ya, yb) if a_is_first[i] else (yb, ya)
         todo.append((i, PairRequest(prompt=rec.text, a=first, b=second, prompt_id=rec.id)))
-    name = getattr(annotator, "name", type(annotator).__name__)
-    with tqdm(total=len(todo), unit="pair", desc=f"judge {gen_a.label} vs {gen_b.label}", disable=not progress,
-              dynamic_ncols=True, mininterval=1.0) as bar:
-        for start in range(0, len(todo), settings.batch_size):
-            chunk = todo[start:start + settings.batch_size]
-            out = annotator.annotate([req for _, req in chunk])
-            if len(out) != len(chunk):
-                raise AnnotatorError(f"annotator {name} returned {len(out)} judgments for {len(chunk)} pairs")
-            for (i, _), j in zip(chunk, out):
-                judgments[i] = j
-            bar.update(len(chunk))
+    out = annotate_all(annotator, [req for _, req in todo], settings.batch_size, progress=progress,
+                       desc=f"judge {gen_a.label} vs {gen_b.label}")
+    for (i, _), j in zip(todo, out):
+        judgments[i] = j
     return judgments, a_is_first, time.perf_counter() - t0
 
 
 def _judgment_row(j, first: bool, a: str, b: str) -> dict:
-    p = prob_a(j, first)
+    p = j.prob_for(first)
     row = {"a": a, "b": b, "a_is_first": first, "prob_a": p, "score": None if p is None else score(p),
            "failure": j.failure, "prob": j.prob, "prob_ab": j.prob_ab, "prob_ba": j.prob_ba, "judge": j.judge,
            "identical": bool(j.extra.get("identical", False))}
@@ -473,7 +344,7 @@ def _compare(annotator, records, gen_a: Generation, gen_b: Generation, settings:
     stats["judge_seconds"] = round(seconds, 3)
     ok = [j for j in judgments if j.ok and not j.extra.get("identical")]
     both = [j for j in ok if j.consistent is not None]
-    stats["judge_consistency"] = _mean([float(j.consistent) for j in both])
+    stats["judge_consistency"] = mean([float(j.consistent) for j in both])
     for i, (j, f) in enumerate(zip(judgments, first)):
         samples[i]["judgments"].append(_judgment_row(j, f, gen_a.label, gen_b.label))
     return {"a": gen_a.label, "b": gen_b.label, **fields, **stats}
@@ -522,22 +393,13 @@ def _judge_info(annotator, annotator_cfg) -> dict:
 
 def _finish(result: dict, out_dir, metrics: list[dict] | None = None, n_samples: int = 3) -> dict:
     if out_dir is not None:
-        from oaif.report import write_report
+        from oaif.report import write_json, write_report
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         result["files"] = write_report(result, out, metrics=metrics, n_samples=n_samples)
         write_json(out / "eval.json", result)
     return result
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    """Write ``data`` as indented UTF-8 JSON, atomically."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    tmp.replace(p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -682,7 +544,7 @@ def evaluate_run(run_dir: str | Path, annotator_cfg=None, *, settings: EvalSetti
     return _finish(result, out_dir, metrics=metrics, n_samples=n_samples)
 
 
-TRAINING_KEYS = ("loss", "margin", "reward_accuracy", "kl", "judge_consistency", "judge_confidence",
+TRAINING_KEYS = ("loss", "logratio_margin", "reward_accuracy", "kl", "judge_consistency", "judge_confidence",
                  "response_length", "eos_rate", "pairs_failed")
 
 

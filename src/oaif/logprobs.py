@@ -4,10 +4,15 @@ Sequences are laid out as ``[left-padded prompt | right-padded response]``, so e
 starts at the same column ``P``. The model then only has to project the last ``R + 1`` hidden
 states to the vocabulary (``logits_to_keep``), not the prompt's, which is where most of a
 forward pass's memory goes for short responses.
+
+:func:`pad_rows` is the one padding builder of the package (sampling left-pads its prompts with
+it); :func:`position_ids_from_mask` gives the matching position ids.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -35,33 +40,51 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def pad_rows(rows: list[list[int]], pad_id: int, *, side: str = "left",
+             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)``: token lists in a ``(len(rows), width)`` tensor (default width: the longest row),
+    padded with ``pad_id`` on the left (``side="left"``, rows end in the last column) or the right."""
+    width = max(len(r) for r in rows) if width is None else width
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, cols] = torch.tensor(row, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
 def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> SequenceBatch:
     """Pack prompt/response token lists into the left-prompt, right-response layout."""
     if len(prompts) != len(responses) or not prompts:
         raise ValueError("need the same, non-zero number of prompts and responses")
-    P = max(len(p) for p in prompts)
-    R = max(1, max(len(r) for r in responses))
-    n = len(prompts)
-    ids = torch.full((n, P + R), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, P + R), dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
-        mask[i, P - len(p):P] = 1
-        if r:
-            ids[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, P:P + len(r)] = 1
-    return SequenceBatch(ids, mask, position_ids_from_mask(mask), mask[:, P:].clone(), P)
+    prompt_ids, prompt_mask = pad_rows(prompts, pad_id, side="left")
+    response_ids, response_mask = pad_rows(responses, pad_id, side="right",
+                                           width=max(1, max(len(r) for r in responses)))
+    mask = torch.cat([prompt_mask, response_mask], dim=1)
+    return SequenceBatch(torch.cat([prompt_ids, response_ids], dim=1), mask, position_ids_from_mask(mask),
+                         response_mask, prompt_ids.shape[1])
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(model_type: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_type.forward).parameters
+
+
+def takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the transformers model inside ``model`` (DDP, accelerate, peft wrappers) accepts ``logits_to_keep``."""
+    from oaif.models import base_model
+
+    return _forward_takes_logits_to_keep(type(base_model(model)))
 
 
 def _response_logits(model: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
     keep = batch.response_width + 1
     kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                   position_ids=batch.position_ids, use_cache=False)
-    try:
-        logits = model(**kwargs, logits_to_keep=keep).logits
-    except TypeError:  # models without logits_to_keep
-        logits = model(**kwargs).logits
-    return logits[:, -keep:-1]
+    if takes_logits_to_keep(model):
+        kwargs["logits_to_keep"] = keep
+    return model(**kwargs).logits[:, -keep:-1]
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

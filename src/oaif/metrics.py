@@ -1,54 +1,229 @@
-"""Per-step metrics: summed across processes, written to JSONL, and optionally to trackers.
+"""Per-step metrics: collected from the typed records of each micro-batch, summed across
+processes over a fixed key set, written to JSONL, and optionally to trackers.
 
-``metrics.jsonl`` holds one JSON object per optimizer step. On resume, lines past the resumed
-step are dropped so that the file reads as one uninterrupted run. TensorBoard and W&B load
-only when ``logging.report_to`` names them.
+:class:`StepMetrics` is the one place where the loop's bookkeeping happens. Every process holds
+the same keys (:data:`METRICS`, each a sum and a count, zero where a process saw nothing), so the
+cross-process sum is one all-reduce of a fixed-shape tensor: a process whose pairs were all
+tied or failed contributes zeros instead of a different shape. Failure reasons, an open set,
+are gathered as objects. ``metrics.jsonl`` holds one JSON object per optimizer step; on resume,
+lines past the resumed step are dropped (:func:`truncate_jsonl`) so that the file reads as one
+uninterrupted run. TensorBoard and W&B load only when ``logging.report_to`` names them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
+from collections import Counter, deque
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from oaif.errors import ConfigError
 
+#: Every per-step metric: name -> what it measures. Means are over the unit named first
+#: (pairs: pairs that entered the loss; responses: every sampled response of the step).
+METRICS: dict[str, str] = {
+    "loss": "pairs: the direct alignment loss (loss.type), the step's objective",
+    "logratio_margin": "pairs: rho = [log pi(y_c) - log pi_ref(y_c)] - [log pi(y_r) - log pi_ref(y_r)], in nats",
+    "rewards/margins": "pairs: beta * rho (TRL's rewards/margins)",
+    "rewards/chosen": "pairs: beta * [log pi(y_c) - log pi_ref(y_c)]",
+    "rewards/rejected": "pairs: beta * [log pi(y_r) - log pi_ref(y_r)]",
+    "reward_accuracy": "pairs: fraction with rho > 0",
+    "logps/chosen": "pairs: log pi(y_c | x), summed over the response's tokens",
+    "logps/rejected": "pairs: log pi(y_r | x), summed over the response's tokens",
+    "kl": ("responses (online only): k1 estimate of KL(pi || pi_ref), the mean over every sampled response "
+           "of sum_t [log pi(y_t) - log pi_ref(y_t)]; the responses are drawn at sampling.temperature and "
+           "sampling.top_p, not from pi itself, so it is exact in expectation only at temperature 1, top_p 1"),
+    "response_length": "responses: tokens, EOS included",
+    "response_chars": "responses: characters of the decoded text",
+    "eos_rate": "responses: fraction that ended with an end-of-turn token within sampling.max_new_tokens",
+    "responses_truncated": "count: offline mode's file responses cut to sampling.max_new_tokens tokens (0 online)",
+    "judge_confidence": "successful judgments (online only): max(p, 1 - p)",
+    "judge_consistency": "judgments read in both orders: fraction whose two orders pick the same response",
+    "judge_label_mass": "LLM judgments: probability mass on the two label tokens",
+    "pairs_judged": "count: pairs sent to the annotator (offline: pairs read from the file)",
+    "pairs_used": "count: pairs that entered the loss",
+    "pairs_masked": "count: identical or tied pairs (never trained on)",
+    "pairs_failed": "count: failed judgments (never trained on; failed/<reason> counts them by reason)",
+    "masked/identical": "count: pairs of two identical responses (not sent to the annotator)",
+    "masked/tie": "count: pairs judged 0.5, or within loss.min_confidence of it",
+    "generated_tokens": "count: response tokens sampled",
+    "train_tokens": "count: tokens of the responses in pairs (forwarded with gradients)",
+    "time_sample_s": "seconds sampling (mean over processes)",
+    "time_annotate_s": "seconds annotating (mean over processes)",
+    "time_update_s": "seconds in forward/backward passes (mean over processes)",
+}
+_COUNTS = ("responses_truncated", "pairs_judged", "pairs_used", "pairs_masked", "pairs_failed", "masked/identical",
+           "masked/tie", "generated_tokens", "train_tokens")
+_TIMES = ("time_sample_s", "time_annotate_s", "time_update_s")
+#: Written by the trainer beside the summed metrics.
+RECORD_KEYS: dict[str, str] = {
+    "step": "optimizer steps taken", "lr": "learning rate of the step", "grad_norm": "gradient norm before clipping",
+    "time_step_s": "seconds for the whole step (this process)", "gen_tokens_per_s": "generated tokens per second",
+    "train_tokens_per_s": "trained tokens per second", "prompts_seen": "prompts drawn from the stream so far",
+    "failed/<reason>": "count: failed judgments of the step with this reason",
+    "judge_agreement/<member>": "ensembles: how often each member agrees with the ensemble (this process)",
+}
 
-class Sums:
-    """Named (sum, count) accumulators; ``mean(name)`` is NaN-free (None when count is 0)."""
+
+class StepMetrics:
+    """One step's sums and counts over the fixed key set :data:`METRICS`.
+
+    The ``add_*`` methods take the typed records the loop passes between its steps;
+    :meth:`reduce` sums them over processes and :meth:`record` turns them into a metrics line.
+    """
 
     def __init__(self) -> None:
-        self.values: dict[str, list[float]] = {}
+        self.sums = {name: [0.0, 0.0] for name in METRICS}
+        self.failed: Counter = Counter()  # failure reason -> count
 
     def add(self, name: str, total: float, count: float = 1.0) -> None:
-        acc = self.values.setdefault(name, [0.0, 0.0])
+        acc = self.sums[name]  # a KeyError here is a metric missing from METRICS
         acc[0] += float(total)
         acc[1] += float(count)
 
-    def merge(self, other: "Sums") -> None:
-        for k, (s, c) in other.values.items():
-            self.add(k, s, c)
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(f"time_{phase}_s", time.perf_counter() - t0)
 
-    def reduce(self, accelerator) -> "Sums":
-        """Sum every accumulator over processes (same key order on every rank is required)."""
+    def add_micro_batch(self, rollouts, plan, prefs, judgments=None, truncated: int = 0) -> None:
+        """One micro-batch's records: its :class:`~oaif.sampling.Rollouts`, :class:`~oaif.pairs.PairPlan`,
+        :class:`~oaif.pairs.PreferenceBatch` and the annotator's judgments (``None`` in offline mode,
+        where the responses come from a file and ``truncated`` of them were cut to the token limit)."""
+        lengths = [len(r) for rs in rollouts.responses for r in rs]
+        self.add("response_length", sum(lengths), len(lengths))
+        self.add("eos_rate", sum(e for es in rollouts.ended_eos for e in es), len(lengths))
+        self.add("response_chars", sum(len(t) for ts in rollouts.texts for t in ts), len(lengths))
+        self.add("responses_truncated", truncated)
+        for j in judgments or []:
+            if j.ok:
+                self.add("judge_confidence", max(j.prob, 1 - j.prob))
+                if j.consistent is not None:
+                    self.add("judge_consistency", float(j.consistent))
+                if "label_mass" in j.extra:
+                    self.add("judge_label_mass", j.extra["label_mass"])
+        if judgments is not None:
+            self.add("generated_tokens", sum(lengths))
+        self.add("pairs_judged", len(plan.pairs))
+        self.add("pairs_used", prefs.size)
+        self.add("pairs_masked", sum(prefs.masked.values()))
+        self.add("pairs_failed", sum(prefs.failed.values()))
+        for reason in ("identical", "tie"):
+            self.add(f"masked/{reason}", prefs.masked.get(reason, 0))
+        self.failed.update(prefs.failed)
+
+    def add_update(self, stats) -> None:
+        """An :class:`oaif.update.UpdateStats`: per-pair and per-response values of one micro-batch."""
+        out = stats.loss
+        if out is not None and out.losses.numel():
+            for name, values in (("loss", out.losses), ("logratio_margin", out.margins),
+                                 ("rewards/margins", out.chosen_rewards - out.rejected_rewards),
+                                 ("reward_accuracy", (out.margins > 0).float()),
+                                 ("rewards/chosen", out.chosen_rewards), ("rewards/rejected", out.rejected_rewards),
+                                 ("logps/chosen", stats.chosen_logps), ("logps/rejected", stats.rejected_logps)):
+                self.add(name, float(values.double().sum()), values.numel())
+        if stats.kl is not None and stats.kl.numel():
+            self.add("kl", float(stats.kl.double().sum()), stats.kl.numel())
+        self.add("train_tokens", stats.train_tokens)
+
+    def reduce(self, accelerator) -> "StepMetrics":
+        """The sums over every process (itself with one process). Every process must call it."""
         if accelerator is None or accelerator.num_processes == 1:
             return self
         import torch
+        from accelerate.utils import gather_object
 
-        keys = sorted(self.values)
-        t = torch.tensor([self.values[k] for k in keys], dtype=torch.float64, device=accelerator.device)
-        t = accelerator.reduce(t, reduction="sum")
-        out = Sums()
-        out.values = {k: list(map(float, row)) for k, row in zip(keys, t.cpu().tolist())}
+        names = list(METRICS)
+        t = torch.tensor([self.sums[k] for k in names], dtype=torch.float64, device=accelerator.device)
+        t = accelerator.reduce(t, reduction="sum").cpu().tolist()
+        out = StepMetrics()
+        out.sums = {k: [float(s), float(c)] for k, (s, c) in zip(names, t)}
+        for counter in gather_object([dict(self.failed)]):
+            out.failed.update(counter)
         return out
 
     def mean(self, name: str) -> float | None:
-        s, c = self.values.get(name, (0.0, 0.0))
+        s, c = self.sums[name]
         return s / c if c else None
 
     def total(self, name: str) -> float:
-        return self.values.get(name, (0.0, 0.0))[0]
+        return self.sums[name][0]
+
+    def record(self, num_processes: int = 1) -> dict[str, Any]:
+        """The summed metrics as a metrics line: means where something was measured, counts, times."""
+        rec: dict[str, Any] = {}
+        for name in METRICS:
+            if name in _TIMES:
+                rec[name] = self.total(name) / num_processes
+            elif name in _COUNTS:
+                rec[name] = int(self.total(name))
+            elif (value := self.mean(name)) is not None:
+                rec[name] = value
+        rec.update({f"failed/{reason}": n for reason, n in sorted(self.failed.items())})
+        if rec["time_sample_s"] > 0 and rec["generated_tokens"]:
+            rec["gen_tokens_per_s"] = rec["generated_tokens"] / rec["time_sample_s"] / num_processes
+        if rec["time_update_s"] > 0:
+            rec["train_tokens_per_s"] = rec["train_tokens"] / rec["time_update_s"] / num_processes
+        return rec
+
+
+class FailureWindow:
+    """Whether each of the most recent judged pairs failed, and failure reasons so far."""
+
+    def __init__(self, size: int):
+        self.window: deque[bool] = deque(maxlen=size)
+        self.reasons: Counter = Counter()
+
+    def add(self, step: StepMetrics) -> None:
+        failed, judged = int(step.total("pairs_failed")), int(step.total("pairs_judged"))
+        self.window.extend([True] * failed + [False] * (judged - failed))
+        self.reasons.update(step.failed)
+
+    def exceeded(self, limit: float) -> str | None:
+        """Once the window is full and more than ``limit`` of it failed: what happened, in words; else None."""
+        if len(self.window) < self.window.maxlen or sum(self.window) / len(self.window) <= limit:
+            return None
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items()))
+        return (f"the annotator failed on {sum(self.window) / len(self.window):.0%} of the last {len(self.window)} "
+                f"pairs (over annotator.max_failure_rate={limit}; reasons so far: {reasons})")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window": list(self.window), "reasons": dict(self.reasons)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.window.extend(state["window"])
+        self.reasons.update(state["reasons"])
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the lines of a JSONL file whose ``step`` is at most ``step``; drop a torn last line."""
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            break  # a torn last line from a killed run
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(k + "\n" for k in keep))
+    os.replace(tmp, path)
+
+
+def open_step_log(path: Path, resume_step: int | None):
+    """Open a per-step JSONL file for appending: emptied for a new run, cut after ``resume_step`` on resume."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        if resume_step is None:
+            path.unlink()
+        else:
+            truncate_jsonl(path, resume_step)
+    return open(path, "a", buffering=1)
 
 
 class MetricsWriter:
@@ -57,12 +232,7 @@ class MetricsWriter:
     def __init__(self, path: str | Path, report_to: list[str] = (), run_name: str = "oaif", config: dict | None = None,
                  resume_step: int | None = None):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            self._truncate_after(resume_step)
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
-        self._file = open(self.path, "a", buffering=1)
+        self._file = open_step_log(self.path, resume_step)
         self._trackers: list[Any] = []
         for name in report_to:
             if name == "tensorboard":
@@ -77,18 +247,6 @@ class MetricsWriter:
                 except ImportError:
                     raise ConfigError("logging.report_to=wandb needs `pip install oaif[wandb]`") from None
                 self._trackers.append(("wandb", wandb.init(name=run_name, config=config or {}, resume="allow")))
-
-    def _truncate_after(self, step: int) -> None:
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                break  # a torn last line from a killed run
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib.util
 import json
@@ -44,6 +45,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+from oaif.data import messages_to_text
 from oaif.errors import DataError, ModelError
 
 log = logging.getLogger("oaif.models")
@@ -387,9 +389,12 @@ def load_policy_and_reference(cfg):
     Full fine-tuning: ``reference`` is a frozen (no grad, eval mode) deep copy of the starting
     policy. LoRA (``cfg.lora.enabled``): ``policy`` is a peft model and ``reference`` is ``None``;
     the reference is the policy with its adapter disabled (see :func:`reference_context`).
-    The policy is returned in train mode, with gradient checkpointing if configured.
+    The policy is returned in train mode, with gradient checkpointing if configured, and with
+    every dropout off in both models when ``cfg.disable_dropout`` (see :func:`disable_dropout`).
     """
     policy, tokenizer = load_causal_lm(cfg.name_or_path, cfg.dtype, cfg.cache_dir, cfg.trust_remote_code)
+    if cfg.disable_dropout:
+        disable_dropout(policy)
     if cfg.lora.enabled:
         try:
             from peft import LoraConfig as PeftLoraConfig
@@ -409,6 +414,8 @@ def load_policy_and_reference(cfg):
             raise ModelError(f"cannot add LoRA adapters to {cfg.name_or_path} "
                              f"(model.lora.target_modules={list(lora.target_modules)}): {_one_line(e)}") from e
         reference = None
+        if cfg.disable_dropout:
+            disable_dropout(policy)  # the adapter's own dropout too
     else:
         reference = copy.deepcopy(policy)
         reference.requires_grad_(False)
@@ -419,6 +426,34 @@ def load_policy_and_reference(cfg):
     return policy, reference, tokenizer
 
 
+_DROPOUT_MODULES = ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout")
+
+
+def disable_dropout(model) -> None:
+    """Turn every dropout of ``model`` off, as TRL's ``disable_dropout`` does for its policy and reference.
+
+    A policy in train mode with dropout and a reference in eval mode would disagree on identical
+    weights, which biases the log-ratio margin and the KL estimate. Sets ``p = 0`` on every torch
+    dropout module, 0 on every float attribute of a module named ``*dropout*`` (attention
+    implementations read e.g. ``self.attention_dropout``), and 0 on the config's ``*dropout*`` fields.
+    """
+    import torch
+
+    kinds = tuple(getattr(torch.nn, name) for name in _DROPOUT_MODULES if hasattr(torch.nn, name))
+    for module in model.modules():
+        if isinstance(module, kinds):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, (int, float)) and not isinstance(value, bool) and value:
+                setattr(module, name, 0.0)
+    config = getattr(base_model(model), "config", None)
+    configs = [config, config.get_text_config()] if hasattr(config, "get_text_config") else [config]
+    for c in configs:
+        for name, value in (c.to_dict() if c is not None else {}).items():
+            if "dropout" in name and isinstance(value, (int, float)) and not isinstance(value, bool) and value:
+                setattr(c, name, 0.0)
+
+
 def _enable_gradient_checkpointing(model) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ModelError(f"model.gradient_checkpointing: {type(model).__name__} does not support it")
@@ -427,17 +462,6 @@ def _enable_gradient_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def is_checkpointing(model) -> bool:
-    """Whether gradient (activation) checkpointing is on for ``model`` or the model inside a peft wrapper."""
-    inner = _unwrap(model)
-    if _is_peft(inner):
-        inner = inner.get_base_model()
-    flag = getattr(inner, "is_activation_checkpointing", None)
-    if flag is None:
-        flag = getattr(inner, "is_gradient_checkpointing", False)
-    return bool(flag)
 
 
 # --------------------------------------------------------------------------- reference
@@ -459,6 +483,24 @@ def _is_peft(model) -> bool:
     except ImportError:
         return False
     return isinstance(model, PeftModel)
+
+
+def base_model(model):
+    """The transformers model inside DDP/accelerate and peft wrappers."""
+    inner = _unwrap(model)
+    return inner.get_base_model() if _is_peft(inner) else inner
+
+
+@functools.lru_cache(maxsize=1)
+def kv_cache_key() -> str:
+    """The name under which the installed transformers passes and returns a KV cache: ``cache`` (5.x;
+    ``past_key_values`` is deprecated there) or ``past_key_values`` (older versions)."""
+    import dataclasses
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    names = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    return "cache" if "cache" in names else "past_key_values"
 
 
 @contextlib.contextmanager
@@ -487,15 +529,6 @@ def reference_context(policy, reference=None):
         inner.train(was_training)
 
 
-#: Alias of :func:`reference_context`.
-reference_forward_context = reference_context
-
-
-def reference_mode(policy):
-    """The LoRA case of :func:`reference_context`: the policy with its adapter disabled."""
-    return reference_context(policy, None)
-
-
 # --------------------------------------------------------------------------- prompts
 
 
@@ -519,18 +552,6 @@ def to_messages(prompt: str | list[dict], system_prompt: str | None = None) -> l
     return messages
 
 
-def messages_to_text(messages: list[dict]) -> str:
-    """Plain-text rendering for tokenizers without a chat template.
-
-    Only system/user messages: their contents joined by blank lines. A conversation with other
-    roles: ``Role: content`` blocks ending with ``Assistant:``.
-    """
-    if all(m["role"] in ("system", "user") for m in messages) and sum(m["role"] == "user" for m in messages) <= 1:
-        return "\n\n".join(m["content"] for m in messages)
-    blocks = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-    return "\n\n".join(blocks + ["Assistant:"])
-
-
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
@@ -540,17 +561,44 @@ def encode_prompt(tokenizer, prompt: str | list[dict], use_chat_template: bool =
     """Token ids of a prompt, ready for generation.
 
     With a chat template (and ``use_chat_template``): the template with the generation prompt
-    appended. Otherwise the plain text (:func:`messages_to_text`) with the special tokens the
-    tokenizer adds by itself.
+    appended. Otherwise plain text with the special tokens the tokenizer adds by itself: a text
+    prompt as it is (after the system prompt and a blank line); a conversation as
+    :func:`oaif.data.messages_to_text` renders it, followed by ``"\n\nAssistant:"``.
     """
     messages = to_messages(prompt, system_prompt)
     if use_chat_template and has_chat_template(tokenizer):
         out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
         ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+    elif isinstance(prompt, str):
+        ids = tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
     else:
-        ids = tokenizer(messages_to_text(messages))["input_ids"]
+        ids = tokenizer(messages_to_text(messages) + "\n\nAssistant:")["input_ids"]
     if hasattr(ids, "tolist"):
         ids = ids.tolist()
     if ids and isinstance(ids[0], (list, tuple)):
         ids = ids[0]
     return [int(i) for i in ids]
+
+
+def end_of_turn_id(tokenizer, stop_ids: set[int]) -> int:
+    """The token that ends an assistant turn: what offline responses get appended, so that they end
+    as sampled ones do.
+
+    With a chat template, the last of ``stop_ids`` (the ids sampling stops on) that the template
+    writes after an assistant message (``<|im_end|>``, ``<|eot_id|>``, ...); otherwise, or if the
+    template writes none of them, the tokenizer's EOS (when sampling stops on it) or the smallest stop id.
+    """
+    if has_chat_template(tokenizer):
+        turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        try:
+            out = tokenizer.apply_chat_template(turn, tokenize=True, return_dict=True)
+            ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+        except Exception as e:  # jinja raises its own errors for templates that reject this conversation
+            log.warning("the chat template cannot render a user/assistant exchange (%s); offline responses "
+                        "end with the tokenizer's EOS", _one_line(e))
+            ids = []
+        written = [int(i) for i in ids if int(i) in stop_ids]
+        if written:
+            return written[-1]
+    eos = tokenizer.eos_token_id
+    return eos if eos in stop_ids else min(stop_ids)

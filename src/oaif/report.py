@@ -13,20 +13,27 @@ Plots (matplotlib, Agg canvas, imported only here and only when a report is writ
   last checkpoint).
 
 Without matplotlib (``pip install 'oaif[plots]'``) the report is written without plots and says so.
+
+The number formats (:func:`fmt`, :func:`fmt_ci`, :func:`fmt_counts`) and the atomic file writers
+(:func:`write_text`, :func:`write_json`) are also what ``oaif annotate`` uses for its summary and
+``--report``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
+
+from oaif.stats import mean
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
 # metrics.jsonl key -> (panel title, y-axis label)
 TRAINING_PANELS = {
     "loss": ("Loss", "loss (per pair)"),
-    "margin": ("Log-ratio margin (chosen - rejected)", "rho (nats)"),
+    "logratio_margin": ("Log-ratio margin (chosen - rejected)", "rho (nats)"),
     "reward_accuracy": ("Reward accuracy", "fraction of pairs with rho > 0"),
     "kl": ("KL estimate to the reference", "nats per response"),
     "judge_consistency": ("Judge consistency", "fraction of pairs, both orders agree"),
@@ -56,8 +63,23 @@ def fmt_ci(ci: Sequence[float] | None, digits: int = 3) -> str:
     return f"[{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]" if ci else "n/a"
 
 
-def _counts(c: dict) -> str:
+def fmt_counts(c: dict) -> str:
+    """Counts by reason as ``reason n, reason n`` (``none`` when empty)."""
     return ", ".join(f"{k} {v}" for k, v in c.items()) if c else "none"
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` through a temporary file renamed into place (parents created)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(p)
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write ``data`` as indented UTF-8 JSON, atomically (:func:`write_text`)."""
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def _fence(text: str, limit: int = 600) -> str:
@@ -238,7 +260,7 @@ def plot_training_curves(metrics: list[dict], path: Path, eval_steps: Sequence[i
         if len(xs) >= 30:  # noisy per-step values: faint raw line, bold moving average
             w = max(5, len(xs) // 20)
             ax.plot(xs, ys, "-", color=color, lw=0.8, alpha=0.35, label="per step")
-            avg = [sum(ys[max(0, k - w + 1):k + 1]) / len(ys[max(0, k - w + 1):k + 1]) for k in range(len(ys))]
+            avg = [mean(ys[max(0, k - w + 1):k + 1]) for k in range(len(ys))]
             ax.plot(xs, avg, "-", color=color, lw=1.8, label=f"mean of last {w} steps")
             if i == 0:
                 ax.legend(fontsize=7)
@@ -307,7 +329,7 @@ def _header(result: dict) -> list[str]:
     lines += [
         f"- **Prompts:** {p['count']} from {source}"
         + (f", first {p['limit']}" if p.get("limit") else "")
-        + (f"; skipped: {_counts(p['skipped'])}" if p.get("skipped") else ""),
+        + (f"; skipped: {fmt_counts(p['skipped'])}" if p.get("skipped") else ""),
         f"- **Generation:** one response per prompt and model, temperature {g['temperature']}, top-p {g['top_p']}, "
         f"at most {g['max_new_tokens']} new tokens, seed {g['seed']} (the same for every model), "
         f"chat template {'on' if g['chat_template'] else 'off'}"
@@ -331,7 +353,7 @@ def _comparison_table(result: dict) -> list[str]:
         first = f"| {c['step']} | {c['a']} | " if run else f"| {c['a']} | {c['b']} | "
         lines.append(first + f"{fmt(c['win_rate'])} | {fmt_ci(c['ci95'])} | {fmt(c['mean_prob'])} | "
                      f"{fmt_ci(c['mean_prob_ci95'])} | {c['wins']} / {c['ties']} / {c['losses']} | {c['identical']} | "
-                     f"{c['failed_total']}{' (' + _counts(c['failed']) + ')' if c['failed'] else ''} | "
+                     f"{c['failed_total']}{' (' + fmt_counts(c['failed']) + ')' if c['failed'] else ''} | "
                      f"{fmt(c['judge_consistency'])} |")
     return lines
 
@@ -413,8 +435,5 @@ def write_report(result: dict, out_dir: str | Path, metrics: list[dict] | None =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = make_plots(result, out, metrics)
-    text = render_markdown(result, plots, n_samples=n_samples)
-    tmp = out / "report.md.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out / "report.md")
+    write_text(out / "report.md", render_markdown(result, plots, n_samples=n_samples))
     return {"report": "report.md", "eval": "eval.json", "plots": plots}

@@ -1,10 +1,12 @@
 """Step 1 of the loop: sample K responses per prompt from the current policy.
 
 The default ``shared_prefill`` backend prefills each prompt once, copies its KV cache K times
-and decodes all ``B * K`` rows together, so the prompt is never recomputed per sample. Every
-row draws its noise from its own generator, seeded from (seed, prompt stream position, k):
-the responses to a prompt do not depend on which other prompts share its batch, on the number
-of processes, or on whether the run was resumed.
+and decodes all ``B * K`` rows together, so the prompt is never recomputed per sample. The ``hf``
+backend runs ``transformers`` ``generate`` greedily on logits that carry the same per-row noise
+(a logits processor). In both, every row draws its noise from its own generator, seeded from
+(seed, prompt stream position, k), one draw per decoding step: the responses to a prompt do not
+depend on which other prompts share its batch, on the number of processes, or on whether the
+run was resumed.
 
 Sampling uses the Gumbel-max trick on temperature-scaled, top-p-filtered logits, which draws
 from exactly the same distribution as multinomial sampling over the filtered softmax.
@@ -12,11 +14,11 @@ from exactly the same distribution as multinomial sampling over the filtered sof
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from oaif.logprobs import position_ids_from_mask
+from oaif.logprobs import pad_rows, position_ids_from_mask
 
 
 @dataclass
@@ -30,7 +32,6 @@ class Rollouts:
     responses: list[list[list[int]]]  # [b][k] response token ids (EOS included when it ended)
     texts: list[list[str]]  # [b][k] decoded responses
     ended_eos: list[list[bool]]  # [b][k]
-    stats: dict = field(default_factory=dict)
 
     @property
     def num_prompts(self) -> int:
@@ -79,12 +80,25 @@ class RowSampler:
             self.generators.append(g)
         self.device = device
 
-    def __call__(self, logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    def noisy_scores(self, logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+        """Tempered, top-p-filtered logits plus one fresh Gumbel draw per row: their argmax is a sample."""
         scores = filter_top_p(logits.float() / temperature, top_p)
         vocab = scores.shape[-1]
         u = torch.stack([torch.rand(vocab, generator=g, device=self.device) for g in self.generators])
-        gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
-        return (scores + gumbel).argmax(-1)
+        return scores - torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
+
+    def __call__(self, logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+        return self.noisy_scores(logits, temperature, top_p).argmax(-1)
+
+
+class _RowNoise:
+    """A ``generate`` logits processor: greedy decoding on these scores samples with per-row noise."""
+
+    def __init__(self, sampler: RowSampler, temperature: float, top_p: float):
+        self.sampler, self.temperature, self.top_p = sampler, temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.sampler.noisy_scores(scores, self.temperature, self.top_p)
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
@@ -100,23 +114,24 @@ def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
     return ids
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    return ids.to(device), mask.to(device)
+def _first_eos(tokens: torch.Tensor, eos: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lengths, ended)`` of each row of ``(n, T)`` tokens: up to and including its first EOS, else T."""
+    hit = torch.isin(tokens, torch.tensor(sorted(eos), device=tokens.device))
+    ended = hit.any(-1)
+    first = hit.int().argmax(-1)  # the first maximum: the first EOS of rows that have one
+    return torch.where(ended, first + 1, torch.full_like(first, tokens.shape[1])), ended
 
 
 @torch.no_grad()
 def _sample_shared_prefill(model, prompts, seeds, k, temperature, top_p, max_new_tokens, eos, pad_id):
+    from oaif.models import kv_cache_key
+
     device = next(model.parameters()).device
-    ids, mask = _left_pad(prompts, pad_id, device)
+    ids, mask = (t.to(device) for t in pad_rows(prompts, pad_id, side="left"))
+    cache_key = kv_cache_key()
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                 use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = out[cache_key]
     cache.batch_repeat_interleave(k)
     logits = out.logits[:, -1].repeat_interleave(k, dim=0)
     mask = mask.repeat_interleave(k, dim=0)
@@ -126,44 +141,37 @@ def _sample_shared_prefill(model, prompts, seeds, k, temperature, top_p, max_new
     eos_t = torch.tensor(sorted(eos), device=device)
     tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
-    lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=device)
-    ended = torch.zeros(n, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
         nxt = sampler(logits, temperature, top_p)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         tokens[:, t] = nxt
-        hit = torch.isin(nxt, eos_t) & ~done
-        lengths = torch.where(hit, torch.full_like(lengths, t + 1), lengths)
-        ended |= hit
-        done |= hit
+        done |= torch.isin(nxt, eos_t)
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos + t,
-                    past_key_values=cache, use_cache=True)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos + t, use_cache=True,
+                    **{cache_key: cache})
         logits = out.logits[:, -1]
+    lengths, ended = _first_eos(tokens, eos)
     return tokens.cpu(), lengths.cpu(), ended.cpu()
 
 
 @torch.no_grad()
 def _sample_hf(model, prompts, seeds, k, temperature, top_p, max_new_tokens, eos, pad_id):
+    from transformers import GenerationConfig, LogitsProcessorList
+
     device = next(model.parameters()).device
-    ids, mask = _left_pad(prompts, pad_id, device)
-    torch.manual_seed(seeds[0])
-    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
-                         top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=k,
-                         pad_token_id=pad_id, eos_token_id=sorted(eos))
+    ids, mask = (t.repeat_interleave(k, dim=0).to(device) for t in pad_rows(prompts, pad_id, side="left"))
+    # greedy decoding of noisy scores: a fresh config, so no setting of the model's own generation config applies
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                              eos_token_id=sorted(eos))
+    noise = _RowNoise(RowSampler(seeds, device), temperature, top_p)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                         logits_processor=LogitsProcessorList([noise]))
     gen = out[:, ids.shape[1]:].cpu()
-    n = gen.shape[0]
-    tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long)
+    tokens = torch.full((gen.shape[0], max_new_tokens), pad_id, dtype=torch.long)
     tokens[:, :gen.shape[1]] = gen
-    lengths = torch.full((n,), max_new_tokens, dtype=torch.long)
-    ended = torch.zeros(n, dtype=torch.bool)
-    for i in range(n):
-        hits = [t for t in range(gen.shape[1]) if int(gen[i, t]) in eos]
-        if hits:
-            lengths[i] = hits[0] + 1
-            ended[i] = True
+    lengths, ended = _first_eos(tokens, eos)
     return tokens, lengths, ended
 
 
@@ -195,3 +203,17 @@ def sample_responses(model, tokenizer, prompt_tokens: list[list[int]], positions
     finally:
         model.train(was_training)
     return responses, ended_eos
+
+
+def sample_rollouts(model, tokenizer, batch: list, prompt_tokens: dict[str, list[int]], cfg, seed: int) -> Rollouts:
+    """Step 1 for ``(stream position, PromptRecord)`` pairs: :func:`sample_responses` with the
+    settings of ``cfg`` (a :class:`oaif.config.SamplingConfig`), decoded into :class:`Rollouts`."""
+    records = [rec for _, rec in batch]
+    positions = [pos for pos, _ in batch]
+    tokens = [prompt_tokens[r.id] for r in records]
+    responses, ended = sample_responses(model, tokenizer, tokens, positions, k=cfg.num_samples, seed=seed,
+                                        temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                        backend=cfg.backend, batch_size=cfg.batch_size)
+    texts = [[tokenizer.decode(r, skip_special_tokens=True).strip() for r in rs] for rs in responses]
+    return Rollouts(positions=positions, prompt_ids=[r.id for r in records], prompt_texts=[r.text for r in records],
+                    prompt_tokens=tokens, responses=responses, texts=texts, ended_eos=ended)

@@ -6,14 +6,20 @@ that response ``a`` is better than response ``b`` or names why it failed. A fail
 label: the trainer masks failed pairs and counts them by reason.
 
 Implementations compose (an ensemble holds judges, a both-orders wrapper holds a one-order
-judge); none inherits behaviour from a base class.
+judge); none inherits behaviour from a base class. The helpers here are what every judge and
+every caller of judges shares: :func:`combine_orders` and :func:`checked` build judgments;
+:func:`frozen` and :func:`eval_mode` keep an in-process judge model free of gradients and dropout;
+:func:`annotate_all` drives any annotator over many requests in batches; :func:`failure_counts`
+counts failures by reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,13 @@ class Judgment:
             return None
         return (self.prob_ab > 0.5) == (self.prob_ba > 0.5)
 
+    def prob_for(self, sent_as_a: bool = True) -> float | None:
+        """P(a given response better): the response sent as ``a`` when ``sent_as_a``, else the one
+        sent as ``b``; ``None`` when the judgment failed."""
+        if not self.ok:
+            return None
+        return float(self.prob) if sent_as_a else 1.0 - float(self.prob)
+
     @classmethod
     def failed(cls, reason: str, judge: str = "", latency_s: float = 0.0, **extra) -> "Judgment":
         return cls(prob=None, failure=reason, judge=judge, latency_s=latency_s, extra=dict(extra))
@@ -91,3 +104,60 @@ class Annotator(Protocol):
     name: str
 
     def annotate(self, requests: Sequence[PairRequest]) -> list[Judgment]: ...
+
+
+def failure_counts(judgments: Sequence[Judgment]) -> dict[str, int]:
+    """Failed judgments by reason (sorted by reason)."""
+    return dict(sorted(Counter(j.failure or "no_prob" for j in judgments if not j.ok).items()))
+
+
+def annotate_all(annotator: Annotator, requests: Sequence[PairRequest], batch_size: int, *, progress: bool = False,
+                 desc: str = "annotate", on_batch: Callable[[list[Judgment]], dict | None] | None = None
+                 ) -> list[Judgment]:
+    """``annotator.annotate`` over ``requests`` in batches of ``batch_size``, with a progress bar.
+
+    An annotator that returns another number of judgments than it was given requests breaks the
+    protocol: :class:`~oaif.errors.AnnotatorError`. ``on_batch(judgments so far)`` may return a
+    dict to show beside the bar.
+    """
+    from tqdm.auto import tqdm
+
+    from oaif.errors import AnnotatorError
+
+    judgments: list[Judgment] = []
+    step = max(1, batch_size)
+    with tqdm(total=len(requests), unit="pair", desc=desc, disable=not progress, mininterval=1.0,
+              dynamic_ncols=True) as bar:
+        for start in range(0, len(requests), step):
+            chunk = requests[start:start + step]
+            out = annotator.annotate(chunk)
+            if len(out) != len(chunk):
+                name = getattr(annotator, "name", type(annotator).__name__)
+                raise AnnotatorError(f"annotator {name} returned {len(out)} judgments for {len(chunk)} pairs")
+            judgments.extend(out)
+            bar.update(len(chunk))
+            if on_batch is not None:
+                postfix = on_batch(judgments)
+                if postfix:
+                    bar.set_postfix(postfix, refresh=False)
+    return judgments
+
+
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator:
+    """Run ``model`` in eval mode (no dropout) for the block, then restore its train/eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def frozen(model, device=None):
+    """Prepare a model loaded only to judge: no gradients, eval mode, moved to ``device`` when given."""
+    model.requires_grad_(False)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model

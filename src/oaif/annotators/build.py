@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from oaif.annotators.base import frozen
 from oaif.config import AnnotatorConfig
 from oaif.errors import AnnotatorError
 
@@ -28,10 +29,7 @@ def build_annotator(cfg: AnnotatorConfig, *, policy_path: str | None = None, ref
             from oaif.models import load_causal_lm
 
             model, tok = load_causal_lm(cfg.model, dtype=cfg.dtype, cache_dir=cache_dir)
-            model.requires_grad_(False)
-            model.eval()
-            if device is not None:
-                model.to(device)
+            frozen(model, device)
         return LLMJudge(model, tok, rubric, both_orders=cfg.both_orders, batch_size=cfg.batch_size,
                         max_length=cfg.max_length, name=f"llm:{cfg.model}:{rubric.name}")
     if cfg.type == "reward_model":

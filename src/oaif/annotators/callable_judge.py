@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 from oaif.annotators.base import Judgment, PairRequest, checked, combine_orders
 from oaif.errors import AnnotatorError
+from oaif.stats import sigmoid
 
 log = logging.getLogger("oaif.annotators")
 
@@ -76,7 +77,7 @@ class CallableJudge:
         try:
             if self.kind == "pointwise":
                 diff = float(self.fn(r.prompt, r.a)) - float(self.fn(r.prompt, r.b))
-                p = 1.0 / (1.0 + math.exp(-diff)) if math.isfinite(diff) else float("nan")
+                p = sigmoid(diff) if math.isfinite(diff) else float("nan")
                 j = checked(p, self.name)
                 j.prob_ab = j.prob_ba = j.prob
             elif self.both_orders:

@@ -11,11 +11,10 @@ succeeded count:
 member fails, the pair fails as ``"all_failed"``, never becoming a label. ``extra["members"]``
 maps each member's name to its probability or its failure reason.
 
-The ensemble keeps running counts (since creation or :meth:`EnsembleJudge.reset_stats`) of how
-often each member's winner agrees with the ensemble's winner (:meth:`agreement`), how often two
-members agree with each other (:meth:`pairwise_agreement`) and why members failed
-(:meth:`failures`). A winner is ``a`` (prob > 0.5), ``b`` (< 0.5) or a tie (exactly 0.5); a tie
-against a decisive winner counts as half an agreement.
+The ensemble keeps running counts (since creation) of how often each member's winner agrees with
+the ensemble's winner (:meth:`EnsembleJudge.agreement`; the trainer logs it as
+``judge_agreement/<member>``). A winner is ``a`` (prob > 0.5), ``b`` (< 0.5) or a tie (exactly
+0.5); a tie against a decisive winner counts as half an agreement.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from typing import Sequence
 
 from oaif.annotators.base import Judgment, PairRequest
 from oaif.errors import AnnotatorError, OaifError
+from oaif.stats import mean, score
 
 log = logging.getLogger("oaif.annotators")
 
@@ -41,10 +41,6 @@ def _agreement(u: int, v: int) -> float:
     if u == v:
         return 1.0
     return 0.5 if (u == 0 or v == 0) else 0.0
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 class EnsembleJudge:
@@ -70,22 +66,8 @@ class EnsembleJudge:
             names.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
         self.member_names = names
         self.name = name or f"ensemble:{mode}:" + "+".join(names)
-        self.reset_stats()
-
-    # -- running statistics ----------------------------------------------------------------
-    def reset_stats(self) -> None:
-        """Forget the agreement and failure counts."""
-        self._agree = {n: 0.0 for n in self.member_names}
-        self._counted = {n: 0 for n in self.member_names}
-        self._pair_agree: dict[tuple[str, str], float] = {}
-        self._pair_counted: dict[tuple[str, str], int] = {}
-        for i, a in enumerate(self.member_names):
-            for b in self.member_names[i + 1:]:
-                self._pair_agree[(a, b)] = 0.0
-                self._pair_counted[(a, b)] = 0
-        self._failures = {n: Counter() for n in self.member_names}
-        self.pairs_seen = 0
-        self.pairs_failed = 0
+        self._agree = {n: 0.0 for n in names}
+        self._counted = {n: 0 for n in names}
 
     def agreement(self) -> dict[str, float]:
         """Per member: the fraction of pairs (both it and the ensemble judged) where its winner is the ensemble's.
@@ -94,19 +76,6 @@ class EnsembleJudge:
         """
         return {n: self._agree[n] / self._counted[n] for n in self.member_names if self._counted[n]}
 
-    def agreement_counts(self) -> dict[str, tuple[float, int]]:
-        """Per member: ``(agreements, pairs counted)`` behind :meth:`agreement`."""
-        return {n: (self._agree[n], self._counted[n]) for n in self.member_names}
-
-    def pairwise_agreement(self) -> dict[str, float]:
-        """Per two members (key ``"name_a|name_b"``): the fraction of pairs both judged where their winners agree."""
-        return {f"{a}|{b}": self._pair_agree[(a, b)] / c for (a, b), c in self._pair_counted.items() if c}
-
-    def failures(self) -> dict[str, dict[str, int]]:
-        """Per member: failure reason -> count."""
-        return {n: dict(c) for n, c in self._failures.items()}
-
-    # -- judging ---------------------------------------------------------------------------
     def _member_judgments(self, judge, member: str, requests: Sequence[PairRequest]) -> list[Judgment]:
         try:
             out = list(judge.annotate(requests))
@@ -137,33 +106,20 @@ class EnsembleJudge:
                     members[n] = float(j.prob)
                     ok.append((n, j))
                 else:
-                    reason = j.failure or "nan"
-                    members[n] = reason
-                    self._failures[n][reason] += 1
-            self.pairs_seen += 1
+                    members[n] = j.failure or "nan"
             if not ok:
-                self.pairs_failed += 1
                 out.append(Judgment.failed("all_failed", self.name, latency, members=members, n_ok=0))
                 continue
             probs = [float(j.prob) for _, j in ok]
-            if self.mode == "mean":
-                prob = sum(probs) / len(probs)
-            else:
-                prob = sum(1.0 if p > 0.5 else (0.5 if p == 0.5 else 0.0) for p in probs) / len(probs)
-            prob_ab = _mean([j.prob_ab for _, j in ok if j.prob_ab is not None])
-            prob_ba = _mean([j.prob_ba for _, j in ok if j.prob_ba is not None])
+            prob = mean(probs) if self.mode == "mean" else mean([score(p) for p in probs])
+            prob_ab = mean([j.prob_ab for _, j in ok if j.prob_ab is not None])
+            prob_ba = mean([j.prob_ba for _, j in ok if j.prob_ba is not None])
             out.append(Judgment(prob=prob, prob_ab=prob_ab, prob_ba=prob_ba, latency_s=latency, judge=self.name,
                                 extra={"members": members, "n_ok": len(ok)}))
             self._count(ok, _winner(prob))
         return out
 
     def _count(self, ok: list[tuple[str, Judgment]], ensemble_winner: int) -> None:
-        winners = {n: _winner(float(j.prob)) for n, j in ok}
-        for n, w in winners.items():
-            self._agree[n] += _agreement(w, ensemble_winner)
+        for n, j in ok:
+            self._agree[n] += _agreement(_winner(float(j.prob)), ensemble_winner)
             self._counted[n] += 1
-        names = [n for n in self.member_names if n in winners]
-        for x, a in enumerate(names):
-            for b in names[x + 1:]:
-                self._pair_agree[(a, b)] += _agreement(winners[a], winners[b])
-                self._pair_counted[(a, b)] += 1

@@ -18,9 +18,11 @@ from typing import Sequence
 
 import torch
 
-from oaif.annotators.base import Judgment, PairRequest, checked, combine_orders
+from oaif.annotators.base import Judgment, PairRequest, checked, combine_orders, eval_mode
 from oaif.annotators.rubrics import Rubric
 from oaif.errors import AnnotatorError
+from oaif.models import kv_cache_key
+from oaif.stats import sigmoid
 
 log = logging.getLogger("oaif.annotators")
 
@@ -83,45 +85,49 @@ class LLMJudge:
     # -- scoring ---------------------------------------------------------------------------
     @torch.no_grad()
     def label_logprobs(self, sequences: list[list[int]]) -> torch.Tensor:
-        """(n, 2) log-probs of the two label tokens after each sequence (full-vocabulary softmax)."""
-        device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        """(n, 2) log-probs of the two label tokens after each sequence (full-vocabulary softmax).
+
+        The model runs in eval mode (no dropout) for the whole call, shared prefix included, and
+        is returned to the mode it was in.
+        """
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         out = torch.empty((len(sequences), 2))
         prefix_len = _common_prefix_len(sequences) if self.share_prefix and len(sequences) > 1 else 0
         # keep at least one token of every sequence outside the prefix, so each row has a last logit
         prefix_len = min(prefix_len, min(len(s) for s in sequences) - 1)
-        prefix_cache = None
-        if prefix_len > 0:
-            ids = torch.tensor([sequences[0][:prefix_len]], device=device)
-            prefix_cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
+            prefix_cache = self._prefix_cache(sequences[0][:prefix_len]) if prefix_len > 0 else None
             for start in range(0, len(order), self.batch_size):
                 rows = order[start:start + self.batch_size]
-                suffixes = [sequences[i][prefix_len:] for i in rows]
-                width = max(len(s) for s in suffixes)
-                ids = torch.full((len(rows), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(rows), prefix_len + width), dtype=torch.long)
-                mask[:, :prefix_len] = 1
-                pos = torch.zeros((len(rows), width), dtype=torch.long)
-                for j, s in enumerate(suffixes):
-                    ids[j, width - len(s):] = torch.tensor(s)
-                    mask[j, prefix_len + width - len(s):] = 1
-                    pos[j, width - len(s):] = torch.arange(prefix_len, prefix_len + len(s))
-                kwargs = dict(input_ids=ids.to(device), attention_mask=mask.to(device),
-                              position_ids=pos.to(device), use_cache=prefix_cache is not None, logits_to_keep=1)
-                if prefix_cache is not None:
-                    cache = copy.deepcopy(prefix_cache)
-                    cache.batch_repeat_interleave(len(rows))
-                    kwargs["past_key_values"] = cache
-                logits = self.model(**kwargs).logits[:, -1].float()
-                logp = logits.log_softmax(-1)[:, self.label_ids].cpu()
-                out[rows] = logp
-        finally:
-            self.model.train(was_training)
+                out[rows] = self._suffix_logprobs([sequences[i][prefix_len:] for i in rows], prefix_len, prefix_cache)
         return out
+
+    def _prefix_cache(self, prefix: list[int]):
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([prefix], device=device)
+        return self.model(input_ids=ids, use_cache=True, logits_to_keep=1)[kv_cache_key()]
+
+    def _suffix_logprobs(self, suffixes: list[list[int]], prefix_len: int, prefix_cache) -> torch.Tensor:
+        """Label log-probs of left-padded ``suffixes`` that follow the cached ``prefix_len`` tokens."""
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        n, width = len(suffixes), max(len(s) for s in suffixes)
+        ids = torch.full((n, width), pad, dtype=torch.long)
+        mask = torch.zeros((n, prefix_len + width), dtype=torch.long)
+        mask[:, :prefix_len] = 1
+        pos = torch.zeros((n, width), dtype=torch.long)
+        for j, s in enumerate(suffixes):
+            ids[j, width - len(s):] = torch.tensor(s)
+            mask[j, prefix_len + width - len(s):] = 1
+            pos[j, width - len(s):] = torch.arange(prefix_len, prefix_len + len(s))
+        kwargs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                      use_cache=prefix_cache is not None, logits_to_keep=1)
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(n)
+            kwargs[kv_cache_key()] = cache
+        logits = self.model(**kwargs).logits[:, -1].float()
+        return logits.log_softmax(-1)[:, self.label_ids].cpu()
 
     def annotate(self, requests: Sequence[PairRequest]) -> list[Judgment]:
         if not requests:
@@ -142,8 +148,9 @@ class LLMJudge:
         if jobs:
             logp = self.label_logprobs([j[2] for j in jobs])
             for (i, o, _), (l1, l2) in zip(jobs, logp.tolist()):
-                p_first = 1.0 / (1.0 + math.exp(l2 - l1)) if math.isfinite(l1) and math.isfinite(l2) else float("nan")
-                mass = math.exp(l1) + math.exp(l2) if math.isfinite(l1) and math.isfinite(l2) else float("nan")
+                finite = math.isfinite(l1) and math.isfinite(l2)
+                p_first = sigmoid(l1 - l2) if finite else float("nan")
+                mass = math.exp(l1) + math.exp(l2) if finite else float("nan")
                 readings[(i, o)] = (p_first if o == 0 else 1.0 - p_first, mass)
         latency = (time.perf_counter() - t0) / len(requests)
         judgments = []

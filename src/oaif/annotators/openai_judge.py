@@ -44,6 +44,7 @@ from typing import Any, Sequence
 from oaif.annotators.base import Judgment, PairRequest, checked, combine_orders
 from oaif.annotators.rubrics import Rubric
 from oaif.errors import AnnotatorError
+from oaif.stats import sigmoid
 
 log = logging.getLogger("oaif.annotators")
 
@@ -162,7 +163,7 @@ def _read_logprobs(content: Sequence[Any], labels: Sequence[str], answer_prefix:
     floor = min(lp for _, lp in listed)
     lp1 = per_label[0] if per_label[0] is not None else floor
     lp2 = per_label[1] if per_label[1] is not None else floor
-    prob = 1.0 / (1.0 + math.exp(min(lp2 - lp1, 700.0)))
+    prob = sigmoid(lp1 - lp2)
     if not math.isfinite(prob):
         raise ReadError("nan", "non-finite probability")
     return Reading(prob=prob, mode="logprobs", bound=bound, position=position,

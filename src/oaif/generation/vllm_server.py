@@ -1,0 +1,135 @@
+"""Sampling from a vLLM OpenAI-compatible server, which reloads the policy's weights after each step.
+
+Each sampled response is one ``POST /v1/completions`` with the prompt's token ids, its own seed
+and oaif's stop rule; the requests of a step are sent together, and the server batches them.
+``return_token_ids`` gives the response tokens back without a detokenize/retokenize round trip.
+
+After an optimizer step :meth:`VllmServer.load_weights` writes the weights to
+``vllm.weights_dir`` and asks the server to reload them in place, ``POST /collective_rpc``
+(``oaif_reload_weights`` with ``weights_path``, from :mod:`oaif.generation.vllm_worker`), then
+``POST /reset_prefix_cache``. Both endpoints exist only when the server runs with
+``VLLM_SERVER_DEV_MODE=1``; the method only with oaif's worker extension; and the server must
+see the directory (same machine or a shared file system). Start it, for example, with::
+
+    VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server --model DIR \\
+        --worker-extension-cls oaif.generation.vllm_worker.WeightSyncExtension \\
+        --no-enable-chunked-prefill --max-num-batched-tokens 2048 --max-model-len 2048
+
+Chunked prefill must be off on CPU: a seeded request whose prompt is prefilled in chunks fails
+there ("CPU Generator does not use offset"). This client talks HTTP only (standard library); it
+does not import vLLM.
+
+On a GPU the fast path is to broadcast the tensors over NCCL instead of going through files:
+vLLM 0.32 serves ``/init_weight_transfer_engine``, ``/start_weight_update``, ``/update_weights``
+and ``/finish_weight_update`` for this (``vllm.distributed.weight_transfer.nccl_engine``; the
+trainer joins the server's NCCL group as rank 0 and sends each tensor). It is not built here:
+it needs a GPU to test, and this client does not claim it.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from oaif.generation.base import GenerationError, StopRules, regroup, request_params, sample_rows
+from oaif.generation.settings import VllmConfig
+from oaif.generation.vllm_worker import EXTENSION
+from oaif.generation.weights import save_weights
+
+_CHUNKED_HINT = ("; the server prefilled a seeded prompt in chunks, which fails on CPU: restart it with "
+                 "--no-enable-chunked-prefill and --max-num-batched-tokens >= --max-model-len")
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class VllmServer:
+    """A client of one vLLM server: samples K responses per prompt and pushes new weights to it."""
+
+    def __init__(self, stop: StopRules, settings: VllmConfig | None = None, *, weights_dir: str | Path):
+        settings = settings or VllmConfig(mode="server")
+        settings.validate()
+        self.stop = stop
+        self.url = settings.server_url.rstrip("/")
+        self.timeout = settings.request_timeout_s
+        self.max_concurrency = settings.max_concurrency
+        self.weights_dir = Path(weights_dir).resolve()
+        self.model = settings.server_model or self._first_model()
+
+    # -- HTTP ---------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: dict | None = None) -> dict | None:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                raw = r.read()
+        except urllib.error.HTTPError as e:
+            detail = _one_line(e.read().decode(errors="replace"))
+            if e.code == 404 and path in ("/collective_rpc", "/reset_prefix_cache"):
+                raise GenerationError(f"the vLLM server at {self.url} does not accept weight reloads ({path} not "
+                                      "found): start it with VLLM_SERVER_DEV_MODE=1") from e
+            hint = _CHUNKED_HINT if "does not use offset" in detail else ""
+            if path == "/collective_rpc":
+                hint = f"; was the server started with --worker-extension-cls {EXTENSION}?"
+            raise GenerationError(f"the vLLM server at {self.url} answered {method} {path} with HTTP {e.code}: "
+                                  f"{detail}{hint}") from e
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise GenerationError(f"cannot reach the vLLM server at {self.url} ({method} {path}): {reason}") from e
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise GenerationError(f"the vLLM server at {self.url} sent non-JSON for {path}: {_one_line(raw[:200])}") from e
+
+    def _first_model(self) -> str:
+        listing = self._request("GET", "/v1/models") or {}
+        models = [m.get("id") for m in listing.get("data", []) if isinstance(m, dict)]
+        if not models or not models[0]:
+            raise GenerationError(f"the vLLM server at {self.url} lists no model")
+        return models[0]
+
+    # -- sampling -----------------------------------------------------------------------------
+    def _complete(self, body: dict) -> list[int]:
+        reply = self._request("POST", "/v1/completions", body) or {}
+        try:
+            tokens = reply["choices"][0]["token_ids"]
+        except (KeyError, IndexError, TypeError) as e:
+            raise GenerationError(f"the vLLM server at {self.url} returned no token_ids (a vLLM server that "
+                                  f"supports return_token_ids is needed): {_one_line(str(reply)[:200])}") from e
+        return [int(t) for t in tokens]
+
+    def sample(self, prompt_tokens: list[list[int]], positions: list[int], *, k: int, seed: int,
+               temperature: float, top_p: float, max_new_tokens: int):
+        """``(responses[b][k], ended_eos[b][k])``; one completion request per response, seeded per row."""
+        rows = sample_rows(prompt_tokens, positions, k, seed)
+        bodies = []
+        for row in rows:
+            params = request_params(row.seed, temperature, top_p, max_new_tokens, self.stop)
+            params.pop("n")
+            bodies.append(dict(params, model=self.model, prompt=row.prompt, return_token_ids=True,
+                               skip_special_tokens=False, stream=False))
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, max(1, len(bodies)))) as pool:
+            outputs = list(pool.map(self._complete, bodies))
+        return regroup(rows, outputs, self.stop, len(prompt_tokens), k)
+
+    # -- weights ------------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Save the weights to ``weights_dir`` and have the server reload them, then reset its prefix cache."""
+        save_weights(weights, self.weights_dir)
+        self._request("POST", "/collective_rpc", {"method": "oaif_reload_weights",
+                                                  "kwargs": {"weights_path": str(self.weights_dir)}})
+        self._request("POST", "/reset_prefix_cache")
+
+    def close(self) -> None:
+        """Nothing to free: the server belongs to whoever started it."""

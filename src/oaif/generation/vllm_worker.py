@@ -1,0 +1,50 @@
+"""A vLLM worker extension that reloads weights correctly on CPU: ``--worker-extension-cls`` names it.
+
+vLLM's own ``reload_weights`` copies new values into the model, but on the CPU backend every
+linear layer computes from a *packed copy* of its weight (oneDNN/SGL prepacking, made when the
+weights are processed after loading). Layers that receive weights are re-packed; a language-
+model head *tied* to the input embeddings receives none (its weight is the embedding's), so it
+keeps multiplying by the old embedding matrix. With SmolLM2 (tied) every reload after the first
+change of the embeddings would sample from a model that exists nowhere.
+
+:meth:`WeightSyncExtension.oaif_reload_weights` reloads, then re-packs the head from its current
+weight. It is this module's only job; it must stay importable without importing vLLM at module
+level, because vLLM imports it by name inside its worker (also in a server process).
+
+Server::
+
+    VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server --model DIR \\
+        --worker-extension-cls oaif.generation.vllm_worker.WeightSyncExtension ...
+
+then ``POST /collective_rpc {"method": "oaif_reload_weights", "kwargs": {"weights_path": DIR}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+#: The dotted name to pass as ``worker_extension_cls`` (``--worker-extension-cls``).
+EXTENSION = "oaif.generation.vllm_worker.WeightSyncExtension"
+
+
+def repack_lm_head(model: torch.nn.Module) -> bool:
+    """Redo the head's post-load processing (its packed weight) from its current weight; True if done."""
+    head = getattr(model, "lm_head", None)
+    weight = getattr(head, "weight", None)
+    method = getattr(head, "quant_method", None)
+    if weight is None or weight.numel() == 0 or not hasattr(method, "process_weights_after_loading"):
+        return False
+    method.process_weights_after_loading(head)
+    return True
+
+
+class WeightSyncExtension:
+    """Methods added to vLLM's worker class; called through ``collective_rpc`` by name."""
+
+    def oaif_reload_weights(self, weights_path: str | None = None,
+                            weights_iterator: Iterable[tuple[str, torch.Tensor]] | None = None) -> bool:
+        """Load new weights in place (from a directory or (name, tensor) pairs), then re-pack the head."""
+        self.reload_weights(weights_iterator=weights_iterator, weights_path=weights_path)  # type: ignore[attr-defined]
+        return repack_lm_head(self.model_runner.get_model())  # type: ignore[attr-defined]

@@ -1,0 +1,138 @@
+"""Everything a training run needs, built from its config, before the loop starts.
+
+:func:`build_run` checks the inputs it can check cheaply (:func:`preflight`), then builds the
+accelerator, the policy and its reference, the records (:func:`oaif.data.training_prompts`), the
+prompt stream, the optimizer, the schedule and the annotator. :func:`open_run_dir` is the one
+place the run directory is written before training: ``config.yaml``, ``metrics.jsonl`` and the
+audit log ``annotations.jsonl`` (both cut after the resumed step).
+
+Precision: ``accelerator.prepare`` wraps the policy's forward in the run's autocast context
+(``train.mixed_precision``). The reference goes through ``accelerator.prepare_model(...,
+evaluation_mode=True)`` (as TRL does), which wraps its forward in the same context without DDP,
+so the two forward identical batches identically. (A LoRA reference is the policy itself.)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oaif.config import Config, dump_yaml
+from oaif.errors import ConfigError, DataError
+
+log = logging.getLogger("oaif")
+
+
+def preflight(cfg: Config) -> None:
+    """Fail fast, before any model loads, on inputs that can be checked cheaply."""
+    path = cfg.data.path if cfg.train.mode == "online" else cfg.data.preference_path
+    if not Path(path).exists():
+        kind = "prompt" if cfg.train.mode == "online" else "preference"
+        raise DataError(f"{kind} file not found: {path} (data.{'path' if kind == 'prompt' else 'preference_path'})")
+    if isinstance(cfg.train.resume, str) and not (Path(cfg.train.resume) / "trainer_state.pt").is_file():
+        raise ConfigError(f"train.resume: {cfg.train.resume} is not a checkpoint directory (no trainer_state.pt)")
+    if cfg.train.mode == "online" and cfg.annotator.type in ("llm", "openai"):
+        from oaif.annotators.rubrics import load_rubric
+
+        load_rubric(cfg.annotator.rubric)
+    if cfg.train.mode == "online" and cfg.annotator.type == "callable":
+        from oaif.annotators.callable_judge import resolve_callable
+
+        resolve_callable(cfg.annotator.callable)
+
+
+def make_scheduler(optimizer, name: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if name == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if name == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class RunParts:
+    accelerator: Any
+    policy: Any  # prepared: DDP-wrapped with several processes, autocast with mixed precision
+    reference: Any  # prepared the same way without DDP; None with LoRA (the policy with its adapter off)
+    tokenizer: Any
+    encode: Callable[[Any], list[int]]  # prompt -> templated token ids
+    prompts: Any  # oaif.data.TrainingPrompts
+    stream: Any  # oaif.data.PromptStream over prompts.train
+    optimizer: Any
+    scheduler: Any
+    annotator: Any  # None in offline mode
+    stop_ids: set[int]  # the ids sampling stops on
+    end_of_turn: int  # the id offline responses end with
+
+
+def build_run(cfg: Config, annotator=None) -> RunParts:
+    """Build a run's parts; ``annotator`` replaces the configured one (online mode)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from oaif import data, models
+    from oaif.sampling import eos_token_ids
+
+    preflight(cfg)
+    accelerator = Accelerator(cpu=cfg.train.device == "cpu", mixed_precision=cfg.train.mixed_precision)
+    if cfg.train.device == "cuda" and accelerator.device.type != "cuda":
+        raise DataError("train.device=cuda but no CUDA device is available")
+    set_seed(cfg.train.seed)
+    policy, reference, tokenizer = models.load_policy_and_reference(cfg.model)
+
+    def encode(prompt) -> list[int]:
+        return models.encode_prompt(tokenizer, prompt, cfg.model.chat_template, cfg.model.system_prompt)
+
+    prompts = data.training_prompts(cfg.data, cfg.train.mode, cfg.train.seed, encode)
+    if prompts.skipped:
+        log.warning("skipped input rows: %s", dict(prompts.skipped))
+    stream = data.PromptStream(prompts.train, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+    stop_ids = eos_token_ids(policy, tokenizer)
+
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.optim.scheduler, cfg.optim.warmup_steps, cfg.train.max_steps)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    if reference is not None:
+        reference = accelerator.prepare_model(reference, evaluation_mode=True)
+    if cfg.train.mode == "offline":
+        annotator = None
+    elif annotator is None:
+        from oaif.annotators.build import build_annotator
+
+        annotator = build_annotator(cfg.annotator, policy_path=cfg.model.name_or_path, reference=reference,
+                                    tokenizer=tokenizer, cache_dir=cfg.model.cache_dir, device=accelerator.device)
+    return RunParts(accelerator, policy, reference, tokenizer, encode, prompts, stream, optimizer, scheduler,
+                    annotator, stop_ids, models.end_of_turn_id(tokenizer, stop_ids))
+
+
+def open_run_dir(cfg: Config, is_main: bool, resume_step: int | None):
+    """``(metrics writer or None off the main process, audit log)`` of the run directory ``train.output_dir``.
+
+    ``resume_step=None`` starts both logs afresh; otherwise their lines after that step are cut.
+    """
+    from oaif.audit import AuditLog
+    from oaif.metrics import MetricsWriter
+
+    out = Path(cfg.train.output_dir)
+    metrics = None
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_yaml(cfg))
+        metrics = MetricsWriter(out / "metrics.jsonl", cfg.logging.report_to, cfg.logging.run_name or out.name,
+                                cfg.to_dict(), resume_step=resume_step)
+    audit = cfg.annotator.audit_log and cfg.train.mode == "online"
+    return metrics, AuditLog(out / "annotations.jsonl" if audit else None, is_main=is_main, resume_step=resume_step)

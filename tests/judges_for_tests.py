@@ -1,0 +1,50 @@
+"""Callable judges for tests, loadable in subprocesses by file path: ``annotator.callable=<this file>:NAME``.
+
+They are plain rules (no model), so tests control which pairs are usable: a prompt containing
+``TIE`` is judged a tie (0.5, masked), one containing ``FAIL`` gets a NaN (a failed judgment,
+masked as ``nan``). Prompt files for these tests put such prompts where one process or one
+micro-batch will draw them (``data.shuffle=false``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_calls = 0
+
+
+def shorter_unless_marked(prompt: str, a: str, b: str) -> float:
+    """P(a better): 1 if a is shorter (characters), 0 if longer; a tie for TIE prompts, NaN for FAIL prompts."""
+    if "TIE" in prompt:
+        return 0.5
+    if "FAIL" in prompt:
+        return float("nan")
+    return 0.5 if len(a) == len(b) else float(len(a) < len(b))
+
+
+def graded_by_length(prompt: str, a: str, b: str) -> float:
+    """P(a better) that grows with how much shorter a is: 0.5 + 0.4 * tanh((len(b) - len(a)) / 20)."""
+    import math
+
+    return 0.5 + 0.4 * math.tanh((len(b) - len(a)) / 20)
+
+
+def interrupt_main_process(prompt: str, a: str, b: str) -> float:
+    """Like :func:`shorter_unless_marked`, but the main process (RANK 0) raises KeyboardInterrupt once it
+    has been called ``$OAIF_TEST_INTERRUPT_AFTER`` times: one process fails while the others go on."""
+    global _calls
+    _calls += 1
+    if os.environ.get("RANK", "0") == "0" and _calls > int(os.environ["OAIF_TEST_INTERRUPT_AFTER"]):
+        raise KeyboardInterrupt
+    return shorter_unless_marked(prompt, a, b)
+
+
+def killed_after(prompt: str, response: str) -> float:
+    """Pointwise: prefers shorter responses; SIGKILLs its own process after ``$OAIF_TEST_KILL_AFTER`` calls
+    (a kill: no handler runs, nothing is saved on the way out)."""
+    global _calls
+    _calls += 1
+    if _calls > int(os.environ.get("OAIF_TEST_KILL_AFTER", "1000000000")):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return -float(len(response))

@@ -1,0 +1,30 @@
+"""CallableJudge on real Python rules: pointwise scores become Bradley-Terry probabilities."""
+
+from __future__ import annotations
+
+import pytest
+
+from oaif.annotators.base import PairRequest
+from oaif.annotators.callable_judge import CallableJudge
+
+
+def _scores(table):
+    return lambda prompt, response: table[response]
+
+
+@pytest.mark.parametrize("gap", [1e4, -1e4, 800.0, -800.0])
+def test_pointwise_score_gaps_beyond_exp_range_give_certain_judgments(gap):
+    """math.exp overflows past ~709: a huge score gap is a sure preference, not a failed pair."""
+    judge = CallableJudge(_scores({"a": gap, "b": 0.0}))
+    [j] = judge.annotate([PairRequest("q", "a", "b")])
+    assert j.ok, j.failure
+    assert j.prob == (1.0 if gap > 0 else 0.0) and j.prob_ab == j.prob_ba == j.prob
+
+
+def test_pointwise_probability_is_the_logistic_of_the_gap():
+    judge = CallableJudge(_scores({"a": 3.0, "b": 1.0, "c": float("nan")}))
+    j_ab, j_ba, j_nan = judge.annotate([PairRequest("q", "a", "b"), PairRequest("q", "b", "a"),
+                                        PairRequest("q", "a", "c")])
+    assert j_ab.prob == pytest.approx(0.8807970779778823)  # 1 / (1 + e^-2)
+    assert j_ba.prob == pytest.approx(1 - 0.8807970779778823)
+    assert j_nan.failure == "nan" and j_nan.prob is None

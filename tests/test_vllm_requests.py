@@ -1,0 +1,87 @@
+"""What every vLLM request carries: one seeded row per sample, oaif's stop rule only, no hidden filter.
+
+Runs without vLLM (main environment); the engine and server tests check the same rules end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+from oaif.errors import ConfigError
+from oaif.generation.base import GenerationError, StopRules, regroup, request_params, sample_rows
+from oaif.generation.settings import VllmConfig
+from oaif.sampling import row_seed
+
+
+def test_stop_rule_cuts_at_the_first_eos_and_keeps_it():
+    stop = StopRules(frozenset({2, 7}))
+    assert stop.cut([5, 6, 7, 2, 9]) == ([5, 6, 7], True)
+    assert stop.cut([5, 6]) == ([5, 6], False)
+    assert stop.cut([]) == ([], False)
+    with pytest.raises(GenerationError):
+        StopRules(frozenset())
+
+
+def test_rows_are_seeded_by_stream_position_and_sample_index():
+    rows = sample_rows([[1, 2], [3]], [40, 7], k=2, seed=9)
+    assert [(r.b, r.k, r.prompt) for r in rows] == [(0, 0, [1, 2]), (0, 1, [1, 2]), (1, 0, [3]), (1, 1, [3])]
+    assert [r.seed for r in rows] == [row_seed(9, 40, 0), row_seed(9, 40, 1), row_seed(9, 7, 0), row_seed(9, 7, 1)]
+    # a prompt's seeds do not depend on the other prompts in the call
+    assert [r.seed for r in sample_rows([[3]], [7], k=2, seed=9)] == [rows[2].seed, rows[3].seed]
+    with pytest.raises(ValueError):
+        sample_rows([[1]], [1, 2], k=2, seed=0)
+
+
+def test_regroup_puts_each_output_back_in_its_row():
+    stop = StopRules(frozenset({2}))
+    rows = sample_rows([[1], [1]], [0, 1], k=2, seed=0)
+    responses, ended = regroup(rows, [[5, 2, 6], [5], [2], [6, 6]], stop, num_prompts=2, k=2)
+    assert responses == [[[5, 2], [5]], [[2], [6, 6]]]
+    assert ended == [[True, False], [True, False]]
+
+
+def test_request_params_set_every_filter_and_only_oaif_stop_ids():
+    stop = StopRules(frozenset({7, 2}))
+    p = request_params(123, 0.9, 0.95, 64, stop)
+    assert p == dict(n=1, temperature=0.9, top_p=0.95, top_k=0, min_p=0.0, repetition_penalty=1.0,
+                     presence_penalty=0.0, frequency_penalty=0.0, max_tokens=64, stop_token_ids=[2, 7],
+                     ignore_eos=True, seed=123)
+    greedy = request_params(123, 1e-7, 0.5, 8, stop)
+    assert greedy["temperature"] == 0.0 and greedy["top_p"] == 1.0 and greedy["seed"] is None
+
+
+@pytest.mark.parametrize("override, key", [(dict(mode="remote"), "vllm.mode"), (dict(kv_cache_gib=0), "vllm.kv_cache_gib"),
+                                           (dict(dtype="int8"), "vllm.dtype"), (dict(max_model_len=-1), "vllm.max_model_len")])
+def test_bad_settings_name_their_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        VllmConfig(**override).validate()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_colocated_engine_without_vllm_says_how_to_install_it(tmp_path):
+    from oaif.generation.vllm_colocated import ColocatedVllm
+
+    with pytest.raises(GenerationError, match=r"needs vLLM.*setup.sh --vllm"):
+        ColocatedVllm(str(tmp_path), StopRules(frozenset({2})), max_model_len=64)
+
+
+def test_build_generator_picks_the_mode(tmp_path):
+    from oaif.generation.build import build_generator
+
+    common = dict(model_path=str(tmp_path), eos_ids={2}, max_model_len=64, policy_dtype=None, seed=0,
+                  output_dir=str(tmp_path))
+    with pytest.raises(GenerationError, match="cannot reach the vLLM server at http://127.0.0.1:9"):
+        build_generator(VllmConfig(mode="server", server_url="http://127.0.0.1:9", request_timeout_s=5), **common)
+    with pytest.raises(ConfigError, match="vllm.mode"):
+        build_generator(VllmConfig(mode="both"), **common)
+
+
+def test_importing_oaif_and_its_generation_package_does_not_import_vllm():
+    code = ("import sys, oaif, oaif.generation, oaif.generation.build, oaif.generation.vllm_server, "
+            "oaif.generation.vllm_colocated, oaif.generation.vllm_worker; "
+            "print(sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,32 @@
+"""Runs the in-process vLLM tests (test_vllm_colocated.py) in the vLLM environment.
+
+vLLM pins its own transformers, so it is installed in ``.venv-vllm`` rather than next to oaif's
+other dependencies; this test starts pytest there, so the main suite covers the colocated
+engine too. Where this interpreter imports vLLM itself, pytest collects that file directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vllm_helpers import ROOT, require_vllm_python
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None,
+                    reason="vLLM imports here: test_vllm_colocated.py runs in this session")
+def test_colocated_engine_tests_pass_in_the_vllm_environment():
+    python = require_vllm_python()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(ROOT / "tests" / "test_vllm_colocated.py")]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    tail = (result.stdout + result.stderr)[-4000:]
+    assert result.returncode == 0, tail
+    summary = result.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary and "failed" not in summary, tail
