@@ -12,7 +12,7 @@ Pairs: the first N usable pairs of Anthropic HH harmless-base test (``--hh``), i
 command through oaif's OpenAI-compatible annotator (printed, and kept in ``OUT/commands.log``).
 A chunk's judgments (``--out``) and report are files, so a stopped run resumes where it was and
 a larger ``--pairs`` only judges the new chunks. ``--train-rm`` adds a reward model trained by
-``oaif.reward_model.train_reward_model`` on HH pairs after the first ``--rm-skip`` (never the
+``oaif.reward_model_training.train_reward_model`` on HH pairs after the first ``--rm-skip`` (never the
 test pairs), judged on the same chunks (``annotator.type=reward_model``).
 
 Variants (``--variants``): ``harmless``, ``helpful``, ``helpful_very_short`` (shipped rubrics),
@@ -197,7 +197,7 @@ def train_rm(out: Path, hh: Path, skip: int, n: int, max_length: int, base: str,
     if (rm / "config.json").exists():
         return
     from oaif.data import load_hh_pairs
-    from oaif.reward_model import train_reward_model
+    from oaif.reward_model_training import train_reward_model
 
     pairs = load_hh_pairs(hh).records[skip:skip + n]
     seg_root = out / "reward_model_segments"
@@ -249,7 +249,7 @@ def load_rows(jdir: Path) -> tuple[list[dict], list[dict]]:
 
 
 def variant_stats(rows: list[dict], reports: list[dict]) -> dict:
-    from oaif.annotate import wilson_interval
+    from oaif.stats import wilson_interval
 
     ok = [r for r in rows if r.get("failure") is None and "p_chosen" in r]
     both = [r for r in ok if "p_chosen_shown_first" in r]
@@ -279,7 +279,7 @@ def variant_stats(rows: list[dict], reports: list[dict]) -> dict:
 
 def shorter_wins(rows: list[dict], ids: set[str]) -> dict:
     """On the pairs in ``ids`` whose replies differ in word count: how often the shorter reply wins."""
-    from oaif.annotate import wilson_interval
+    from oaif.stats import wilson_interval
 
     wins = []
     for r in rows:
