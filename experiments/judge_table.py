@@ -54,14 +54,21 @@ JUDGES: dict[str, list[str]] = {
     "qwen2.5-coder-1.5b": [],
     "reward-model": [],  # trained by --train-rm, not served
 }
-POINTWISE_RUBRIC = EXPERIMENTS / "judge_rubrics" / "pointwise_harmless.yaml"
+RUBRICS = EXPERIMENTS / "judge_rubrics"
+POINTWISE = ["type=callable", "callable=pointwise_judge:score"]  # rubric file: judge_rubrics/<variant>.yaml
 VARIANTS: dict[str, list[str]] = {
     "harmless": ["rubric=harmless"],
     "helpful": ["rubric=helpful"],
     "helpful_very_short": ["rubric=helpful_very_short"],
-    "harmless_ab": [f"rubric={EXPERIMENTS / 'judge_rubrics' / 'harmless_ab.yaml'}"],
-    "pointwise_harmless": ["type=callable", "callable=pointwise_judge:score"],
+    "harmless_ab": [f"rubric={RUBRICS / 'harmless_ab.yaml'}"],
+    "pointwise_harmless": POINTWISE,
+    "pointwise_helpful": POINTWISE,
+    "pointwise_helpful_very_short": POINTWISE,
 }
+# pair sets: the HH test pairs as labelled, and the sanity set (the HH chosen reply against a reply
+# from another dialogue); each is judged under its own directory of OUT
+PAIRSETS = {"hh": "", "sanity": "sanity"}
+SANITY_PAIRS, SANITY_DONORS = 200, 500  # the sanity set: HH test pairs [0, 200), unrelated replies from [200, 500)
 
 
 def gguf_path(judge: str) -> str:
@@ -80,8 +87,29 @@ def gguf_path(judge: str) -> str:
 # --------------------------------------------------------------------------------------------
 # pairs and chunks
 # --------------------------------------------------------------------------------------------
-def write_chunks(out: Path, hh: Path, n: int, chunk: int) -> list[Path]:
-    """Chunk files holding the first ``n`` usable HH pairs (written once; the chunk size is fixed per OUT)."""
+def sanity_records(records: list, seed: int, pairs: int = SANITY_PAIRS, donors_end: int = SANITY_DONORS) -> list:
+    """The sanity set: for each of the first ``pairs`` HH pairs, its human-chosen reply
+    (``chosen``) against the chosen reply of another dialogue (``rejected``), drawn in order with
+    ``random.Random(seed)`` from HH test pairs ``[pairs, donors_end)`` (a donor whose reply is the
+    same text is drawn again); never RM training pairs. An unrelated reply does not answer
+    the conversation, so a judge with any signal prefers ``chosen`` (under the ``helpful`` rubric)."""
+    import random
+
+    from oaif.data import PreferenceRecord
+
+    rng, donors, out = random.Random(seed), records[pairs:donors_end], []
+    if not donors:
+        raise SystemExit(f"judge_table: the sanity set needs more than {pairs} HH pairs")
+    for r in records[:pairs]:
+        d = rng.choice(donors)
+        while d.chosen.strip() == r.chosen.strip():
+            d = rng.choice(donors)
+        out.append(PreferenceRecord(id=f"{r.id}-vs-{d.id}", prompt=r.prompt, chosen=r.chosen, rejected=d.chosen))
+    return out
+
+
+def write_chunks(out: Path, hh: Path, n: int, chunk: int, pairset: str = "hh", seed: int = 0) -> list[Path]:
+    """Chunk files holding the first ``n`` pairs of ``pairset`` (written once; the chunk size is fixed per OUT)."""
     from oaif.data import load_hh_pairs, save_preferences
 
     if chunk < 2 or chunk % 2:
@@ -91,13 +119,23 @@ def write_chunks(out: Path, hh: Path, n: int, chunk: int) -> list[Path]:
     meta_file = pdir / "meta.json"
     if meta_file.exists():
         meta = json.loads(meta_file.read_text())
-        if meta["chunk"] != chunk or Path(meta["hh"]).name != hh.name:
-            raise SystemExit(f"judge_table: {out} was made with --chunk {meta['chunk']} from {meta['hh']}; "
+        if meta["chunk"] != chunk or Path(meta["hh"]).name != hh.name or meta.get("sanity_seed", seed) != seed:
+            raise SystemExit(f"judge_table: {out} was made with --chunk {meta['chunk']} from {meta['hh']}"
+                             f"{'' if pairset == 'hh' else ', seed %s' % meta.get('sanity_seed')}; "
                              f"use the same or another --out")
     records = load_hh_pairs(hh).records
     if n > len(records):
         raise SystemExit(f"judge_table: --pairs {n} is more than the {len(records)} usable pairs in {hh}")
-    meta_file.write_text(json.dumps({"hh": str(hh), "chunk": chunk, "usable_pairs": len(records)}) + "\n")
+    meta = {"hh": str(hh), "chunk": chunk, "usable_pairs": len(records)}
+    if pairset == "sanity":
+        records = sanity_records(records, seed)
+        if n > len(records):
+            raise SystemExit(f"judge_table: the sanity set has {len(records)} pairs, not --pairs {n}")
+        meta.update({"sanity_seed": seed,
+                     "construction": f"HH test pair i (i < {SANITY_PAIRS}): chosen = its human-chosen reply, "
+                                     f"rejected = the chosen reply of a dialogue drawn with random.Random({seed}) "
+                                     f"from HH test pairs [{SANITY_PAIRS}, {SANITY_DONORS})"})
+    meta_file.write_text(json.dumps(meta) + "\n")
     paths = []
     for k, start in enumerate(range(0, n, chunk)):
         path = pdir / f"chunk_{k:05d}.jsonl"
@@ -125,7 +163,7 @@ def children_cpu_seconds() -> float:
 
 
 def annotate_chunks(out: Path, judge: str, variant: str, chunks: list[Path], sets: list[str], env: dict,
-                    server_pid: int | None = None) -> None:
+                    server_pid: int | None = None, root: Path | None = None) -> None:
     """Judge every missing chunk with one `oaif annotate` each; a failed chunk stops this variant.
 
     Each chunk's report also gets the CPU seconds spent on it (the annotate process and the judge
@@ -143,7 +181,7 @@ def annotate_chunks(out: Path, judge: str, variant: str, chunks: list[Path], set
         try:
             oaif("annotate", str(chunk), "--against-labels", "--no-progress", "--batch-size", "64",
                  *[x for s in sets for x in ("--set", s)], "--out", str(judgments), "--report", str(partial),
-                 log=out / "commands.log")
+                 log=(root or out) / "commands.log")
         except SystemExit as e:
             print(f"judge_table: {judge}/{variant} chunk {k} failed ({e}); going on with the next variant", flush=True)
             return
@@ -156,19 +194,26 @@ def annotate_chunks(out: Path, judge: str, variant: str, chunks: list[Path], set
                                "server": round(process_cpu_seconds(server_pid) - cpu0[1], 2) if server_pid else 0.0}
         report.write_text(json.dumps(data, indent=2) + "\n")
         partial.unlink()
-        write_table(out)
+        write_table(root or out)
 
 
-def run_judge(out: Path, judge: str, variants: list[str], chunks: list[Path], threads: int) -> None:
-    todo = [v for v in variants if not all(chunk_done(out / judge / v, k) for k in range(len(chunks)))]
+def run_judge(out: Path, judge: str, variants: list[str], chunks: list[Path], threads: int, rm: Path,
+              root: Path | None = None) -> None:
+    """Judge ``chunks`` with every variant of ``judge`` (results under ``out/judge/variant``; the
+    table and commands.log under ``root``, default ``out``); the reward model ``rm`` (a checkpoint
+    directory) answers every variant the same way."""
+    jname = rm_name(rm) if judge == "reward-model" else judge
+    todo = [v for v in variants if not all(chunk_done(out / jname / v, k) for k in range(len(chunks)))]
     if not todo:
         return
     if judge == "reward-model":
-        rm = out / "reward_model"
         if not (rm / "config.json").exists():
             raise SystemExit("judge_table: judge reward-model needs --train-rm first")
+        name = rm_name(rm)
+        check_rm_results(out / name, rm)
         for v in todo:
-            annotate_chunks(out, judge, v, chunks, ["type=reward_model", f"model={rm}", "max_length=2048"], {})
+            annotate_chunks(out, name, v, chunks, ["type=reward_model", f"model={rm}", "max_length=2048"], {},
+                            root=root)
         return
     from llama_server import start_llama_server
 
@@ -178,53 +223,90 @@ def run_judge(out: Path, judge: str, variants: list[str], chunks: list[Path], th
         served = ["type=openai", f"base_url={server.base_url}", f"model={judge}", "concurrency=2",
                   "request_timeout=1800", "max_retries=0"]
         for v in todo:
-            if v == "pointwise_harmless":
+            if VARIANTS[v] is POINTWISE:
                 env = {"OAIF_POINTWISE_URL": server.base_url, "OAIF_POINTWISE_MODEL": judge,
-                       "OAIF_POINTWISE_RUBRIC": str(POINTWISE_RUBRIC)}
-                annotate_chunks(out, judge, v, chunks, VARIANTS[v], env, server.process.pid)
+                       "OAIF_POINTWISE_RUBRIC": str(RUBRICS / f"{v}.yaml")}
+                annotate_chunks(out, judge, v, chunks, VARIANTS[v], env, server.process.pid, root)
             else:
-                annotate_chunks(out, judge, v, chunks, served + VARIANTS[v], {}, server.process.pid)
+                annotate_chunks(out, judge, v, chunks, served + VARIANTS[v], {}, server.process.pid, root)
 
 
-def train_rm(out: Path, hh: Path, skip: int, n: int, max_length: int, base: str, segment: int) -> None:
+def train_rm(out: Path, hh: Path, skip: int, n: int, max_length: int, base: str, segment: int, lr: float) -> Path:
     """Train the reward model on HH pairs [skip, skip + n) (after the test pairs), one epoch, in
     segments of ``segment`` pairs: each segment is one ``train_reward_model`` call that starts from
-    the previous segment's checkpoint, so a stopped run resumes at the last finished segment (AdamW
-    restarts each segment). The last segment's directory is copied to ``OUT/reward_model``."""
+    the previous segment's checkpoint, so a stopped run resumes at the last finished segment, and
+    a larger ``n`` goes on from there (AdamW restarts each segment; ``lr`` applies to the segments
+    trained now, each segment records its own). Only the last segment keeps its weights; it is
+    copied to ``OUT/reward_model`` with a summary of all segments. Returns that directory."""
     import shutil
 
     rm = out / "reward_model"
-    if (rm / "config.json").exists():
-        return
     from oaif.data import load_hh_pairs
-    from oaif.reward_model_training import train_reward_model
 
     pairs = load_hh_pairs(hh).records[skip:skip + n]
+    hh_range = [skip, skip + len(pairs)]
+    stats_file = rm / "oaif_reward_model.json"
+    if (rm / "config.json").exists() and json.loads(stats_file.read_text()).get("hh_range") == hh_range:
+        return rm
+    from oaif.reward_model_training import train_reward_model
+
     seg_root = out / "reward_model_segments"
     previous, log = base, []
     for k, start in enumerate(range(0, len(pairs), segment)):
         seg = seg_root / f"segment_{k:03d}"
         if not (seg / "oaif_reward_model.json").exists():
             print(f"$ train_reward_model({previous!r}, HH pairs [{skip + start}, {skip + start + segment}), "
-                  f"output_dir={str(seg)!r}, epochs=1, lr=1e-5, batch_size=8, max_length={max_length}, seed={k})",
+                  f"output_dir={str(seg)!r}, epochs=1, lr={lr}, batch_size=8, max_length={max_length}, seed={k})",
                   flush=True)
             t0, cpu0 = time.perf_counter(), time.process_time()
-            train_reward_model(previous, pairs[start:start + segment], str(seg), epochs=1, lr=1e-5, batch_size=8,
+            train_reward_model(previous, pairs[start:start + segment], str(seg), epochs=1, lr=lr, batch_size=8,
                                max_length=max_length, seed=k, progress=False)
             stats = json.loads((seg / "oaif_reward_model.json").read_text())
             stats.update({"wall_seconds": round(time.perf_counter() - t0, 1),
                           "cpu_seconds": round(time.process_time() - cpu0, 1),
                           "loadavg_1min": os.getloadavg()[0], "hh_range": [skip + start, skip + start + segment]})
             (seg / "oaif_reward_model.json").write_text(json.dumps(stats, indent=2) + "\n")
+            if previous != base:  # the previous segment's weights are not needed to resume any more
+                for f in Path(previous).glob("*.safetensors"):
+                    f.unlink()
+        elif not any(seg.glob("*.safetensors")) and start + segment < len(pairs) \
+                and not (seg_root / f"segment_{k + 1:03d}" / "oaif_reward_model.json").exists():
+            raise SystemExit(f"judge_table: {seg} has no weights left to go on from")
         log.append(json.loads((seg / "oaif_reward_model.json").read_text()))
         previous = str(seg)
+    if rm.exists():
+        shutil.rmtree(rm)
     shutil.copytree(previous, rm)
-    summary = {"base_model": base, "hh_range": [skip, skip + len(pairs)], "segment": segment, "segments": log,
+    summary = {"base_model": base, "hh_range": hh_range, "segment": segment, "segments": log,
+               "lr": sorted({x["lr"] for x in log}),
                "pairs": sum(x["pairs"] for x in log), "trained_pairs": sum(x["trained_pairs"] for x in log),
                "skipped_too_long": sum(x["skipped_too_long"] for x in log), "max_length": max_length,
                "wall_seconds": round(sum(x["wall_seconds"] for x in log), 1),
                "cpu_seconds": round(sum(x["cpu_seconds"] for x in log), 1)}
-    (rm / "oaif_reward_model.json").write_text(json.dumps(summary, indent=2) + "\n")
+    stats_file.write_text(json.dumps(summary, indent=2) + "\n")
+    return rm
+
+
+def rm_name(rm: Path) -> str:
+    """The reward model's name in the table: ``reward-model-<training pairs>p`` (judgments of
+    models trained on different numbers of pairs are kept apart)."""
+    stats = rm / "oaif_reward_model.json"
+    return f"reward-model-{json.loads(stats.read_text())['pairs']}p" if stats.exists() else "reward-model"
+
+
+def check_rm_results(jdir: Path, rm: Path) -> None:
+    """Judgments under ``jdir`` belong to one trained reward model: stamp them with its training
+    range, and refuse to mix in judgments of a model trained on other pairs."""
+    trained = json.loads((rm / "oaif_reward_model.json").read_text())
+    stamp = {"hh_range": trained.get("hh_range"), "pairs": trained.get("pairs"), "lr": trained.get("lr")}
+    stamp_file = jdir / "trained_on.json"
+    if stamp_file.exists():
+        if json.loads(stamp_file.read_text()) != stamp:
+            raise SystemExit(f"judge_table: {jdir} holds judgments of a reward model trained on "
+                             f"{json.loads(stamp_file.read_text())}, not {stamp}; move it aside")
+        return
+    jdir.mkdir(parents=True, exist_ok=True)
+    stamp_file.write_text(json.dumps(stamp) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,56 +374,88 @@ def shorter_wins(rows: list[dict], ids: set[str]) -> dict:
     return {"rate": _mean(wins), "ci95": list(ci) if ci else None, "n": len(wins)}
 
 
+RUBRIC_PAIRS = {"pairwise": ("helpful", "helpful_very_short"),
+                "pointwise": ("pointwise_helpful", "pointwise_helpful_very_short")}
+
+
 def rubric_following(out: Path, judge: str) -> dict | None:
-    helpful, _ = load_rows(out / judge / "helpful")
-    short, _ = load_rows(out / judge / "helpful_very_short")
-    common = {r["id"] for r in helpful} & {r["id"] for r in short}
-    if not common:
-        return None
-    return {"helpful": shorter_wins(helpful, common), "helpful_very_short": shorter_wins(short, common)}
+    """Per readout: the shorter-wins rate under the helpful and the helpful_very_short rubric, on
+    the pairs judged under both."""
+    result = {}
+    for readout, (helpful_v, short_v) in RUBRIC_PAIRS.items():
+        helpful, _ = load_rows(out / judge / helpful_v)
+        short, _ = load_rows(out / judge / short_v)
+        common = {r["id"] for r in helpful} & {r["id"] for r in short}
+        if common:
+            result[readout] = {"helpful": shorter_wins(helpful, common), "helpful_very_short": shorter_wins(short, common)}
+    return result or None
 
 
 def _f(x, d=3) -> str:
     return "n/a" if x is None else f"{x:.{d}f}"
 
 
-def write_table(out: Path) -> dict:
-    """Collect every judge/variant on disk into ``table.json`` and ``table.md``; returns the data."""
-    data: dict = {"judges": {}}
-    meta = out / "pairs" / "meta.json"
-    if meta.exists():
-        data["pairs_source"] = json.loads(meta.read_text())
-    rm_stats = out / "reward_model" / "oaif_reward_model.json"
-    if rm_stats.exists():
-        data["reward_model_training"] = json.loads(rm_stats.read_text())
-    for judge in JUDGES:
+def _ci(ci) -> str:
+    ci = ci or [None, None]
+    return f"[{_f(ci[0])}, {_f(ci[1])}]"
+
+
+def collect(out: Path) -> dict:
+    """Stats of every judge/variant judged under ``out`` (one pair set)."""
+    judges = {}
+    rms = sorted((d.name for d in out.glob("reward-model-*p") if d.is_dir()), key=lambda n: int(n[13:-1]))
+    for judge in [j for j in JUDGES if j != "reward-model"] + rms:
         variants = {}
         for v in VARIANTS:
             rows, reports = load_rows(out / judge / v)
             if rows:
                 variants[v] = variant_stats(rows, reports)
         if variants:
-            data["judges"][judge] = {"variants": variants, "rubric_following": rubric_following(out, judge)}
-    lines = ["| judge | variant | pairs | agreement with humans [95% CI] | consistency | first-position | "
-             "CPU s / pair | wall s / pair (load) | failed |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for judge, d in data["judges"].items():
+            judges[judge] = {"variants": variants, "rubric_following": rubric_following(out, judge)}
+    return judges
+
+
+def _rows(judges: dict, variants: list[str] | None = None) -> list[str]:
+    lines = []
+    for judge, d in judges.items():
         for v, s in d["variants"].items():
-            ci = s["agreement_ci95"] or [None, None]
-            lines.append(f"| {judge} | {v} | {s['judged']} | {_f(s['agreement'])} [{_f(ci[0])}, {_f(ci[1])}] | "
+            if variants is not None and v not in variants:
+                continue
+            lines.append(f"| {judge} | {v} | {s['judged']} | {_f(s['agreement'])} {_ci(s['agreement_ci95'])} | "
                          f"{_f(s['position_consistency'])} | {_f(s['first_position_rate'])} | "
                          f"{_f(s['cpu_seconds_per_pair'], 2)} | "
                          f"{_f(s['seconds_per_pair'], 1)} ({_f(s['mean_loadavg_1min'], 1)}) | "
                          f"{sum(s['failed'].values()) or 0} |")
+    return lines
+
+
+def write_table(out: Path) -> dict:
+    """Collect every judge/variant on disk (HH pairs, and the sanity set under OUT/sanity) into
+    ``table.json`` and ``table.md``; returns the data."""
+    data: dict = {"judges": collect(out)}
+    meta = out / "pairs" / "meta.json"
+    if meta.exists():
+        data["pairs_source"] = json.loads(meta.read_text())
+    rm_stats = out / "reward_model" / "oaif_reward_model.json"
+    if rm_stats.exists():
+        data["reward_model_training"] = json.loads(rm_stats.read_text())
+    sanity_meta = out / "sanity" / "pairs" / "meta.json"
+    if sanity_meta.exists():
+        data["sanity"] = {"pairs_source": json.loads(sanity_meta.read_text()), "judges": collect(out / "sanity")}
+    head = ["| judge | variant | pairs | agreement [95% CI] | consistency | first-position | "
+            "CPU s / pair | wall s / pair (load) | failed |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["HH harmless test pairs: agreement with the human label.", ""] + head + _rows(data["judges"])
+    if "sanity" in data:
+        lines += ["", "Sanity set: the HH chosen reply against a reply from another dialogue "
+                      "(agreement = the chosen reply wins).", ""] + head + _rows(data["sanity"]["judges"])
     lines += ["", "Rubric following: on pairs whose replies differ in word count, how often the shorter reply wins.", "",
-              "| judge | pairs | shorter wins, helpful [95% CI] | shorter wins, helpful_very_short [95% CI] |",
-              "| --- | --- | --- | --- |"]
+              "| judge | readout | pairs | shorter wins, helpful [95% CI] | shorter wins, helpful_very_short [95% CI] |",
+              "| --- | --- | --- | --- | --- |"]
     for judge, d in data["judges"].items():
-        rf = d["rubric_following"]
-        if rf:
-            h, s = rf["helpful"], rf["helpful_very_short"]
-            lines.append(f"| {judge} | {h['n']} | {_f(h['rate'])} [{_f((h['ci95'] or [None])[0])}, "
-                         f"{_f((h['ci95'] or [None, None])[1])}] | {_f(s['rate'])} [{_f((s['ci95'] or [None])[0])}, "
-                         f"{_f((s['ci95'] or [None, None])[1])}] |")
+        for readout, rf in (d["rubric_following"] or {}).items():
+            h, sh = rf["helpful"], rf["helpful_very_short"]
+            lines.append(f"| {judge} | {readout} | {h['n']} | {_f(h['rate'])} {_ci(h['ci95'])} | "
+                         f"{_f(sh['rate'])} {_ci(sh['ci95'])} |")
     (out / "table.json").write_text(json.dumps(data, indent=2) + "\n")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     return data
@@ -357,17 +471,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hh", default=str(DEFAULT_HH), help=f"HH harmless-base test pairs (default {DEFAULT_HH})")
     ap.add_argument("--judges", default="smollm2-135m", help=f"comma-separated: {', '.join(JUDGES)}")
     ap.add_argument("--variants", default="harmless", help=f"comma-separated: {', '.join(VARIANTS)}")
-    ap.add_argument("--pairs", type=int, default=20, help="judge the first N usable HH pairs (default 20)")
+    ap.add_argument("--pairs", type=int, default=20, help="judge the first N pairs of the pair set (default 20)")
+    ap.add_argument("--pairset", default="hh", choices=list(PAIRSETS),
+                    help="hh: the HH test pairs with their human labels (default); sanity: each HH chosen reply "
+                         "against a reply from another dialogue (under OUT/sanity)")
+    ap.add_argument("--sanity-seed", type=int, default=0, help="seed of the sanity set's donor draw (default 0)")
     ap.add_argument("--chunk", type=int, default=20, help="pairs per oaif annotate command (even; default 20)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="llama.cpp server threads (default 1: on a busy CPU, a second thread spins waiting for the "
-                         "first, which inflates the CPU time measured)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="llama.cpp server threads (default 2; on a busy CPU a second thread partly spins waiting "
+                         "for the first, which inflates the CPU time measured)")
     ap.add_argument("--train-rm", action="store_true", help="train the reward model (once) before judging")
     ap.add_argument("--rm-skip", type=int, default=500, help="RM training starts after this many HH pairs (default 500)")
     ap.add_argument("--rm-pairs", type=int, default=100000, help="at most this many RM training pairs (default all)")
     ap.add_argument("--rm-max-length", type=int, default=512, help="RM training: skip longer pairs (default 512)")
     ap.add_argument("--rm-base", default="smollm2-135m-instruct", help="RM starting checkpoint")
     ap.add_argument("--rm-segment", type=int, default=100, help="RM training pairs per resumable segment (default 100)")
+    ap.add_argument("--rm-lr", type=float, default=1e-5, help="RM learning rate of the segments trained now (default 1e-5)")
     ap.add_argument("--table-only", action="store_true", help="only rebuild table.md / table.json")
     ap.add_argument("--smoke", action="store_true", help="SmolLM2 on 4 pairs in chunks of 2, every variant")
     args = ap.parse_args(argv)
@@ -383,14 +502,17 @@ def main(argv: list[str] | None = None) -> None:
         unknown = [j for j in judges if j not in JUDGES] + [v for v in variants if v not in VARIANTS]
         if unknown:
             raise SystemExit(f"judge_table: unknown judge or variant {', '.join(unknown)}")
-        chunks = write_chunks(out, Path(args.hh), args.pairs, args.chunk)
+        set_out = out / PAIRSETS[args.pairset]
+        chunks = write_chunks(set_out, Path(args.hh), args.pairs, args.chunk, args.pairset, args.sanity_seed)
+        rm = out / "reward_model"
         if args.train_rm:
             if args.rm_skip < args.pairs:
                 raise SystemExit(f"judge_table: --rm-skip {args.rm_skip} would train the reward model on test pairs "
                                  f"(--pairs {args.pairs})")
-            train_rm(out, Path(args.hh), args.rm_skip, args.rm_pairs, args.rm_max_length, args.rm_base, args.rm_segment)
+            rm = train_rm(out, Path(args.hh), args.rm_skip, args.rm_pairs, args.rm_max_length, args.rm_base,
+                          args.rm_segment, args.rm_lr)
         for judge in judges:
-            run_judge(out, judge, variants, chunks, args.threads)
+            run_judge(set_out, judge, variants, chunks, args.threads, rm, out)
     write_table(out)
     print((out / "table.md").read_text())
 

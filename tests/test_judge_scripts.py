@@ -145,6 +145,61 @@ def test_judge_table_runs_through_a_real_server_and_resumes(tmp_path):
     # the pointwise readout scores each reply alone: consistent by construction, no first position
     assert v["pointwise_harmless"]["pairs"] == 2 and v["pointwise_harmless"]["position_consistency"] == 1.0
     assert v["pointwise_harmless"]["readout"] == "pointwise" and v["pointwise_harmless"]["first_position_rate"] is None
-    rf = table["judges"]["smollm2-135m"]["rubric_following"]
+    rf = table["judges"]["smollm2-135m"]["rubric_following"]["pairwise"]
     assert rf["helpful"]["n"] == rf["helpful_very_short"]["n"] == 2  # both pairs differ in length
     assert "| smollm2-135m | harmless | 4 |" in (out / "table.md").read_text()
+
+
+def _judge_table():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import judge_table
+
+    return judge_table
+
+
+def test_sanity_set_pairs_each_chosen_reply_with_a_reply_from_another_dialogue(tmp_path):
+    from oaif.data import load_hh_pairs
+
+    jt = _judge_table()
+    rows = [{"chosen": f"\n\nHuman: question {i}\n\nAssistant: answer {i % 5}",
+             "rejected": f"\n\nHuman: question {i}\n\nAssistant: other {i}"} for i in range(12)]
+    (tmp_path / "hh.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = load_hh_pairs(tmp_path / "hh.jsonl").records
+    sanity = jt.sanity_records(records, seed=0, pairs=4, donors_end=12)
+    assert [r.id.split("-vs-")[0] for r in sanity] == ["0", "1", "2", "3"]
+    for r, original in zip(sanity, records):
+        assert r.prompt == original.prompt and r.chosen == original.chosen  # the human-chosen reply
+        donor = records[int(r.id.split("-vs-")[1])]
+        assert 4 <= int(donor.id) < 12 and r.rejected == donor.chosen  # another dialogue's reply ...
+        assert r.rejected.strip() != r.chosen.strip()  # ... never the same text (answer i % 5 repeats)
+    assert [r.id for r in jt.sanity_records(records, seed=0, pairs=4, donors_end=12)] == [r.id for r in sanity]
+    assert [r.id for r in jt.sanity_records(records, seed=1, pairs=4, donors_end=12)] != [r.id for r in sanity]
+
+
+def test_reward_model_training_goes_on_from_the_last_segment(tmp_path):
+    from helpers import make_tiny_llama
+
+    jt = _judge_table()
+    hh = tmp_path / "hh.jsonl"
+    rows = [{"chosen": f"\n\nHuman: question {i}\n\nAssistant: a kind answer {i}",
+             "rejected": f"\n\nHuman: question {i}\n\nAssistant: go away {i}"} for i in range(8)]
+    hh.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base, out = make_tiny_llama(tmp_path / "base"), tmp_path / "out"
+    rm = jt.train_rm(out, hh, skip=2, n=4, max_length=64, base=base, segment=2, lr=1e-5)
+    assert jt.rm_name(rm) == "reward-model-4p"
+    segments = out / "reward_model_segments"
+    assert not list((segments / "segment_000").glob("*.safetensors"))  # not needed to go on any more
+    assert list((segments / "segment_001").glob("*.safetensors"))
+    jt.check_rm_results(out / "reward-model-4p", rm)  # stamps the judgments' directory
+
+    first = (segments / "segment_000" / "oaif_reward_model.json").read_text()
+    rm = jt.train_rm(out, hh, skip=2, n=6, max_length=64, base=base, segment=2, lr=3e-5)
+    assert (segments / "segment_000" / "oaif_reward_model.json").read_text() == first  # not trained again
+    trained = json.loads((rm / "oaif_reward_model.json").read_text())
+    assert trained["hh_range"] == [2, 8] and trained["pairs"] == 6 and trained["lr"] == [1e-5, 3e-5]
+    assert [s["hh_range"] for s in trained["segments"]] == [[2, 4], [4, 6], [6, 8]]
+    assert json.loads((segments / "segment_002" / "oaif_reward_model.json").read_text())["base_model"] == \
+        str(segments / "segment_001")
+    assert jt.rm_name(rm) == "reward-model-6p" and (rm / "config.json").exists()
+    with pytest.raises(SystemExit, match="move it aside"):  # judgments of the 4-pair model stay apart
+        jt.check_rm_results(out / "reward-model-4p", rm)
