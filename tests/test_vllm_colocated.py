@@ -13,8 +13,8 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
+from oaif.config import VllmConfig  # noqa: E402
 from oaif.generation.base import GenerationError, StopRules  # noqa: E402
-from oaif.generation.settings import VllmConfig  # noqa: E402
 from oaif.generation.vllm_colocated import ColocatedVllm  # noqa: E402
 from oaif.generation.weights import policy_weights  # noqa: E402
 from oaif.models import encode_prompt, load_causal_lm  # noqa: E402

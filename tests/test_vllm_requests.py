@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
+from oaif.config import VllmConfig
 from oaif.errors import ConfigError
 from oaif.generation.base import GenerationError, StopRules, regroup, request_params, sample_rows
-from oaif.generation.settings import VllmConfig
 from oaif.sampling import row_seed
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+from oaif.config import VllmConfig
 from oaif.generation.base import GenerationError, StopRules
-from oaif.generation.settings import VllmConfig
 from oaif.generation.vllm_server import VllmServer
 from oaif.generation.weights import policy_weights
 from oaif.models import encode_prompt, load_causal_lm

@@ -6,8 +6,8 @@ import os
 
 import torch
 
+from oaif.config import VllmConfig
 from oaif.generation.base import Generator, StopRules
-from oaif.generation.settings import VllmConfig
 
 
 def build_generator(settings: VllmConfig, *, model_path: str, eos_ids: set[int], max_model_len: int,

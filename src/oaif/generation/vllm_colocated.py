@@ -27,8 +27,8 @@ from typing import Iterable
 
 import torch
 
+from oaif.config import VllmConfig
 from oaif.generation.base import GenerationError, StopRules, regroup, request_params, sample_rows
-from oaif.generation.settings import VllmConfig
 from oaif.generation.vllm_worker import EXTENSION
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}

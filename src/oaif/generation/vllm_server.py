@@ -37,8 +37,8 @@ from typing import Iterable
 
 import torch
 
+from oaif.config import VllmConfig
 from oaif.generation.base import GenerationError, StopRules, regroup, request_params, sample_rows
-from oaif.generation.settings import VllmConfig
 from oaif.generation.vllm_worker import EXTENSION
 from oaif.generation.weights import save_weights
 
