@@ -54,10 +54,13 @@ METRICS: dict[str, str] = {
     "time_sample_s": "seconds sampling (mean over processes)",
     "time_annotate_s": "seconds annotating (mean over processes)",
     "time_update_s": "seconds in forward/backward passes (mean over processes)",
+    "time_weight_sync_s": ("seconds giving the sampler the new weights after the optimizer step (mean over "
+                           "processes): the push into the vLLM engine or server; 0 with shared_prefill and hf, "
+                           "which sample the policy itself"),
 }
 _COUNTS = ("responses_truncated", "pairs_judged", "pairs_used", "pairs_masked", "pairs_failed", "masked/identical",
            "masked/tie", "generated_tokens", "train_tokens")
-_TIMES = ("time_sample_s", "time_annotate_s", "time_update_s")
+_TIMES = ("time_sample_s", "time_annotate_s", "time_update_s", "time_weight_sync_s")
 #: Written by the trainer beside the summed metrics.
 RECORD_KEYS: dict[str, str] = {
     "step": "optimizer steps taken", "lr": "learning rate of the step", "grad_norm": "gradient norm before clipping",
