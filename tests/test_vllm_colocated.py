@@ -18,7 +18,7 @@ from oaif.generation.base import GenerationError, StopRules  # noqa: E402
 from oaif.generation.vllm_colocated import ColocatedVllm  # noqa: E402
 from oaif.generation.weights import policy_weights  # noqa: E402
 from oaif.models import encode_prompt, load_causal_lm  # noqa: E402
-from oaif.sampling import eos_token_ids  # noqa: E402
+from oaif.sampling import eos_token_ids, filter_top_p  # noqa: E402
 from vllm_helpers import PROMPTS, copy_weights_, greedy_both, make_tiny_policies  # noqa: E402
 
 MAX_LEN = 1024
@@ -92,6 +92,24 @@ def test_seeded_samples_depend_only_on_their_row(policy, engine):
     assert engine.sample(prompts[:1], [20], k=2, seed=6, **args)[0][0] != pair[0][0]  # another run seed
     assert engine.sample(prompts[:1], [23], k=2, seed=5, **args)[0][0] != pair[0][0]  # another stream position
     assert pair[0][0][0] != pair[0][0][1]  # the K samples of a prompt are drawn independently
+
+
+def test_sampled_tokens_follow_the_tempered_top_p_distribution(policy, engine):
+    # the distribution oaif's own backends sample (test_sampling checks theirs): softmax(logits / T) over the
+    # smallest set of tokens whose mass reaches top_p; here 800 seeded draws of the first response token
+    model, _, prompts = policy
+    temperature, top_p, n = 0.4, 0.7, 800
+    with torch.no_grad():
+        exact = filter_top_p(model(torch.tensor(prompts[:1])).logits[0, -1] / temperature, top_p).softmax(-1)
+    kept = exact.nonzero().flatten()
+    assert 5 <= len(kept) <= 30
+    responses, _ = engine.sample(prompts[:1], [0], k=n, seed=1, temperature=temperature, top_p=top_p, max_new_tokens=1)
+    counts = torch.bincount(torch.tensor([r[0] for r in responses[0]]), minlength=len(exact)).double()
+    assert counts[exact == 0].sum() == 0  # nothing outside the top-p set
+    expected = n * exact[kept].double()
+    chi2 = float(((counts[kept] - expected) ** 2 / expected).sum())
+    df = len(kept) - 1  # the chi-square quantile at p = 0.001 (Wilson-Hilferty: z = 3.09)
+    assert chi2 < df * (1 - 2 / (9 * df) + 3.09 * (2 / (9 * df)) ** 0.5) ** 3, (chi2, df)
 
 
 def test_lora_policy_is_pushed_as_merged_weights(tiny, policy, engine, restore):

@@ -184,6 +184,16 @@ def greedy_both(model, tok, generator, prompts: list[list[int]], max_new_tokens:
     return hf, other
 
 
+def train_overrides(model_dir: str, out, *extra: str) -> list[str]:
+    """Overrides of ``configs/demo.yaml`` for a short vLLM run (3 steps of 4 prompts x 2 samples of up to
+    12 tokens) of a tiny policy with a rule judge, on CPU."""
+    return [f"model.name_or_path={model_dir}", "annotator.type=callable",
+            "annotator.callable=oaif.annotators.rules:prefer_shorter", f"train.output_dir={out}", "train.max_steps=3",
+            "train.batch_size=4", "sampling.max_new_tokens=12", "optim.lr=1.0e-3", "optim.warmup_steps=0",
+            "logging.progress_bar=false", f"data.path={ROOT / 'data/prompts/demo_prompts.jsonl'}", "train.device=cpu",
+            "sampling.backend=vllm", "vllm.kv_cache_gib=0.25", *extra]
+
+
 def copy_weights_(model, source) -> None:
     """Overwrite ``model``'s parameters in place with ``source``'s, as an optimizer step would."""
     import torch
