@@ -2,7 +2,7 @@
 
 Needs vLLM importable in this interpreter: it runs in the vLLM virtual environment
 (``test_vllm_venv.py`` starts it there from the main suite). One engine serves the module; it is
-given to each trainer (``Trainer(cfg, generator=engine)``), which pushes its own policy into it
+given to each trainer (``Trainer(cfg, sampler=engine)``), which pushes its own policy into it
 at setup, so the tests do not depend on each other's leftovers. The engine built from a config
 (``sampling.backend=vllm``) runs in ``test_configs_run.py``'s run of ``configs/vllm_demo.yaml``.
 """
@@ -55,7 +55,7 @@ def test_a_trainer_step_pushes_the_updated_policy_into_the_engine(tiny, engine, 
     # a large learning rate, so that one step changes the greedy responses
     extra = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8", "optim.lr=5.0e-2"] if lora \
         else ["optim.lr=1.0e-2"]
-    t = Trainer(load_config(DEMO, train_overrides(tiny.first, tmp_path / "run", *extra)), generator=engine).setup()
+    t = Trainer(load_config(DEMO, train_overrides(tiny.first, tmp_path / "run", *extra)), sampler=engine).setup()
     hf_before, vl_before = greedy(t, engine)
     assert vl_before == hf_before
     record = t.run_step()  # sample from the engine, judge, update, push
@@ -77,7 +77,7 @@ def test_a_resumed_run_pushes_the_resumed_weights_before_its_first_sample(tiny, 
     engine.load_weights(policy_weights(model))  # the engine holds the starting policy
     start = greedy_both(model, tok, engine, [encode_prompt(tok, p) for p in PROMPTS])[1]
     t = Trainer(load_config(DEMO, train_overrides(tiny.first, out, f"train.resume={out / 'checkpoint-1'}",
-                                                  "train.max_steps=2")), generator=engine).setup()
+                                                  "train.max_steps=2")), sampler=engine).setup()
     assert t.step == 1 and changed(t.unwrapped, tiny.first)
     hf, vl = greedy(t, engine)
     assert vl == hf and vl[0] != start[0]

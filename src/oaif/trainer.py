@@ -45,10 +45,10 @@ class MicroBatch:
 
 class Trainer:
     """Owns one run's parts (:class:`oaif.run_setup.RunParts`) and its progress. ``train()`` runs it.
-    ``annotator`` and ``generator`` replace the configured ones (a generator given here is not closed)."""
+    ``annotator`` and ``sampler`` (a Generator) replace the configured ones; a sampler given here is not closed."""
 
-    def __init__(self, cfg: Config, *, annotator=None, generator=None):
-        self.cfg, self._annotator_override, self._generator_override = cfg, annotator, generator
+    def __init__(self, cfg: Config, *, annotator=None, sampler=None):
+        self.cfg, self._annotator_override, self._sampler_override = cfg, annotator, sampler
         self.step = 0
         self.failures = FailureWindow(cfg.annotator.failure_window)
 
@@ -58,7 +58,7 @@ class Trainer:
         from oaif.update import PolicyUpdate
 
         cfg = self.cfg
-        self.parts = parts = build_run(cfg, self._annotator_override, self._generator_override)
+        self.parts = parts = build_run(cfg, self._annotator_override, self._sampler_override)
         self.accelerator, self.policy, self.tokenizer = parts.accelerator, parts.policy, parts.tokenizer
         self.optimizer, self.scheduler, self.stream, self.annotator, self.sampler = (
             parts.optimizer, parts.scheduler, parts.stream, parts.annotator, parts.sampler)
@@ -209,7 +209,7 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.close()
             self.audit.close()
-            if self.sampler is not None and self._generator_override is None:
+            if self.sampler is not None and self._sampler_override is None:
                 self.sampler.close()
         return {"final_checkpoint": str(final), "steps": self.step, "last": last,
                 "skipped_inputs": dict(self.parts.prompts.skipped)}
