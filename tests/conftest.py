@@ -1,6 +1,6 @@
 """Shared pytest fixtures. Builders live in ``tests/helpers.py`` (importable as ``helpers``).
 
-Sections: models, llama.cpp server, vLLM server. Add new fixtures under a section header of their own.
+Sections: models, llama.cpp server, vLLM engine and server. Add new fixtures under a section header of their own.
 
 The embedded model is converted once into the normal cache ($OAIF_CACHE or ~/.cache/oaif), not
 a temporary directory, so later test runs reuse it instead of repeating the ~20 s conversion.
@@ -51,7 +51,7 @@ def llama_server():
         yield server
 
 
-# --------------------------------------------------------------------------- vLLM server
+# --------------------------------------------------------------------------- vLLM engine and server
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +70,21 @@ def vllm_server(vllm_tiny):
 
     with start_vllm_server(require_vllm_python(), vllm_tiny.first) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(vllm_tiny):
+    """A colocated vLLM engine on ``vllm_tiny.first`` (needs vLLM in this interpreter), shared by the session:
+    whoever uses it pushes the weights it needs first."""
+    pytest.importorskip("vllm")
+    import torch
+
+    from oaif.config import VllmConfig
+    from oaif.generation.base import StopRules
+    from oaif.generation.vllm_colocated import ColocatedVllm
+    from vllm_helpers import ENGINE_MAX_LEN
+
+    engine = ColocatedVllm(vllm_tiny.first, StopRules(frozenset(vllm_tiny.eos_ids)), VllmConfig(kv_cache_gib=0.25),
+                           max_model_len=ENGINE_MAX_LEN, policy_dtype=torch.float32)
+    yield engine
+    engine.close()

@@ -1,10 +1,11 @@
 """The trainer with a colocated vLLM engine: every push path hands the engine the policy it trains.
 
 Needs vLLM importable in this interpreter: it runs in the vLLM virtual environment
-(``test_vllm_venv.py`` starts it there from the main suite). One engine serves the module; it is
-given to each trainer (``Trainer(cfg, sampler=engine)``), which pushes its own policy into it
-at setup, so the tests do not depend on each other's leftovers. The engine built from a config
-(``sampling.backend=vllm``) runs in ``test_configs_run.py``'s run of ``configs/vllm_demo.yaml``.
+(``test_vllm_venv.py`` starts it there from the main suite). The session's engine
+(``vllm_engine`` in conftest.py) is given to each trainer (``Trainer(cfg, sampler=engine)``),
+which pushes its own policy into it at setup, so the tests do not depend on each other's
+leftovers. The engine built from a config (``sampling.backend=vllm``) runs in
+``test_configs_run.py``'s run of ``configs/vllm_demo.yaml``.
 """
 
 from __future__ import annotations
@@ -15,28 +16,23 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
-from oaif.config import VllmConfig, load_config  # noqa: E402
-from oaif.generation.base import StopRules  # noqa: E402
-from oaif.generation.vllm_colocated import ColocatedVllm  # noqa: E402
+from oaif.config import load_config  # noqa: E402
 from oaif.generation.weights import policy_weights  # noqa: E402
 from oaif.models import encode_prompt, load_causal_lm  # noqa: E402
 from oaif.trainer import Trainer, train  # noqa: E402
-from vllm_helpers import PROMPTS, ROOT, greedy_both, make_tiny_policies, train_overrides  # noqa: E402
+from vllm_helpers import PROMPTS, ROOT, greedy_both, train_overrides  # noqa: E402
 
 DEMO = ROOT / "configs" / "demo.yaml"
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_policies(tmp_path_factory.mktemp("vllm_trainer_tiny"))
+@pytest.fixture
+def tiny(vllm_tiny):
+    return vllm_tiny
 
 
-@pytest.fixture(scope="module")
-def engine(tiny):
-    gen = ColocatedVllm(tiny.first, StopRules(frozenset(tiny.eos_ids)), VllmConfig(kv_cache_gib=0.25),
-                        max_model_len=512, policy_dtype=torch.float32, seed=42)
-    yield gen
-    gen.close()
+@pytest.fixture
+def engine(vllm_engine):
+    return vllm_engine
 
 
 def greedy(trainer, engine):

@@ -70,6 +70,7 @@ def set_eos_ids(model_dir: str, ids: list[int]) -> None:
 
 
 PROMPTS = ["What is 2+2?", "Name a color.", "Write a haiku about the sea, please."]
+ENGINE_MAX_LEN = 1024  # the longest prompt + response of the session's engine and server (conftest.py)
 
 
 @dataclass
@@ -124,7 +125,7 @@ def _healthy(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def start_vllm_server(python: str, model_dir: str, *, max_model_len: int = 1024, dev_mode: bool = True,
+def start_vllm_server(python: str, model_dir: str, *, max_model_len: int = ENGINE_MAX_LEN, dev_mode: bool = True,
                       startup_timeout: float = 420.0) -> Iterator[VllmServerProcess]:
     """A real vLLM OpenAI-compatible server on loopback, set up as oaif's README says, stopped on exit."""
     port = free_port()
