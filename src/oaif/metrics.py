@@ -54,17 +54,17 @@ METRICS: dict[str, str] = {
     "time_sample_s": "seconds sampling (mean over processes)",
     "time_annotate_s": "seconds annotating (mean over processes)",
     "time_update_s": "seconds in forward/backward passes (mean over processes)",
-    "time_weight_sync_s": ("seconds giving the sampler the new weights after the optimizer step (mean over "
-                           "processes): the push into the vLLM engine or server; 0 with shared_prefill and hf, "
-                           "which sample the policy itself"),
 }
 _COUNTS = ("responses_truncated", "pairs_judged", "pairs_used", "pairs_masked", "pairs_failed", "masked/identical",
            "masked/tie", "generated_tokens", "train_tokens")
-_TIMES = ("time_sample_s", "time_annotate_s", "time_update_s", "time_weight_sync_s")
+_TIMES = ("time_sample_s", "time_annotate_s", "time_update_s")
 #: Written by the trainer beside the summed metrics.
 RECORD_KEYS: dict[str, str] = {
     "step": "optimizer steps taken", "lr": "learning rate of the step", "grad_norm": "gradient norm before clipping",
     "time_step_s": "seconds for the whole step (this process)", "gen_tokens_per_s": "generated tokens per second",
+    "time_weight_sync_s": ("seconds pushing the new weights into the vLLM engine or server after the step (this "
+                           "process; not in time_step_s; about 0 with shared_prefill and hf, which sample the policy "
+                           "itself)"),
     "train_tokens_per_s": "trained tokens per second", "prompts_seen": "prompts drawn from the stream so far",
     "failed/<reason>": "count: failed judgments of the step with this reason",
     "judge_agreement/<member>": "ensembles: how often each member agrees with the ensemble (this process)",

@@ -13,9 +13,10 @@ then counts the step's valid pairs over every process and runs
 4. :class:`oaif.update.PolicyUpdate`  on each micro-batch: policy and reference log-probs, the loss
    scaled so that the step's objective is the mean over all of the step's pairs, backward;
 
-and takes the optimizer step, after which the sampler gets the new weights (a vLLM engine or
-server; the transformers backends sample the policy itself). The policy does not change while a
-step collects, so collecting first changes no sample. Offline mode replaces steps 1-2 with pairs read from a preference file.
+and takes the optimizer step. The policy does not change while a step collects, so collecting
+first changes no sample. Once the step is complete, the sampler gets the new weights (a vLLM
+engine or server; the transformers backends sample the policy itself). Offline mode replaces
+steps 1-2 with pairs read from a preference file.
 Setup lives in :mod:`oaif.run_setup`, metric bookkeeping in :class:`oaif.metrics.StepMetrics`,
 the audit log in :mod:`oaif.audit`, checkpoint state in :mod:`oaif.checkpoint`.
 """
@@ -132,14 +133,16 @@ class Trainer:
             grad_norm = float(self.accelerator.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.max_grad_norm))
         self.optimizer.step()  # without any pair no parameter has a gradient: the step leaves all alone
         self.optimizer.zero_grad(set_to_none=True)
-        with metrics.timed("weight_sync"):
-            self.push_weights()
-        return self._end_step(metrics, grad_norm, started)
+        record = self._end_step(metrics, grad_norm, started)
+        record["time_weight_sync_s"] = self.push_weights()  # after the step is complete: a failed push loses nothing
+        return record
 
-    def push_weights(self) -> None:
-        """Give the sampler the policy's current weights (vLLM; a no-op for the transformers backends)."""
+    def push_weights(self) -> float:
+        """Give the sampler the policy's current weights (vLLM; nothing to do for the transformers backends); seconds."""
+        started = time.perf_counter()
         if self.sampler is not None:
             self.sampler.load_weights(policy_weights(self.unwrapped))
+        return time.perf_counter() - started
 
     def _global_sum(self, n: int) -> int:
         t = torch.tensor([n], device=self.accelerator.device, dtype=torch.long)
