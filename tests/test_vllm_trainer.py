@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +21,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from oaif.checkpoint import latest_checkpoint
 from oaif.config import VllmConfig, load_config
-from oaif.generation.base import StopRules
+from oaif.generation.base import GenerationError, StopRules
 from oaif.generation.vllm_server import VllmServer
 from oaif.metrics import read_metrics
 from oaif.models import encode_prompt, load_causal_lm
-from oaif.trainer import train
+from oaif.trainer import Trainer, train
 from vllm_helpers import PROMPTS, ROOT, greedy_both, require_vllm_python, train_overrides
 
 pytestmark = pytest.mark.slow
@@ -70,6 +72,18 @@ def test_three_steps_from_a_server_train_and_leave_it_with_the_last_weights(serv
     hf, vl = greedy_both(model, tok, client, prompts)
     assert vl == hf
     assert vl != greedy_both(load_causal_lm(vllm_tiny.first)[0], tok, client, prompts)[0]
+
+
+def test_a_push_that_fails_after_a_step_leaves_that_step_saved(vllm_tiny, vllm_server, tmp_path):
+    out, weights = tmp_path / "run", tmp_path / "weights"
+    t = Trainer(load_config(DEMO, train_overrides(vllm_tiny.first, out, "vllm.mode=server", "train.max_steps=2",
+                                                  f"vllm.server_url={vllm_server.url}",
+                                                  f"vllm.weights_dir={weights}"))).setup()
+    shutil.rmtree(weights)
+    weights.write_text("")  # a file where the weights go: step 1 samples and trains, then its push fails
+    with pytest.raises(GenerationError, match="cannot write the policy's weights"):
+        t.train()
+    assert t.step == 1 and latest_checkpoint(out).name == "checkpoint-1"  # the finished step is not lost
 
 
 def launch(python: str, args: list[str]) -> None:

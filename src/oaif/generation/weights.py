@@ -82,11 +82,14 @@ def save_weights(weights: Iterable[tuple[str, torch.Tensor]], directory: str | o
     from safetensors.torch import save_file
 
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in weights}
     if not tensors:
         raise GenerationError("no weights to save")
     tmp = out / f".{WEIGHTS_FILE}.{os.getpid()}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / WEIGHTS_FILE)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out / WEIGHTS_FILE)
+    except OSError as e:
+        raise GenerationError(f"cannot write the policy's weights to {out} (vllm.weights_dir): {e}") from e
     return out / WEIGHTS_FILE
