@@ -42,7 +42,7 @@ def run_one(args, dtype: str) -> dict:
     import torch
 
     from oaif.generation.base import StopRules
-    from oaif.generation.settings import VllmConfig
+    from oaif.config import VllmConfig
     from oaif.generation.vllm_colocated import ColocatedVllm
     from oaif.generation.weights import policy_weights
     from oaif.models import encode_prompt, load_causal_lm, resolve_model_path

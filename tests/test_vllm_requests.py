@@ -7,13 +7,17 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
+from oaif.config import VllmConfig, load_config
 from oaif.errors import ConfigError
 from oaif.generation.base import GenerationError, StopRules, regroup, request_params, sample_rows
-from oaif.generation.settings import VllmConfig
 from oaif.sampling import row_seed
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_stop_rule_cuts_at_the_first_eos_and_keeps_it():
@@ -85,3 +89,34 @@ def test_importing_oaif_and_its_generation_package_does_not_import_vllm():
             "print(sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def oaif_train(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "oaif.cli", "train", str(ROOT / "configs" / "vllm_demo.yaml"),
+                           "annotator.type=callable", "annotator.callable=oaif.annotators.rules:prefer_shorter",
+                           *overrides], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("mode, message", [
+    pytest.param("colocated", "the vLLM backend needs vLLM, which is not installed here", id="colocated_without_vllm",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")),
+    pytest.param("server", "cannot reach the vLLM server at http://127.0.0.1:9", id="server_unreachable"),
+])
+def test_a_vllm_run_that_cannot_sample_stops_with_one_line(tiny_model_dir, tmp_path, mode, message):
+    result = oaif_train(f"model.name_or_path={tiny_model_dir}", f"train.output_dir={tmp_path}", f"vllm.mode={mode}",
+                        "vllm.server_url=http://127.0.0.1:9", "vllm.request_timeout_s=5")
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("oaif: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_colocated_engines_on_several_gpus_are_refused():
+    from oaif.generation.build import build_sampler
+
+    class TwoGpus:  # stands in for a two-GPU accelerator, which this machine lacks; only these are read
+        num_processes, device = 2, torch.device("cuda", 0)
+
+    cfg = load_config(ROOT / "configs" / "vllm_demo.yaml")
+    with pytest.raises(ConfigError, match="vllm.mode=colocated runs one process only on a GPU"):
+        build_sampler(cfg, None, None, {2}, TwoGpus())

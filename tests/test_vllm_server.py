@@ -8,47 +8,36 @@ from __future__ import annotations
 
 import pytest
 
+from oaif.config import VllmConfig
 from oaif.generation.base import GenerationError, StopRules
-from oaif.generation.settings import VllmConfig
 from oaif.generation.vllm_server import VllmServer
 from oaif.generation.weights import policy_weights
 from oaif.models import encode_prompt, load_causal_lm
 from oaif.sampling import eos_token_ids
 from llama_server import free_port
-from vllm_helpers import PROMPTS, copy_weights_, greedy_both, make_tiny_policies, require_vllm_python, start_vllm_server
+from vllm_helpers import PROMPTS, copy_weights_, greedy_both
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_policies(tmp_path_factory.mktemp("vllm_server_tiny"))
+@pytest.fixture
+def client(vllm_tiny, vllm_server, tmp_path):
+    return VllmServer(StopRules(frozenset(vllm_tiny.eos_ids)), VllmConfig(mode="server", server_url=vllm_server.url),
+                      weights_dir=tmp_path / "vllm_weights")
 
 
-@pytest.fixture(scope="module")
-def server(tiny):
-    python = require_vllm_python()
-    with start_vllm_server(python, tiny.first) as proc:
-        yield proc
-
-
-@pytest.fixture(scope="module")
-def client(tiny, server, tmp_path_factory):
-    return VllmServer(StopRules(frozenset(tiny.eos_ids)), VllmConfig(mode="server", server_url=server.url),
-                      weights_dir=tmp_path_factory.mktemp("vllm_weights"))
-
-
-def test_server_greedy_matches_transformers_before_and_after_a_reload(tiny, client):
-    model, tok = load_causal_lm(tiny.first)
-    assert eos_token_ids(model, tok) == tiny.eos_ids
+def test_server_greedy_matches_transformers_before_and_after_a_reload(vllm_tiny, client):
+    model, tok = load_causal_lm(vllm_tiny.first)
+    assert eos_token_ids(model, tok) == vllm_tiny.eos_ids
     prompts = [encode_prompt(tok, p) for p in PROMPTS]
     assert client.model == "policy"
+    client.load_weights(policy_weights(model))  # the server is shared by the session: start from the first policy
     hf, vl = greedy_both(model, tok, client, prompts)
     assert vl == hf
     ended = vl[1]
     assert any(e for es in ended for e in es) and not all(e for es in ended for e in es)
 
-    copy_weights_(model, load_causal_lm(tiny.second)[0])  # every weight changes, tied embeddings included
+    copy_weights_(model, load_causal_lm(vllm_tiny.second)[0])  # every weight changes, tied embeddings included
     client.load_weights(policy_weights(model))
     hf_after, vl_after = greedy_both(model, tok, client, prompts)
     assert vl_after == hf_after
@@ -60,16 +49,16 @@ def test_server_greedy_matches_transformers_before_and_after_a_reload(tiny, clie
     assert client.sample(prompts[:1], [30], k=2, seed=4, **args)[0][0] != together[0][0]
 
 
-def test_unreachable_server_is_a_one_line_error(tiny, tmp_path):
+def test_unreachable_server_is_a_one_line_error(vllm_tiny, tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(GenerationError, match=rf"cannot reach the vLLM server at {url} \(GET /v1/models\)"):
-        VllmServer(StopRules(frozenset(tiny.eos_ids)), VllmConfig(mode="server", server_url=url), weights_dir=tmp_path)
+        VllmServer(StopRules(frozenset(vllm_tiny.eos_ids)), VllmConfig(mode="server", server_url=url), weights_dir=tmp_path)
 
 
-def test_a_server_without_reloads_is_named(tiny, llama_server, tmp_path):
+def test_a_server_without_reloads_is_named(vllm_tiny, llama_server, tmp_path):
     # llama.cpp speaks the OpenAI API but has no weight reload endpoint, like vLLM without dev mode
     url = llama_server.base_url.removesuffix("/v1")
-    client = VllmServer(StopRules(frozenset(tiny.eos_ids)), VllmConfig(mode="server", server_url=url), weights_dir=tmp_path)
-    model, _ = load_causal_lm(tiny.first)
+    client = VllmServer(StopRules(frozenset(vllm_tiny.eos_ids)), VllmConfig(mode="server", server_url=url), weights_dir=tmp_path)
+    model, _ = load_causal_lm(vllm_tiny.first)
     with pytest.raises(GenerationError, match="VLLM_SERVER_DEV_MODE=1"):
         client.load_weights(policy_weights(model))

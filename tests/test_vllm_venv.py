@@ -1,8 +1,8 @@
-"""Runs the in-process vLLM tests (test_vllm_colocated.py) in the vLLM environment.
+"""Runs the in-process vLLM tests (test_vllm_colocated.py, test_vllm_colocated_trainer.py) in the vLLM environment.
 
 vLLM pins its own transformers, so it is installed in ``.venv-vllm`` rather than next to oaif's
 other dependencies; this test starts pytest there, so the main suite covers the colocated
-engine too. Where this interpreter imports vLLM itself, pytest collects that file directly.
+engine too. Where this interpreter imports vLLM itself, pytest collects those files directly.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None,
-                    reason="vLLM imports here: test_vllm_colocated.py runs in this session")
+                    reason="vLLM imports here: the colocated tests run in this session")
 def test_colocated_engine_tests_pass_in_the_vllm_environment():
     python = require_vllm_python()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
-    cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(ROOT / "tests" / "test_vllm_colocated.py")]
+    cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "--durations=5",
+           *(str(ROOT / "tests" / name) for name in ("test_vllm_colocated.py", "test_vllm_colocated_trainer.py"))]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     tail = (result.stdout + result.stderr)[-4000:]
     assert result.returncode == 0, tail

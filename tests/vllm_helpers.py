@@ -70,6 +70,7 @@ def set_eos_ids(model_dir: str, ids: list[int]) -> None:
 
 
 PROMPTS = ["What is 2+2?", "Name a color.", "Write a haiku about the sea, please."]
+ENGINE_MAX_LEN = 1024  # the longest prompt + response of the session's engine and server (conftest.py)
 
 
 @dataclass
@@ -124,7 +125,7 @@ def _healthy(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def start_vllm_server(python: str, model_dir: str, *, max_model_len: int = 1024, dev_mode: bool = True,
+def start_vllm_server(python: str, model_dir: str, *, max_model_len: int = ENGINE_MAX_LEN, dev_mode: bool = True,
                       startup_timeout: float = 420.0) -> Iterator[VllmServerProcess]:
     """A real vLLM OpenAI-compatible server on loopback, set up as oaif's README says, stopped on exit."""
     port = free_port()
@@ -182,6 +183,16 @@ def greedy_both(model, tok, generator, prompts: list[list[int]], max_new_tokens:
     other = generator.sample(prompts, positions, k=2, seed=0, temperature=1e-7, top_p=1.0,
                              max_new_tokens=max_new_tokens)
     return hf, other
+
+
+def train_overrides(model_dir: str, out, *extra: str) -> list[str]:
+    """Overrides of ``configs/demo.yaml`` for a short vLLM run (3 steps of 4 prompts x 2 samples of up to
+    12 tokens) of a tiny policy with a rule judge, on CPU."""
+    return [f"model.name_or_path={model_dir}", "annotator.type=callable",
+            "annotator.callable=oaif.annotators.rules:prefer_shorter", f"train.output_dir={out}", "train.max_steps=3",
+            "train.batch_size=4", "sampling.max_new_tokens=12", "optim.lr=1.0e-3", "optim.warmup_steps=0",
+            "logging.progress_bar=false", f"data.path={ROOT / 'data/prompts/demo_prompts.jsonl'}", "train.device=cpu",
+            "sampling.backend=vllm", "vllm.kv_cache_gib=0.25", *extra]
 
 
 def copy_weights_(model, source) -> None:

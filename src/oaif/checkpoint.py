@@ -38,38 +38,6 @@ def _is_peft(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
-@torch.no_grad()
-def merged_state_dict(model) -> dict[str, torch.Tensor]:
-    """A LoRA model's full weights with the adapter merged in, under the base model's key names.
-
-    Each adapted weight is computed out of place as ``W + delta`` (peft's ``get_delta_weight``:
-    ``scale * B @ A``), summed in float32 and rounded once to ``W``'s dtype. The live model is
-    never merged and unmerged, so its frozen base (which is also the reference) stays bit-identical;
-    in bfloat16 ``(W + delta) - delta`` is not ``W``. Tied output embeddings are left out, as
-    ``save_pretrained`` does for a plain model.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    base = model.get_base_model()
-    tied = getattr(base.config, "tie_word_embeddings", False)
-    merged = {}
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer) and not getattr(module, "disable_adapters", False):
-            weight = module.get_base_layer().weight
-            total = weight.float().clone()
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    total += module.get_delta_weight(adapter).float()
-            merged[f"{name}.weight"] = total.to(weight.dtype)
-    sd = {}
-    for key, value in base.state_dict().items():
-        if "lora_" in key or (tied and key.endswith("lm_head.weight")):
-            continue
-        key = key.replace(".base_layer.", ".")
-        sd[key] = merged[key] if key in merged else value.detach().clone()
-    return sd
-
-
 def rng_state() -> dict[str, Any]:
     """Python, numpy and torch RNG states as tensors and plain containers (no numpy arrays)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -111,7 +79,10 @@ def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, state: 
         shutil.rmtree(tmp)
     tmp.mkdir()
     if _is_peft(model):
-        model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(model), safe_serialization=True)
+        from oaif.generation.weights import policy_weights
+
+        # the weights a vLLM engine samples from: the adapter merged out of place
+        model.get_base_model().save_pretrained(tmp, state_dict=dict(policy_weights(model)), safe_serialization=True)
         model.save_pretrained(tmp / "adapter")
     else:
         model.save_pretrained(tmp, safe_serialization=True)

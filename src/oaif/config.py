@@ -72,7 +72,7 @@ class SamplingConfig:
     top_p: float = _f(1.0, "Nucleus sampling threshold in (0, 1].")
     max_new_tokens: int = _f(64, "Longest response, in tokens.")
     batch_size: int = _f(0, "Prompts per generation batch (0: all prompts of a step at once).")
-    backend: str = _f("shared_prefill", "shared_prefill (prompt prefilled once, KV cache shared by K samples) or hf (transformers generate).")
+    backend: str = _f("shared_prefill", "shared_prefill (prompt prefilled once, KV cache shared by K samples), hf (transformers generate) or vllm (a vLLM engine or server, see the vllm group; sampling.batch_size does not apply).")
 
 
 @dataclass
@@ -141,6 +141,43 @@ class LoggingConfig:
 
 
 @dataclass
+class VllmConfig:
+    mode: str = _f("colocated", "colocated (a vLLM engine inside each training process; weights copied in place after "
+                                "every optimizer step) or server (an OpenAI-compatible vLLM server at vllm.server_url; it "
+                                "reloads the weights from vllm.weights_dir).")
+    server_url: str = _f("http://127.0.0.1:8000", "Server mode: base URL of the vLLM server (started with "
+                                                  "VLLM_SERVER_DEV_MODE=1 so it accepts weight reloads).")
+    server_model: str | None = _f(None, "Server mode: the served model name to request (default: the first the server lists).")
+    weights_dir: str | None = _f(None, "Server mode: directory the new weights are written to for the server to reload "
+                                       "(it must see the same file system; default: <train.output_dir>/vllm_weights).")
+    request_timeout_s: float = _f(600.0, "Server mode: seconds to wait for one completion or weight reload.")
+    max_concurrency: int = _f(64, "Server mode: completion requests in flight at once (one per sampled response).")
+    kv_cache_gib: float = _f(1.0, "Colocated: memory for the engine's KV cache, in GiB (CPU RAM on CPU; preempted "
+                                  "requests are recomputed if it is too small).")
+    max_model_len: int = _f(0, "Colocated: longest prompt + response the engine accepts "
+                               "(0: data.max_prompt_tokens + sampling.max_new_tokens).")
+    max_num_seqs: int = _f(64, "Colocated: most sequences decoded together.")
+    dtype: str = _f("auto", "Colocated: engine weights dtype (auto: the policy's dtype; float32, bfloat16, float16).")
+    enforce_eager: bool = _f(True, "Colocated: run the model eagerly (no torch.compile; starts in seconds, the "
+                                   "compile cache is not reused between runs).")
+
+    def validate(self) -> None:
+        """Check the values (also for a group built in code, e.g. ``VllmConfig(mode="server")``)."""
+        if self.mode not in ("colocated", "server"):
+            raise ConfigError(f"vllm.mode: expected colocated or server, got {self.mode!r}")
+        if self.kv_cache_gib <= 0:
+            raise ConfigError(f"vllm.kv_cache_gib: must be > 0, got {self.kv_cache_gib}")
+        if self.max_model_len < 0:
+            raise ConfigError(f"vllm.max_model_len: must be >= 0, got {self.max_model_len}")
+        if self.max_num_seqs < 1 or self.max_concurrency < 1:
+            raise ConfigError("vllm.max_num_seqs and vllm.max_concurrency: must be >= 1")
+        if self.request_timeout_s <= 0:
+            raise ConfigError(f"vllm.request_timeout_s: must be > 0, got {self.request_timeout_s}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"vllm.dtype: expected auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = _group(ModelConfig, "Policy model.")
     data: DataConfig = _group(DataConfig, "Prompts and preference data.")
@@ -150,6 +187,7 @@ class Config:
     optim: OptimConfig = _group(OptimConfig, "Optimizer and schedule.")
     train: TrainConfig = _group(TrainConfig, "Training loop.")
     logging: LoggingConfig = _group(LoggingConfig, "Metrics and trackers.")
+    vllm: VllmConfig = _group(VllmConfig, "The vLLM sampling backend (sampling.backend=vllm; needs vLLM installed).")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -159,7 +197,7 @@ _CHOICES = {
     "model.dtype": {"float32", "bfloat16", "float16", "auto"},
     "data.format": {"auto", "jsonl", "csv", "parquet", "hf_disk"},
     "sampling.pairing": {"disjoint", "all"},
-    "sampling.backend": {"shared_prefill", "hf"},
+    "sampling.backend": {"shared_prefill", "hf", "vllm"},
     "annotator.type": {"llm", "callable", "openai", "reward_model", "ensemble"},
     "annotator.ensemble_mode": {"mean", "majority"},
     "annotator.dtype": {"float32", "bfloat16", "float16", "auto"},
@@ -321,6 +359,7 @@ def validate(cfg: Config) -> Config:
     for key, ok, msg in checks:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
+    cfg.vllm.validate()
     for tracker in cfg.logging.report_to:
         if tracker not in ("tensorboard", "wandb"):
             raise ConfigError(f"logging.report_to: unknown tracker {tracker!r} (tensorboard, wandb)")

@@ -2,7 +2,8 @@
 
 :func:`build_run` checks the inputs it can check cheaply (:func:`preflight`), then builds the
 accelerator, the policy and its reference, the records (:func:`oaif.data.training_prompts`), the
-prompt stream, the optimizer, the schedule and the annotator. :func:`open_run_dir` is the one
+prompt stream, the optimizer, the schedule, the annotator and the sampler
+(:func:`oaif.generation.build.build_sampler`). :func:`open_run_dir` is the one
 place the run directory is written before training: ``config.yaml``, ``metrics.jsonl`` and the
 audit log ``annotations.jsonl`` (both cut after the resumed step).
 
@@ -73,12 +74,13 @@ class RunParts:
     optimizer: Any
     scheduler: Any
     annotator: Any  # None in offline mode
+    sampler: Any  # an oaif.generation.base.Generator; None in offline mode
     stop_ids: set[int]  # the ids sampling stops on
     end_of_turn: int  # the id offline responses end with
 
 
-def build_run(cfg: Config, annotator=None) -> RunParts:
-    """Build a run's parts; ``annotator`` replaces the configured one (online mode)."""
+def build_run(cfg: Config, annotator=None, sampler=None) -> RunParts:
+    """Build a run's parts; ``annotator`` and ``sampler`` replace the configured ones (online mode)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -109,14 +111,19 @@ def build_run(cfg: Config, annotator=None) -> RunParts:
     if reference is not None:
         reference = accelerator.prepare_model(reference, evaluation_mode=True)
     if cfg.train.mode == "offline":
-        annotator = None
-    elif annotator is None:
-        from oaif.annotators.build import build_annotator
+        annotator = sampler = None
+    else:
+        if annotator is None:
+            from oaif.annotators.build import build_annotator
 
-        annotator = build_annotator(cfg.annotator, policy_path=cfg.model.name_or_path, reference=reference,
-                                    tokenizer=tokenizer, cache_dir=cfg.model.cache_dir, device=accelerator.device)
+            annotator = build_annotator(cfg.annotator, policy_path=cfg.model.name_or_path, reference=reference,
+                                        tokenizer=tokenizer, cache_dir=cfg.model.cache_dir, device=accelerator.device)
+        if sampler is None:
+            from oaif.generation.build import build_sampler
+
+            sampler = build_sampler(cfg, accelerator.unwrap_model(policy), tokenizer, stop_ids, accelerator)
     return RunParts(accelerator, policy, reference, tokenizer, encode, prompts, stream, optimizer, scheduler,
-                    annotator, stop_ids, models.end_of_turn_id(tokenizer, stop_ids))
+                    annotator, sampler, stop_ids, models.end_of_turn_id(tokenizer, stop_ids))
 
 
 def open_run_dir(cfg: Config, is_main: bool, resume_step: int | None):

@@ -205,15 +205,15 @@ def sample_responses(model, tokenizer, prompt_tokens: list[list[int]], positions
     return responses, ended_eos
 
 
-def sample_rollouts(model, tokenizer, batch: list, prompt_tokens: dict[str, list[int]], cfg, seed: int) -> Rollouts:
-    """Step 1 for ``(stream position, PromptRecord)`` pairs: :func:`sample_responses` with the
-    settings of ``cfg`` (a :class:`oaif.config.SamplingConfig`), decoded into :class:`Rollouts`."""
+def sample_rollouts(generator, tokenizer, batch: list, prompt_tokens: dict[str, list[int]], cfg, seed: int) -> Rollouts:
+    """Step 1 for ``(stream position, PromptRecord)`` pairs: ``generator.sample`` (any
+    :class:`oaif.generation.base.Generator`) with the settings of ``cfg`` (a
+    :class:`oaif.config.SamplingConfig`), decoded into :class:`Rollouts`."""
     records = [rec for _, rec in batch]
     positions = [pos for pos, _ in batch]
     tokens = [prompt_tokens[r.id] for r in records]
-    responses, ended = sample_responses(model, tokenizer, tokens, positions, k=cfg.num_samples, seed=seed,
-                                        temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                        backend=cfg.backend, batch_size=cfg.batch_size)
+    responses, ended = generator.sample(tokens, positions, k=cfg.num_samples, seed=seed, temperature=cfg.temperature,
+                                        top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
     texts = [[tokenizer.decode(r, skip_special_tokens=True).strip() for r in rs] for rs in responses]
     return Rollouts(positions=positions, prompt_ids=[r.id for r in records], prompt_texts=[r.text for r in records],
                     prompt_tokens=tokens, responses=responses, texts=texts, ended_eos=ended)

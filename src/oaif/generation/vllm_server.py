@@ -37,8 +37,8 @@ from typing import Iterable
 
 import torch
 
+from oaif.config import VllmConfig
 from oaif.generation.base import GenerationError, StopRules, regroup, request_params, sample_rows
-from oaif.generation.settings import VllmConfig
 from oaif.generation.vllm_worker import EXTENSION
 from oaif.generation.weights import save_weights
 
@@ -133,3 +133,23 @@ class VllmServer:
 
     def close(self) -> None:
         """Nothing to free: the server belongs to whoever started it."""
+
+
+class SharedServer:
+    """One server shared by several training processes: each samples its own prompts through ``client``;
+    the main process pushes the weights (the processes hold the same ones after a step), and every
+    process waits until the server has them, so no process samples the old weights after a step."""
+
+    def __init__(self, client: VllmServer, accelerator):
+        self.client, self.accelerator = client, accelerator
+
+    def sample(self, prompt_tokens: list[list[int]], positions: list[int], **kwargs):
+        return self.client.sample(prompt_tokens, positions, **kwargs)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if self.accelerator.is_main_process:
+            self.client.load_weights(weights)
+        self.accelerator.wait_for_everyone()
+
+    def close(self) -> None:
+        self.client.close()

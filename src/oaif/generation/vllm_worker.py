@@ -8,8 +8,10 @@ keeps multiplying by the old embedding matrix. With SmolLM2 (tied) every reload 
 change of the embeddings would sample from a model that exists nowhere.
 
 :meth:`WeightSyncExtension.oaif_reload_weights` reloads, then re-packs the head from its current
-weight. It is this module's only job; it must stay importable without importing vLLM at module
-level, because vLLM imports it by name inside its worker (also in a server process).
+weight (and keeps vLLM from warning, at every reload, that the rotary embeddings and a tied head
+"failed to load" the weights they never take). It is this module's only job; it must stay
+importable without importing vLLM at module level, because vLLM imports it by name inside its
+worker (also in a server process).
 
 Server::
 
@@ -21,12 +23,43 @@ then ``POST /collective_rpc {"method": "oaif_reload_weights", "kwargs": {"weight
 
 from __future__ import annotations
 
-from typing import Iterable
+import logging
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 import torch
 
 #: The dotted name to pass as ``worker_extension_cls`` (``--worker-extension-cls``).
 EXTENSION = "oaif.generation.vllm_worker.WeightSyncExtension"
+#: vLLM's logger for in-place reloads, and its warning about a layer that received no weights.
+_RELOAD_LOGGER, _NO_WEIGHTS = "vllm.model_executor.model_loader.reload.layerwise", "%s: Failed to load weights"
+
+
+class _LayersWithoutWeights(logging.Filter):
+    """Drops vLLM's "Failed to load weights" for layers that get none by design: rotary embeddings (computed,
+    not loaded) and a tied output head (its weight is the embeddings'; :func:`repack_lm_head` re-packs it).
+    Any other layer that gets no weights is still reported."""
+
+    def __init__(self, tied_head: bool):
+        super().__init__()
+        self.tied_head = tied_head
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != _NO_WEIGHTS or not record.args:
+            return True
+        layer = str(record.args[0])
+        return not (layer.endswith("RotaryEmbedding") or (self.tied_head and layer == "ParallelLMHead"))
+
+
+@contextmanager
+def _expected_warnings_dropped(model: torch.nn.Module) -> Iterator[None]:
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    log, quiet = logging.getLogger(_RELOAD_LOGGER), _LayersWithoutWeights(tied)
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
 
 
 def repack_lm_head(model: torch.nn.Module) -> bool:
@@ -46,5 +79,7 @@ class WeightSyncExtension:
     def oaif_reload_weights(self, weights_path: str | None = None,
                             weights_iterator: Iterable[tuple[str, torch.Tensor]] | None = None) -> bool:
         """Load new weights in place (from a directory or (name, tensor) pairs), then re-pack the head."""
-        self.reload_weights(weights_iterator=weights_iterator, weights_path=weights_path)  # type: ignore[attr-defined]
-        return repack_lm_head(self.model_runner.get_model())  # type: ignore[attr-defined]
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        with _expected_warnings_dropped(model):
+            self.reload_weights(weights_iterator=weights_iterator, weights_path=weights_path)  # type: ignore[attr-defined]
+        return repack_lm_head(model)

@@ -1,9 +1,12 @@
-"""The policy's weights as (transformers name, tensor) pairs, for pushing into a generation engine.
+"""The policy's weights as (transformers name, tensor) pairs: what a generation engine is given after
+each step, and what a LoRA run's checkpoint saves (:mod:`oaif.checkpoint`), so both are the same.
 
 A full model gives its own tensors (no copy). A peft LoRA model gives the base weights with each
-adapter's delta added *out of place* (``W + B @ A * scaling`` as a new tensor), so the training
-weights are never touched, and under the base model's names (``.base_layer.`` removed, adapter
-tensors left out). Tied output embeddings are left out, as ``save_pretrained`` does.
+adapter's delta added *out of place* (``W + B @ A * scaling`` as a new tensor, summed in float32
+and rounded once to ``W``'s dtype), under the base model's names (``.base_layer.`` removed,
+adapter tensors left out). The live model is never merged and unmerged, so its frozen base (which
+is also the reference) stays bit-identical; in bfloat16 ``(W + delta) - delta`` is not ``W``.
+Tied output embeddings are left out, as ``save_pretrained`` does.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def _tied(model) -> bool:
 
 
 def _lora_delta(module, key: str) -> torch.Tensor | None:
-    """The sum of the active adapters' deltas of one LoRA layer (None when nothing is to add)."""
+    """The sum of the active adapters' deltas of one LoRA layer, in float32 (None when nothing is to add)."""
     if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
         return None  # merged: the delta is already in the base weight; disabled: the base is the model
     delta = None
@@ -36,8 +39,8 @@ def _lora_delta(module, key: str) -> torch.Tensor | None:
         if name not in getattr(module, "lora_A", {}):
             continue
         if getattr(module, "use_dora", {}).get(name, False):
-            raise GenerationError(f"{key}: DoRA adapters cannot be pushed as merged weights yet")
-        d = module.get_delta_weight(name)
+            raise GenerationError(f"{key}: DoRA adapters cannot be merged out of place yet")
+        d = module.get_delta_weight(name).float()
         delta = d if delta is None else delta + d
     return delta
 
@@ -50,14 +53,14 @@ def _lora_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
         if "lora_" in key:
             continue
         if "modules_to_save" in key or "original_module" in key:
-            raise GenerationError(f"{key}: peft modules_to_save cannot be pushed to a generation engine")
+            raise GenerationError(f"{key}: peft modules_to_save cannot be merged into the base model's weights")
         name = key.replace(".base_layer.", ".")
         if tied and name.endswith("lm_head.weight"):
             continue
         if key.endswith(".base_layer.weight"):
             delta = _lora_delta(modules[key[: -len(".base_layer.weight")]], key)
             if delta is not None:
-                value = value + delta.to(value.dtype)
+                value = (value.float() + delta).to(value.dtype)
         yield name, value.detach()
 
 
@@ -79,11 +82,14 @@ def save_weights(weights: Iterable[tuple[str, torch.Tensor]], directory: str | o
     from safetensors.torch import save_file
 
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in weights}
     if not tensors:
         raise GenerationError("no weights to save")
     tmp = out / f".{WEIGHTS_FILE}.{os.getpid()}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / WEIGHTS_FILE)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out / WEIGHTS_FILE)
+    except OSError as e:
+        raise GenerationError(f"cannot write the policy's weights to {out} (vllm.weights_dir): {e}") from e
     return out / WEIGHTS_FILE

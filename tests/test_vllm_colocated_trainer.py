@@ -1,0 +1,82 @@
+"""The trainer with a colocated vLLM engine: every push path hands the engine the policy it trains.
+
+Needs vLLM importable in this interpreter: it runs in the vLLM virtual environment
+(``test_vllm_venv.py`` starts it there from the main suite). The session's engine
+(``vllm_engine`` in conftest.py) is given to each trainer (``Trainer(cfg, sampler=engine)``),
+which pushes its own policy into it at setup, so the tests do not depend on each other's
+leftovers. The engine built from a config (``sampling.backend=vllm``) runs in
+``test_configs_run.py``'s run of ``configs/vllm_demo.yaml``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import torch  # noqa: E402
+
+from oaif.config import load_config  # noqa: E402
+from oaif.generation.weights import policy_weights  # noqa: E402
+from oaif.models import encode_prompt, load_causal_lm  # noqa: E402
+from oaif.trainer import Trainer, train  # noqa: E402
+from vllm_helpers import PROMPTS, ROOT, greedy_both, train_overrides  # noqa: E402
+
+DEMO = ROOT / "configs" / "demo.yaml"
+
+
+@pytest.fixture
+def tiny(vllm_tiny):
+    return vllm_tiny
+
+
+@pytest.fixture
+def engine(vllm_engine):
+    return vllm_engine
+
+
+def greedy(trainer, engine):
+    """Greedy responses to :data:`PROMPTS` of the transformers backend on the trainer's policy, and of the engine."""
+    prompts = [encode_prompt(trainer.tokenizer, p) for p in PROMPTS]
+    return greedy_both(trainer.unwrapped, trainer.tokenizer, engine, prompts)
+
+
+def changed(model, start_dir) -> bool:
+    start = load_causal_lm(start_dir)[0].state_dict()
+    return any(not torch.equal(v, start[k]) for k, v in model.state_dict().items() if k in start)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_trainer_step_pushes_the_updated_policy_into_the_engine(tiny, engine, tmp_path, lora):
+    # a large learning rate, so that one step changes the greedy responses
+    extra = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8", "optim.lr=5.0e-2"] if lora \
+        else ["optim.lr=1.0e-2"]
+    t = Trainer(load_config(DEMO, train_overrides(tiny.first, tmp_path / "run", *extra)), sampler=engine).setup()
+    hf_before, vl_before = greedy(t, engine)
+    assert vl_before == hf_before
+    record = t.run_step()  # sample from the engine, judge, update, push
+    assert record["pairs_used"] > 0 and record["time_weight_sync_s"] > 0
+    if lora:
+        assert any(torch.count_nonzero(p) for n, p in t.unwrapped.named_parameters() if "lora_B" in n)
+    else:
+        assert changed(t.unwrapped, tiny.first)
+    hf_after, vl_after = greedy(t, engine)
+    assert vl_after == hf_after  # the engine samples the updated policy (LoRA: the adapter merged in)
+    assert vl_after[0] != vl_before[0]  # which the step changed
+
+
+def test_a_resumed_run_pushes_the_resumed_weights_before_its_first_sample(tiny, engine, tmp_path):
+    out = tmp_path / "run"
+    train(load_config(DEMO, train_overrides(tiny.first, out, "sampling.backend=shared_prefill", "train.max_steps=1",
+                                            "optim.lr=1.0e-2")))
+    model, tok = load_causal_lm(tiny.first)
+    engine.load_weights(policy_weights(model))  # the engine holds the starting policy
+    start = greedy_both(model, tok, engine, [encode_prompt(tok, p) for p in PROMPTS])[1]
+    t = Trainer(load_config(DEMO, train_overrides(tiny.first, out, f"train.resume={out / 'checkpoint-1'}",
+                                                  "train.max_steps=2")), sampler=engine).setup()
+    assert t.step == 1 and changed(t.unwrapped, tiny.first)
+    hf, vl = greedy(t, engine)
+    assert vl == hf and vl[0] != start[0]
+    assert t.train()["steps"] == 2  # the engine stays open after train(): the test owns it
+    hf, vl = greedy(t, engine)
+    assert vl == hf

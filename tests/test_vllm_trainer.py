@@ -1,0 +1,115 @@
+"""The trainer on vLLM (``sampling.backend=vllm``): a server run, and two processes sampling what one samples.
+
+The server (``vllm_server`` in conftest.py) runs from the vLLM environment; the server-mode
+trainer runs here, since the client speaks HTTP only. The two-process colocated run starts in the
+vLLM environment (an engine in each process). Each response is a request seeded by (seed, stream
+position, k), so a response does not depend on the batch it shares, the process that samples it,
+or the mode: all three runs judge the same responses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from oaif.checkpoint import latest_checkpoint
+from oaif.config import VllmConfig, load_config
+from oaif.generation.base import GenerationError, StopRules
+from oaif.generation.vllm_server import VllmServer
+from oaif.metrics import read_metrics
+from oaif.models import encode_prompt, load_causal_lm
+from oaif.trainer import Trainer, train
+from vllm_helpers import PROMPTS, ROOT, greedy_both, require_vllm_python, train_overrides
+
+pytestmark = pytest.mark.slow
+
+DEMO = ROOT / "configs" / "demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def server_run(vllm_tiny, vllm_server, tmp_path_factory) -> Path:
+    """Three steps of one process sampling from the server."""
+    out = tmp_path_factory.mktemp("vllm_server_run") / "one"
+    train(load_config(DEMO, train_overrides(vllm_tiny.first, out, "vllm.mode=server",
+                                            f"vllm.server_url={vllm_server.url}")))
+    return out
+
+
+def audit(run: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (run / "annotations.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k != "latency_s"} for line in lines]
+
+
+def test_three_steps_from_a_server_train_and_leave_it_with_the_last_weights(server_run, vllm_tiny, vllm_server,
+                                                                             tmp_path):
+    records = read_metrics(server_run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    # at step 1 the policy is the reference, also on responses vLLM sampled
+    assert records[0]["kl"] == 0.0 and records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for r in records:
+        assert r["pairs_used"] + r["pairs_masked"] + r["pairs_failed"] == 4 and r["pairs_failed"] == 0
+        assert 1 <= r["response_length"] <= 12 and r["generated_tokens"] == round(8 * r["response_length"])
+        assert r["time_sample_s"] > 0 and r["time_weight_sync_s"] > 0
+    assert sum(r["pairs_used"] for r in records) > 0
+    start = load_file(str(Path(vllm_tiny.first) / "model.safetensors"))
+    final = load_file(str(server_run / "checkpoint-3" / "model.safetensors"))
+    assert any(not torch.equal(start[k], final[k]) for k in start)
+
+    # the server holds the weights of the last step: its greedy responses are the final checkpoint's
+    model, tok = load_causal_lm(server_run / "checkpoint-3")
+    client = VllmServer(StopRules(frozenset(vllm_tiny.eos_ids)), VllmConfig(mode="server", server_url=vllm_server.url),
+                        weights_dir=tmp_path)
+    prompts = [encode_prompt(tok, p) for p in PROMPTS]
+    hf, vl = greedy_both(model, tok, client, prompts)
+    assert vl == hf
+    assert vl != greedy_both(load_causal_lm(vllm_tiny.first)[0], tok, client, prompts)[0]
+
+
+def test_a_push_that_fails_after_a_step_leaves_that_step_saved(vllm_tiny, vllm_server, tmp_path):
+    out, weights = tmp_path / "run", tmp_path / "weights"
+    t = Trainer(load_config(DEMO, train_overrides(vllm_tiny.first, out, "vllm.mode=server", "train.max_steps=2",
+                                                  f"vllm.server_url={vllm_server.url}",
+                                                  f"vllm.weights_dir={weights}"))).setup()
+    shutil.rmtree(weights)
+    weights.write_text("")  # a file where the weights go: step 1 samples and trains, then its push fails
+    with pytest.raises(GenerationError, match="cannot write the policy's weights"):
+        t.train()
+    assert t.step == 1 and latest_checkpoint(out).name == "checkpoint-1"  # the finished step is not lost
+
+
+def launch(python: str, args: list[str]) -> None:
+    """``oaif train`` in two processes (accelerate, gloo on CPU) under ``python``'s environment."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "oaif.cli", "train", str(DEMO), *args]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["server", "colocated"])
+def test_two_processes_sample_and_train_as_one(server_run, vllm_tiny, vllm_server, tmp_path, mode):
+    out = tmp_path / "two"
+    if mode == "server":  # both processes sample from the one server; the main process pushes the weights
+        launch(sys.executable, train_overrides(vllm_tiny.first, out, "train.batch_size=2", "vllm.mode=server",
+                                               f"vllm.server_url={vllm_server.url}"))
+    else:  # an engine in each process
+        launch(require_vllm_python(), train_overrides(vllm_tiny.first, out, "train.batch_size=2"))
+    assert audit(out) == audit(server_run)  # the same responses, judged the same
+    one, two = read_metrics(server_run / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
+    for a, b in zip(one, two, strict=True):
+        for key in ("pairs_used", "response_length", "eos_rate", "loss", "kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    wa = load_file(str(server_run / "checkpoint-3" / "model.safetensors"))
+    wb = load_file(str(out / "checkpoint-3" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-4, rtol=0, msg=k)
