@@ -1,11 +1,14 @@
 """Can the loop move the policy? One online DPO run judged by the exact rule `prefer_shorter`.
 
-    python experiments/rule_curve.py [--steps 40] [--save-every 10] [--eval-prompts 24] [--smoke]
+    python experiments/rule_curve.py [--steps 12] [--save-every 3] [--lr 1e-3] [--eval-prompts 16] [--smoke]
 
 The training judge is the callable rule `oaif.annotators.rules:prefer_shorter` (fewer words wins),
 so the preference signal is exact and the only question is whether the update moves the policy.
-The run trains LoRA adapters (default r 32, learning rate 5e-4) on 4 samples per prompt paired
-all ways (6 pairs per prompt), saving a checkpoint every `--save-every` steps. Then
+The run trains LoRA adapters (default r 32, learning rate 1e-3 held constant after one warmup
+step, beta 0.1) on 4 samples per prompt of up to 48 tokens paired all ways (6 pairs per prompt,
+4 prompts per step), saving a checkpoint every `--save-every` steps. The defaults are the run in
+docs/RESULTS.md (section 4: about 19 minutes on the shared 2-core CPU); `--train-set KEY=VALUE`
+changes any other training key. Then
 `oaif eval --run` samples every checkpoint and the start on held-out prompts (never trained on)
 and judges each checkpoint against the start, by the same rule unless `--eval-set` says otherwise.
 
@@ -31,14 +34,12 @@ RULE = "oaif.annotators.rules:prefer_shorter"
 
 def build_parser():
     ap = base_parser(__doc__, "runs/experiments/rule_curve")
-    ap.set_defaults(batch_size=8, max_new_tokens=64, lr=5e-4, eval_prompts=24)
-    ap.add_argument("--save-every", type=int, default=10, help="checkpoint (and evaluate) every N steps")
+    ap.set_defaults(batch_size=4, max_new_tokens=48, lr=1e-3, eval_prompts=16)
+    ap.add_argument("--save-every", type=int, default=3, help="checkpoint (and evaluate) every N steps")
     ap.add_argument("--num-samples", type=int, default=4, help="responses per prompt (sampling.num_samples)")
     ap.add_argument("--pairing", default="all", help="sampling.pairing (all: every pair of the samples)")
     ap.add_argument("--beta", type=float, default=0.1, help="loss.beta")
     ap.add_argument("--lora-r", type=int, default=32, help="LoRA rank (alpha = 2r); 0 = full fine-tuning")
-    ap.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="any other training override, e.g. --train-set loss.type=ipo (repeatable)")
     return ap
 
 
@@ -49,7 +50,8 @@ def train_args(args, run_dir: Path, train_prompts: Path) -> list[str]:
             "data.eval_fraction=0", f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
             f"train.output_dir={run_dir}", f"train.save_every={args.save_every}", "train.keep_last=1000",
             f"sampling.max_new_tokens={args.max_new_tokens}", f"sampling.num_samples={args.num_samples}",
-            f"sampling.pairing={args.pairing}", f"optim.lr={args.lr}", f"loss.beta={args.beta}",
+            f"sampling.pairing={args.pairing}", f"optim.lr={args.lr}", "optim.scheduler=constant",
+            "optim.warmup_steps=1", f"loss.beta={args.beta}",
             "annotator.type=callable", f"annotator.callable={RULE}", *lora,
             *[f"annotator.{s}" for s in args.judge_set], *args.train_set, "logging.progress_bar=false"]
 
@@ -123,7 +125,7 @@ def plot(c: dict, path: Path, title: str) -> None:
 
 
 def main() -> None:
-    args, out, log = parse_args(build_parser(), default_steps=40)
+    args, out, log = parse_args(build_parser(), default_steps=12)
     if args.smoke:
         args.steps, args.save_every = 2, 1
     load0 = os.getloadavg()

@@ -89,12 +89,15 @@ def test_online_vs_offline_smoke(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_rubric_control_smoke(tiny_model_dir, tmp_path):
     run("rubric_control.py", "--model", tiny_model_dir, "--out", str(tmp_path), "--rubrics", "helpful_short",
-        "--rule", "--eval-set", "type=callable", "--eval-set", "callable=oaif.annotators.rules:prefer_shorter")
+        "--rule", "--eval-set", "type=callable", "--eval-set", "callable=oaif.annotators.rules:prefer_shorter",
+        "--train-set", "loss.beta=0.25")
     rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
     assert [r["rubric"] for r in rows] == ["helpful_short", "rule:prefer_shorter"]
     for r in rows:
         check_run(r["run"])
         check_comparison(r, r["run"]["checkpoint"])
+        # --train-set reaches every training run (what the run directory's config.yaml records)
+        assert "beta: 0.25" in (Path(r["run"]["dir"]) / "config.yaml").read_text()
     assert Path(rows[1]["run"]["dir"]).name == "rule_prefer_shorter"
 
 
