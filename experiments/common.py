@@ -34,6 +34,9 @@ def base_parser(doc: str, out: str) -> argparse.ArgumentParser:
                     help="annotator override for the training judge (repeatable)")
     ap.add_argument("--eval-set", action="append", default=[], metavar="KEY=VALUE",
                     help="annotator override for the evaluation judge (repeatable)")
+    ap.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other training override, applied last, e.g. --train-set model.lora.enabled=true "
+                         "--train-set sampling.num_samples=4 (repeatable)")
     return ap
 
 
@@ -82,7 +85,7 @@ def train_overrides(args, out_dir: Path, train_prompts: Path, *extra: str) -> li
             "data.eval_fraction=0", f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
             f"sampling.max_new_tokens={args.max_new_tokens}", f"train.output_dir={out_dir}", "train.save_every=0",
             f"optim.lr={args.lr}",
-            *[f"annotator.{s}" for s in args.judge_set], *extra]
+            *[f"annotator.{s}" for s in args.judge_set], *extra, *args.train_set]
 
 
 def final_checkpoint(run_dir: Path) -> Path:

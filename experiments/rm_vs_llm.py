@@ -66,8 +66,9 @@ def main() -> None:
               f"sampling.max_new_tokens={args.max_new_tokens}", "train.save_every=0", "logging.progress_bar=false",
               f"optim.lr={args.lr}"]
     oaif("train", *common, f"train.output_dir={out / 'rm_run'}", "annotator.type=reward_model",
-         f"annotator.model={rm_dir}", log=log)
-    oaif("train", *common, f"train.output_dir={out / 'llm_run'}", "annotator.rubric=harmless", log=log)
+         f"annotator.model={rm_dir}", *args.train_set, log=log)
+    oaif("train", *common, f"train.output_dir={out / 'llm_run'}", "annotator.rubric=harmless", *args.train_set,
+         log=log)
     rm_ckpt, llm_ckpt = final_checkpoint(out / "rm_run"), final_checkpoint(out / "llm_run")
 
     rows, table = [], []

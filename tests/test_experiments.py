@@ -89,12 +89,15 @@ def test_online_vs_offline_smoke(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_rubric_control_smoke(tiny_model_dir, tmp_path):
     run("rubric_control.py", "--model", tiny_model_dir, "--out", str(tmp_path), "--rubrics", "helpful_short",
-        "--rule", "--eval-set", "type=callable", "--eval-set", "callable=oaif.annotators.rules:prefer_shorter")
+        "--rule", "--eval-set", "type=callable", "--eval-set", "callable=oaif.annotators.rules:prefer_shorter",
+        "--train-set", "loss.beta=0.25")
     rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
     assert [r["rubric"] for r in rows] == ["helpful_short", "rule:prefer_shorter"]
     for r in rows:
         check_run(r["run"])
         check_comparison(r, r["run"]["checkpoint"])
+        # --train-set reaches every training run (what the run directory's config.yaml records)
+        assert "beta: 0.25" in (Path(r["run"]["dir"]) / "config.yaml").read_text()
     assert Path(rows[1]["run"]["dir"]).name == "rule_prefer_shorter"
 
 
@@ -122,3 +125,46 @@ def test_rm_vs_llm_smoke(tiny_model_dir, tmp_path):
         check_comparison(r["rm_run_vs_llm_run"], runs["rm_run"]["checkpoint"])
         check_comparison(r["rm_run_vs_start"], runs["rm_run"]["checkpoint"])
         check_comparison(r["llm_run_vs_start"], runs["llm_run"]["checkpoint"])
+
+
+@pytest.mark.slow
+def test_rule_curve_smoke(tiny_model_dir, tmp_path):
+    """The curve script: two steps with a checkpoint after each, 4 samples per prompt paired all ways
+    (6 pairs per prompt); its summary equals what eval.json, metrics.jsonl and the checkpoints hold."""
+    out = run("rule_curve.py", "--model", tiny_model_dir, "--out", str(tmp_path))
+    assert "$ oaif train" in out and "$ oaif eval --run" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    run_dir = tmp_path / "run"
+    result = json.loads((run_dir / "eval" / "eval.json").read_text())
+    rows = summary["rows"]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert [r["model"] for r in rows] == [tiny_model_dir, str(run_dir / "checkpoint-1"), str(run_dir / "checkpoint-2")]
+    assert all((run_dir / f"checkpoint-{s}" / "config.json").is_file() for s in (1, 2))
+    samples = result["samples"]
+    assert len(samples) == EVAL_PROMPTS == result["prompts"]["count"]
+    by_step = {m["step"]: (label, m) for label, m in result["models"].items()}
+    comps = {c["step"]: c for c in result["comparisons"]}
+    for r in rows:
+        label, m = by_step[r["step"]]
+        tokens = [s["tokens"][label] for s in samples]
+        assert r["tokens_mean"] == pytest.approx(sum(tokens) / len(tokens)) == pytest.approx(m["tokens"]["mean"])
+        assert min(tokens) <= r["tokens_ci95"][0] <= r["tokens_mean"] <= r["tokens_ci95"][1] <= max(tokens)
+        if r["step"] == 0:
+            assert "win_rate" not in r
+            continue
+        c = comps[r["step"]]
+        assert (r["win_rate"], r["win_ci95"], r["wins"], r["ties"], r["losses"], r["judged"], r["failed"]) == \
+            (c["win_rate"], c["ci95"], c["wins"], c["ties"], c["losses"], c["judged"], c["failed_total"])
+        assert c["wins"] + c["ties"] + c["losses"] == c["judged"] and c["judged"] + c["failed_total"] == EVAL_PROMPTS
+    assert summary["judge"] == result["judge"]["name"] and "prefer_shorter" in summary["judge"]
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:  # 2 prompts x 6 pairs each, every pair accounted for
+        assert r["pairs_used"] + r["pairs_masked"] + r["pairs_failed"] == BATCH * 6
+    assert summary["train_response_length"] == [[r["step"], r["response_length"]] for r in records]
+    png = Path(summary["files"]["plot"])
+    assert png == tmp_path / "rule_curve.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "summary.md").read_text()
+    last = rows[-1]
+    assert f"| 2 | {last['tokens_mean']:.1f} [{last['tokens_ci95'][0]:.1f}, {last['tokens_ci95'][1]:.1f}] " \
+           f"| {last['win_rate']:.3f} " in md
