@@ -390,6 +390,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.against_labels and not args.out:
         raise ConfigError("--out is required (the preference file to write), except with --against-labels")
     cfg = annotator_config(args.annotator_config, args.sets)
+    from oaif.run_dir import check_output_file
+
+    for flag, path in (("--out", args.out), ("--report", args.report)):
+        if path is not None:  # checked now: the results must not be lost after the work is done
+            check_output_file(path, flag)
     judge_log = logging.getLogger("oaif.annotators")
     level = judge_log.level
     if not getattr(args, "verbose", False):

@@ -23,6 +23,9 @@ def _train(args: argparse.Namespace) -> int:
     from oaif.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    from oaif.run_dir import check_output_dir
+
+    check_output_dir(cfg.train.output_dir, "train.output_dir")
     from oaif.trainer import train
 
     summary = train(cfg)

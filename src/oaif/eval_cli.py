@@ -145,6 +145,10 @@ def run(args: argparse.Namespace) -> int:
         from oaif.errors import DataError
 
         raise DataError(f"run directory not found: {args.run}")
+    from oaif.run_dir import check_output_dir
+
+    # checked now: the results must not be lost after the work is done
+    check_output_dir(args.out or (Path(args.run) / "eval" if args.run else "eval"), "--out")
     judge_log = logging.getLogger("oaif.annotators")
     level = judge_log.level
     if not getattr(args, "verbose", False):
