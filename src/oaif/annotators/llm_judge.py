@@ -1,7 +1,10 @@
 """In-process LLM judge: a causal LM reads a rubric and the next-token odds of the labels.
 
 For each pair and each order, the judge prompt is the rubric rendered in the judge's chat
-template, followed by the rubric's ``answer_prefix``. The preference is the softmax over the
+template, followed by the rubric's ``answer_prefix``. The prompt and responses are data: the
+template is tokenized with its special tokens and the three values apart, with special-token
+parsing off (:class:`~oaif.annotators.untrusted.SlotEncoder`), so no special token id can come
+from a response, and look-alikes of the rubric's delimiter tags are neutralized. The preference is the softmax over the
 log-probs of the two label tokens at the next position, so it is a probability, not a parsed
 string. Both orders of every pair go through the same batched forward passes, and the token
 prefix shared by all judge prompts (system message and rubric preamble) is computed once and
@@ -19,7 +22,8 @@ from typing import Sequence
 import torch
 
 from oaif.annotators.base import Judgment, PairRequest, checked, combine_orders
-from oaif.annotators.rubrics import Rubric
+from oaif.annotators.rubrics import REQUIRED_VARIABLES, Rubric
+from oaif.annotators.untrusted import SlotEncoder
 from oaif.errors import AnnotatorError
 
 log = logging.getLogger("oaif.annotators")
@@ -65,10 +69,11 @@ class LLMJudge:
         self.share_prefix = share_prefix
         self.name = name or f"llm:{getattr(model.config, '_name_or_path', 'judge') or 'judge'}:{rubric.name}"
         self.label_ids = label_token_ids(tokenizer, rubric.answer_prefix, rubric.labels)
+        self._encoder = self._slot_encoder()
 
     # -- prompt building -------------------------------------------------------------------
-    def judge_text(self, context: str, first: str, second: str) -> str:
-        user = self.rubric.render(context, first, second)
+    def _wrap(self, user: str) -> str:
+        """The full judge prompt around the user message: chat template (or plain text) and answer prefix."""
         if getattr(self.tokenizer, "chat_template", None):
             messages = ([{"role": "system", "content": self.rubric.system}] if self.rubric.system else [])
             messages.append({"role": "user", "content": user})
@@ -77,8 +82,21 @@ class LLMJudge:
             text = (self.rubric.system + "\n\n" if self.rubric.system else "") + user + "\n"
         return text + self.rubric.answer_prefix
 
+    def _slot_encoder(self) -> SlotEncoder:
+        encoder = SlotEncoder(self.tokenizer, self._wrap(self.rubric.render_slots()))
+        if sorted(encoder.names()) != sorted(REQUIRED_VARIABLES):
+            raise AnnotatorError(f"the chat template of judge {self.name} changes the message text, so the "
+                                 f"responses cannot be kept apart from it; use another judge model")
+        return encoder
+
+    def judge_text(self, context: str, first: str, second: str) -> str:
+        """The judge prompt as text (for people: the tokens come from :meth:`judge_tokens`)."""
+        return self._wrap(self.rubric.render(context, first, second))
+
     def judge_tokens(self, context: str, first: str, second: str) -> list[int]:
-        return self.tokenizer(self.judge_text(context, first, second), add_special_tokens=False)["input_ids"]
+        """The judge prompt's token ids; no special token id comes from ``context``, ``first`` or ``second``."""
+        clean = self.rubric.clean
+        return self._encoder.encode({"context": clean(context), "response_1": clean(first), "response_2": clean(second)})
 
     # -- scoring ---------------------------------------------------------------------------
     @torch.no_grad()
