@@ -199,3 +199,16 @@ def test_binary_config_file_through_the_real_command(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "oaif.cli", "train", str(cfg)], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == f"oaif: error: config file {cfg}: binary data, not YAML text"
+
+
+def test_float16_weights_by_dtype_auto_are_refused_for_full_fine_tuning(tiny_model_dir, tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    half = tmp_path / "half"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float16).save_pretrained(half)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(half)
+    line = one_line_error(capsys, ["train", str(ROOT / "configs/demo.yaml"),
+                                   *run_args(half, tmp_path / "run", "train.max_steps=1", "model.dtype=auto")])
+    assert f"model.dtype=auto loads {half} in float16, which full fine-tuning refuses" in line, line
+    assert not (tmp_path / "run").exists()
