@@ -197,3 +197,10 @@ def test_unreadable_config_files_are_one_line(tmp_path, content, message):
 def test_config_path_that_is_a_directory(tmp_path):
     with pytest.raises(ConfigError, match=f"config file {tmp_path} is a directory"):
         load_config(tmp_path)
+
+
+def test_openai_base_url_must_be_a_url():
+    with pytest.raises(ConfigError, match="^annotator.base_url: must be an http:// or https:// URL, got 'not a url'$"):
+        load_config(ROOT / "configs/demo.yaml", ["annotator.type=openai", "annotator.base_url=not a url"])
+    assert load_config(ROOT / "configs/demo.yaml", ["annotator.type=openai",
+                                                    "annotator.base_url=http://127.0.0.1:8000/v1"]).annotator.base_url

@@ -94,3 +94,13 @@ def test_rubric_files_load_and_missing_variables_are_errors(tmp_path):
         load_rubric(str(tmp_path / "missing.yaml"))
     with pytest.raises(AnnotatorError, match="labels must be two different"):
         Rubric(name="x", template="{context}{response_1}{response_2}", labels=("1", "1"))
+
+
+def test_a_rubric_file_that_is_not_utf8_is_one_line(tmp_path):
+    from oaif.annotators.rubrics import load_rubric
+    from oaif.errors import AnnotatorError
+
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"template: '\xe9 {context} {response_1} {response_2}'\n")
+    with pytest.raises(AnnotatorError, match=f"^rubric {bad}: cannot read it as UTF-8 text"):
+        load_rubric(str(bad))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -379,6 +380,8 @@ def _validate_annotator(a: AnnotatorConfig, prefix: str) -> None:
         (k + "members", a.type != "ensemble" or len(a.members) >= 1,
          "annotator.type=ensemble needs at least one member"),
         (k + "base_url", a.type != "openai" or a.base_url, "annotator.type=openai needs annotator.base_url"),
+        (k + "base_url", a.type != "openai" or re.match(r"https?://[^\s/]+", a.base_url.strip()),
+         f"must be an http:// or https:// URL, got {_short(a.base_url)}"),
         (k + "callable", a.type != "callable" or a.callable,
          "annotator.type=callable needs annotator.callable='module:function'"),
         (k + "api_key_env", a.type != "openai" or a.api_key_env.strip(), "must name an environment variable"),

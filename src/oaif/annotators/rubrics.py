@@ -98,7 +98,11 @@ def load_rubric(name_or_path: str) -> Rubric:
     if not path.is_file():
         raise AnnotatorError(f"rubric file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise AnnotatorError(f"rubric {path}: cannot read it as UTF-8 text ({e})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise AnnotatorError(f"rubric {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) or "template" not in data:
