@@ -1,14 +1,15 @@
 """In-process LLM judge: a causal LM reads a rubric and the next-token odds of the labels.
 
 For each pair and each order, the judge prompt is the rubric rendered in the judge's chat
-template, followed by the rubric's ``answer_prefix``. The prompt and responses are data: the
-template is tokenized with its special tokens and the three values apart, with special-token
-parsing off (:class:`~oaif.annotators.untrusted.SlotEncoder`), so no special token id can come
-from a response, and look-alikes of the rubric's delimiter tags are neutralized. The preference is the softmax over the
+template, followed by the rubric's ``answer_prefix``. The preference is the softmax over the
 log-probs of the two label tokens at the next position, so it is a probability, not a parsed
 string. Both orders of every pair go through the same batched forward passes, and the token
 prefix shared by all judge prompts (system message and rubric preamble) is computed once and
 reused through the KV cache.
+
+The prompt and responses are data: look-alikes of the rubric's delimiter tags are neutralized,
+and the values are tokenized apart from the template with special-token parsing off
+(:class:`~oaif.annotators.untrusted.SlotEncoder`), so no special token id comes from a response.
 """
 
 from __future__ import annotations

@@ -222,9 +222,7 @@ class SlotEncoder:
         self.pieces = split_slots(template)
         self.add_special_tokens = add_special_tokens
         self.forbidden = special_ids(tokenizer)
-        self._fixed = {text: [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
-                       for text, is_slot in self.pieces if not is_slot}
-        self._before, self._after = _wrapping_ids(tokenizer) if add_special_tokens else ([], [])
+        self._fixed: dict[str, list[int]] | None = None  # template pieces' ids, made on the first piecewise encoding
         self._offsets = bool(getattr(tokenizer, "is_fast", False))
         #: How many encodings had to be made in pieces because a value held a special token.
         self.split_count = 0
@@ -238,10 +236,14 @@ class SlotEncoder:
             if ids is not None:
                 return ids
         self.split_count += 1
-        ids = list(self._before)
+        if self._fixed is None:
+            self._fixed = {text: [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+                           for text, is_slot in self.pieces if not is_slot}
+        before, after = _wrapping_ids(self.tokenizer) if self.add_special_tokens else ([], [])
+        ids = list(before)
         for text, is_slot in self.pieces:
             ids.extend(encode_data(self.tokenizer, values[text], self.forbidden) if is_slot else self._fixed[text])
-        ids.extend(self._after)
+        ids.extend(after)
         return ids
 
     def _whole(self, values: Mapping[str, str]) -> list[int] | None:
