@@ -204,3 +204,10 @@ def test_openai_base_url_must_be_a_url():
         load_config(ROOT / "configs/demo.yaml", ["annotator.type=openai", "annotator.base_url=not a url"])
     assert load_config(ROOT / "configs/demo.yaml", ["annotator.type=openai",
                                                     "annotator.base_url=http://127.0.0.1:8000/v1"]).annotator.base_url
+
+
+def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("train:\n  max_steps: 3\n  output_dir: runs/a\n  max_steps: 300\n")
+    with pytest.raises(ConfigError, match=f"^{path}: key 'max_steps' appears twice \\(line 4\\)"):
+        load_config(path)

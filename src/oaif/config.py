@@ -436,10 +436,33 @@ def _read_yaml(path: str | Path, what: str = "config") -> Any:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{what} file {p}: not UTF-8 text (byte {e.start})") from None
     try:
+        duplicate = _duplicate_key(yaml.compose(text, Loader=yaml.SafeLoader))
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if duplicate:
+        raise ConfigError(f"{p}: {duplicate}")
     return {} if data is None else data
+
+
+def _duplicate_key(node: Any) -> str | None:
+    """'key 'x' appears twice (line N)' for the first mapping key given twice (YAML would keep the last)."""
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is not None and name in seen:
+                return f"key '{name}' appears twice (line {key.start_mark.line + 1}); YAML would silently keep the last"
+            seen.add(name)
+            found = _duplicate_key(value)
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            found = _duplicate_key(item)
+            if found:
+                return found
+    return None
 
 
 def _expect_mapping(data: Any, p: str | Path, what: str) -> dict:
