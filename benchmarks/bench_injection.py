@@ -38,7 +38,6 @@ import re
 import statistics
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 from oaif.annotators.base import PairRequest
