@@ -31,6 +31,9 @@ log = logging.getLogger("oaif")
 
 def preflight(cfg: Config) -> None:
     """Fail fast, before any model loads, on inputs that can be checked cheaply."""
+    from oaif.run_dir import check_output_dir
+
+    check_output_dir(cfg.train.output_dir, "train.output_dir")
     path = cfg.data.path if cfg.train.mode == "online" else cfg.data.preference_path
     if not Path(path).exists():
         kind = "prompt" if cfg.train.mode == "online" else "preference"

@@ -1,0 +1,103 @@
+"""Output locations checked before any work starts: a run directory, an output directory, an output file.
+
+A path that cannot be written must fail at once with one line naming the key and the reason,
+not after minutes of sampling, judging or training. The checks change nothing on disk: a
+directory that does not exist yet is not created; its nearest existing ancestor must be a
+writable directory (tested by creating and removing a temporary file there, which works for
+root and read-only mounts alike, where permission bits alone would mislead).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from oaif.errors import ConfigError
+
+#: Kernel pseudo-filesystems: directories there look writable but take no run files.
+PSEUDO_FS = ("/proc", "/sys", "/dev")
+
+
+def _pseudo_root(path: Path) -> str | None:
+    for root in PSEUDO_FS:
+        if path == Path(root) or Path(root) in path.parents:
+            return root
+    return None
+
+
+def _resolve(text: str, key: str) -> Path:
+    try:
+        return Path(text).expanduser().resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop, an unreadable component
+        raise ConfigError(f"{key}: cannot resolve {text} ({e})") from None
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not os.path.lexists(p):
+        p = p.parent
+    return p
+
+
+def _probe_writable(directory: Path, key: str, shown: str) -> None:
+    try:
+        with tempfile.TemporaryFile(prefix=".oaif-write-check-", dir=directory):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot write in {directory} ({e.strerror or e}), needed for {shown}") from None
+
+
+def _check_pseudo(resolved: Path, key: str, text: str) -> None:
+    root = _pseudo_root(resolved)
+    if root is not None:
+        raise ConfigError(f"{key}: {text} is under {root}, a kernel pseudo-filesystem; choose a path on disk")
+
+
+def _check_can_make_dir(directory: Path, key: str, text: str, is_target: bool) -> None:
+    """``directory`` is one, or can be created as one, and its nearest existing directory takes files.
+
+    ``text`` is the path the user gave: the directory itself (``is_target``) or a file in it.
+    """
+    existing = _nearest_existing(directory)
+    if not existing.is_dir():
+        if is_target and existing == directory:
+            raise ConfigError(f"{key}: {text} exists and is not a directory")
+        raise ConfigError(f"{key}: {existing} is a file, so {text} cannot be created")
+    _probe_writable(existing, key, text)
+
+
+def check_output_dir(path: str | os.PathLike, key: str = "train.output_dir") -> Path:
+    """Check that ``path`` is, or can become, a writable directory; return it resolved.
+
+    Raises :class:`ConfigError` ("``key``: ...") when the path is empty, is a file, lies under
+    /proc, /sys or /dev, has a file among its ancestors, or its nearest existing directory
+    cannot be written.
+    """
+    text = os.fspath(path)
+    if not str(text).strip():
+        raise ConfigError(f"{key}: empty path (it would write into the current directory)")
+    resolved = _resolve(text, key)
+    _check_pseudo(resolved, key, text)
+    _check_can_make_dir(resolved, key, text, is_target=True)
+    return resolved
+
+
+def check_output_file(path: str | os.PathLike, key: str) -> Path:
+    """Check that the file ``path`` can be written (created, or replaced); return it resolved.
+
+    Raises :class:`ConfigError` ("``key``: ...") when the path is empty, is a directory or
+    another non-file, lies under /proc, /sys or /dev, or its directory is not (and cannot
+    become) writable.
+    """
+    text = os.fspath(path)
+    if not str(text).strip():
+        raise ConfigError(f"{key}: empty path")
+    resolved = _resolve(text, key)
+    _check_pseudo(resolved, key, text)
+    if resolved.is_dir():
+        raise ConfigError(f"{key}: {text} is a directory, not a file")
+    if os.path.lexists(resolved) and not resolved.is_file():
+        raise ConfigError(f"{key}: {text} exists and is not a regular file")
+    _check_can_make_dir(resolved.parent, key, text, is_target=False)
+    return resolved
