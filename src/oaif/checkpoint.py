@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from oaif.errors import CheckpointError, one_line
+from oaif.errors import CheckpointError, OaifError, one_line
 
 log = logging.getLogger("oaif")
 
@@ -285,12 +285,22 @@ def trainer_state(step: int, stream_state: dict, optimizer, scheduler, failures,
             "config": config}
 
 
-def restore_trainer_state(checkpoint: Path, model, optimizer, scheduler, stream, failures) -> int:
-    """Load a checkpoint's weights and trainer state into the run's objects; return its step."""
-    load_model_weights(model, checkpoint)
+def restore_trainer_state(checkpoint: Path, model, optimizer, scheduler, stream, failures,
+                          config: dict | None = None) -> int:
+    """Load a checkpoint's weights and trainer state into the run's objects; return its step.
+
+    With ``config`` (the new run's), first refuse a config that differs from the saved one in a
+    key a resume may not change (:func:`oaif.resume_check.check_resume_config`).
+    """
+    from oaif.resume_check import check_resume_config, reschedule
+
     state = load_trainer_state(checkpoint)
+    if config is not None:
+        check_resume_config(state["config"], config, checkpoint)
+    load_model_weights(model, checkpoint)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    reschedule(optimizer, scheduler)  # the lr of this step under the new run's schedule length
     stream.load_state_dict(state["stream"])
     set_rng_state(state["rng"])
     failures.load_state_dict(state["failures"])
@@ -311,7 +321,14 @@ class RunCheckpoints:
         self.last_saved = -1
 
     def save(self, step: int, model, tokenizer, state, *, collective: bool = True) -> Path:
-        """Write ``checkpoint-<step>``; ``state()`` gives the trainer state (called on the main process only)."""
+        """Write ``checkpoint-<step>``; ``state()`` gives the trainer state (called on the main process only).
+
+        Non-finite weights are never written: every process checks its copy first and all raise
+        :class:`~oaif.finite_guard.NonFiniteError` together.
+        """
+        from oaif.finite_guard import check_weights
+
+        check_weights(model, step, self.last_saved)
         if collective:
             self.accelerator.wait_for_everyone()
         path = self.out / f"checkpoint-{step}"
@@ -330,16 +347,18 @@ class RunCheckpoints:
             path = self.save(step, model, tokenizer, state, collective=alone)
             log.error("stopped at step %d (%s); progress saved in %s, rerun with train.resume=true",
                       step, type(error).__name__, path)
+        except OaifError as e:  # non-finite weights: not saved
+            log.error("progress since step %d not saved: %s", self.last_saved, e)
         except Exception:  # pragma: no cover - the original error matters more
             log.exception("could not save a checkpoint after the error")
 
-    def restore(self, resume: bool | str, model, optimizer, scheduler, stream, failures) -> int:
+    def restore(self, resume: bool | str, model, optimizer, scheduler, stream, failures, config: dict | None = None) -> int:
         """Load the checkpoint ``train.resume`` names (a path, or ``True``: the latest in the run directory)
         into the run's objects; return its step (0 when ``True`` finds none)."""
         ckpt = Path(resume) if isinstance(resume, str) else latest_checkpoint(self.out)
         if ckpt is None:
             log.warning("train.resume=true but %s has no checkpoint: starting from step 0", self.out)
             return 0
-        step = self.last_saved = restore_trainer_state(ckpt, model, optimizer, scheduler, stream, failures)
+        step = self.last_saved = restore_trainer_state(ckpt, model, optimizer, scheduler, stream, failures, config)
         log.info("resumed from %s at step %d", ckpt, step)
         return step

@@ -135,8 +135,14 @@ class TrainConfig:
     save_every: int = _f(0, "Save a checkpoint every N steps (0: only at the end).")
     keep_last: int = _f(2, "Keep this many step checkpoints (the final one is always kept; 0 keeps all).")
     resume: bool | str = _f(False, "true: continue from the latest checkpoint in output_dir; a path: continue from that checkpoint directory; false: start afresh.")
+    overwrite_output_dir: bool = _f(False, "A fresh run (resume=false) in an output_dir that holds an earlier run: "
+                                           "delete its checkpoints, latest, metrics, audit log and config.yaml first "
+                                           "(false: refuse to start).")
+    resume_allow_changes: list = _f([], "Keys a resume may change although they make another experiment (e.g. "
+                                        "[optim.lr]); max_steps, save_every, keep_last, output_dir, logging.* and "
+                                        "the annotator server's URL, timeout, retries and concurrency may always change.")
     device: str = _f("auto", "auto, cpu or cuda.")
-    mixed_precision: str = _f("no", "Accelerate mixed precision: no, bf16 or fp16.")
+    mixed_precision: str = _f("no", "Accelerate mixed precision: no, bf16 or fp16 (fp16 needs a GPU).")
 
 
 @dataclass
@@ -346,6 +352,10 @@ def validate(cfg: Config) -> Config:
         ("logging.run_name", cfg.logging.run_name is None or cfg.logging.run_name.strip(), "is empty (use null for the default)"),
     ]
     _raise_first(checks)
+    known = set(flat)
+    for key in cfg.train.resume_allow_changes:
+        if not isinstance(key, str) or key not in known:
+            raise ConfigError(f"train.resume_allow_changes: {_short(key)} is not a config key (see `oaif config keys`)")
     for tracker in cfg.logging.report_to:
         if tracker not in ("tensorboard", "wandb"):
             raise ConfigError(f"logging.report_to: unknown tracker {tracker!r} (tensorboard, wandb)")

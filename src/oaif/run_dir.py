@@ -101,3 +101,57 @@ def check_output_file(path: str | os.PathLike, key: str) -> Path:
         raise ConfigError(f"{key}: {text} exists and is not a regular file")
     _check_can_make_dir(resolved.parent, key, text, is_target=False)
     return resolved
+
+
+#: Files a training run writes at the top of its run directory (besides ``checkpoint-N/``).
+RUN_FILES = ("latest", "metrics.jsonl", "annotations.jsonl", "config.yaml")
+
+
+def previous_run(path: str | os.PathLike) -> list[Path]:
+    """What an earlier training run left in ``path``: checkpoints (complete or not), ``latest`` and
+    its non-empty logs. ``config.yaml`` alone (a run that never took a step) does not count."""
+    import re
+
+    out = Path(path)
+    if not out.is_dir():
+        return []
+    found = sorted(p for p in out.iterdir() if re.match(r"^\.?(tmp-|old-)?checkpoint-\d+", p.name))
+    for name in RUN_FILES:
+        p = out / name
+        if p.is_file() and (name != "config.yaml" and (name == "latest" or p.stat().st_size > 0)):
+            found.append(p)
+    if found and (out / "config.yaml").is_file():
+        found.append(out / "config.yaml")
+    return found
+
+
+def check_fresh_run(path: str | os.PathLike, overwrite: bool) -> None:
+    """A fresh run (``train.resume=false``) must not mix with an earlier run in its directory.
+
+    Raises :class:`ConfigError` when ``path`` holds one and ``overwrite`` is false; changes nothing.
+    """
+    old = previous_run(path)
+    if old and not overwrite:
+        shown = ", ".join(p.name for p in old[:4]) + (", ..." if len(old) > 4 else "")
+        raise ConfigError(f"train.output_dir: {path} holds an earlier run ({shown}); continue it with "
+                          f"train.resume=true, choose another train.output_dir, or delete it with "
+                          f"train.overwrite_output_dir=true")
+
+
+def clear_previous_run(path: str | os.PathLike) -> list[Path]:
+    """Delete what :func:`previous_run` finds (checkpoints, ``latest``, metrics, audit log, config); return it.
+
+    Other files in the directory (the user's, ``eval/``) are left alone.
+    """
+    import shutil
+
+    old = previous_run(path)
+    latest = Path(path) / "latest"
+    if latest in old:  # first, so that no reader follows it into a checkpoint being deleted
+        latest.unlink()
+    for p in old:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    return old
