@@ -80,3 +80,11 @@ def gated(prompt: str, a: str, b: str) -> float:
 def always_fails(prompt: str, a: str, b: str) -> float:
     """Every judgment fails (NaN), as with a broken annotator."""
     return float("nan")
+
+
+def fails_while_broken(prompt: str, a: str, b: str) -> float:
+    """Every judgment fails (NaN) while ``$OAIF_TEST_JUDGE_BROKEN`` is 1, as a server that is down and
+    later back; otherwise like :func:`shorter_unless_marked`."""
+    if os.environ.get("OAIF_TEST_JUDGE_BROKEN") == "1":
+        return float("nan")
+    return shorter_unless_marked(prompt, a, b)

@@ -265,17 +265,18 @@ def test_a_run_without_any_usable_pair_is_not_done(tiny_model_dir, tmp_path):
         train(cfg(tiny_model_dir, tmp_path / "run", f"data.path={prompts}", "train.max_steps=2"))
 
 
-def test_a_resume_after_a_failure_stop_does_not_trip_on_the_past(tiny_model_dir, tmp_path):
+def test_a_resume_after_a_failure_stop_does_not_trip_on_the_past(tiny_model_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
+    judge = (f"annotator.callable={JUDGES}:fails_while_broken", "annotator.failure_window=8",
+             "annotator.max_failure_rate=0.4", "train.max_steps=6", "train.batch_size=4")  # 4 pairs a step
+    monkeypatch.setenv("OAIF_TEST_JUDGE_BROKEN", "1")
     with pytest.raises(AnnotatorError, match="failed on 100% of the last 8 pairs"):
-        train(cfg(tiny_model_dir, out, f"annotator.callable={JUDGES}:always_fails", "annotator.failure_window=8",
-                  "train.max_steps=6", "train.batch_size=4"))
+        train(cfg(tiny_model_dir, out, *judge))
     assert (out / "latest").read_text().strip() == "checkpoint-2"
-    # the judge is fixed: four good steps in the new process, none of the old failures counted
-    summary = train(cfg(tiny_model_dir, out, "annotator.failure_window=8", "train.max_steps=6", "train.resume=true",
-                        "train.batch_size=4",
-                        "train.resume_allow_changes=[annotator.callable]"))
-    assert summary["steps"] == 6
+    # the judge is back: with the old window carried over, step 3 would see 4 of the last 8 pairs failed
+    monkeypatch.setenv("OAIF_TEST_JUDGE_BROKEN", "0")
+    summary = train(cfg(tiny_model_dir, out, *judge, "train.resume=true"))
+    assert summary["steps"] == 6 and steps(out) == [1, 2, 3, 4, 5, 6]
 
 
 # --------------------------------------------------------------------------- settings refused up front

@@ -108,20 +108,19 @@ RUN_FILES = ("latest", "metrics.jsonl", "annotations.jsonl", "config.yaml")
 
 
 def previous_run(path: str | os.PathLike) -> list[Path]:
-    """What an earlier training run left in ``path``: checkpoints (complete or not), ``latest`` and
-    its non-empty logs. ``config.yaml`` alone (a run that never took a step) does not count."""
+    """What an earlier training run left in ``path``: its checkpoints (complete or not) and
+    ``latest``, then its logs and config. Logs without any checkpoint (a run killed before its
+    first save, which cannot be resumed) do not count: a fresh run simply starts them again."""
     import re
 
     out = Path(path)
     if not out.is_dir():
         return []
     found = sorted(p for p in out.iterdir() if re.match(r"^\.?(tmp-|old-)?checkpoint-\d+", p.name))
-    for name in RUN_FILES:
-        p = out / name
-        if p.is_file() and (name != "config.yaml" and (name == "latest" or p.stat().st_size > 0)):
-            found.append(p)
-    if found and (out / "config.yaml").is_file():
-        found.append(out / "config.yaml")
+    if (out / "latest").is_file():
+        found.append(out / "latest")
+    if found:
+        found += [out / name for name in RUN_FILES if name != "latest" and (out / name).is_file()]
     return found
 
 
