@@ -180,6 +180,8 @@ def test_a_rerun_that_fails_at_startup_leaves_the_old_run_byte_identical(tiny_mo
         ("train.resume=true", f"data.path={tmp_path / 'bad.jsonl'}"),
         ("train.overwrite_output_dir=true", "train.mixed_precision=fp16"),
         ("train.resume=true", f"annotator.callable={JUDGES}:no_such_judge"),
+        ("train.resume=true", "train.overwrite_output_dir=true"),  # would delete what it resumes
+        (f"train.resume={out / 'checkpoint-1'}", "train.overwrite_output_dir=true"),
     ]
     for extra in failing:
         with pytest.raises(OaifError):

@@ -124,6 +124,14 @@ def previous_run(path: str | os.PathLike) -> list[Path]:
     return found
 
 
+def continues_run_dir(resume: bool | str, output_dir: str | os.PathLike) -> bool:
+    """Whether a run continues the run in ``output_dir``: ``train.resume=true``, or a checkpoint in it.
+    (Resuming from a checkpoint elsewhere starts a new history in ``output_dir``, like a fresh run.)"""
+    if isinstance(resume, str):
+        return Path(resume).expanduser().resolve().parent == Path(output_dir).expanduser().resolve()
+    return bool(resume)
+
+
 def check_fresh_run(path: str | os.PathLike, overwrite: bool) -> None:
     """A fresh run (``train.resume=false``) must not mix with an earlier run in its directory.
 

@@ -31,11 +31,14 @@ log = logging.getLogger("oaif")
 
 def preflight(cfg: Config) -> None:
     """Fail fast, before any model loads, on inputs that can be checked cheaply."""
-    from oaif.run_dir import check_fresh_run, check_output_dir
+    from oaif.run_dir import check_fresh_run, check_output_dir, continues_run_dir
 
     check_output_dir(cfg.train.output_dir, "train.output_dir")
-    if not cfg.train.resume:
+    if not continues_run_dir(cfg.train.resume, cfg.train.output_dir):
         check_fresh_run(cfg.train.output_dir, cfg.train.overwrite_output_dir)
+    elif cfg.train.overwrite_output_dir:
+        raise ConfigError("train.overwrite_output_dir: true would delete the run that train.resume continues; "
+                          "set one of them to false")
     if cfg.train.mixed_precision == "fp16" and (cfg.train.device == "cpu" or not torch.cuda.is_available()):
         raise ConfigError("train.mixed_precision: fp16 needs a GPU; on CPU accelerate would silently train in "
                           "float32 (use no, or bf16)")
@@ -132,7 +135,7 @@ def claim_run_dir(cfg: Config, accelerator):
     ``train.overwrite_output_dir``, delete the earlier run there. Every process gets the lock's
     verdict, so all stop together when another run holds it. Returns the lock (release it at the end)."""
     from oaif.errors import CheckpointError
-    from oaif.run_dir import clear_previous_run
+    from oaif.run_dir import clear_previous_run, continues_run_dir
     from oaif.run_lock import RunLock
 
     lock, error = RunLock(cfg.train.output_dir), None
@@ -147,7 +150,8 @@ def claim_run_dir(cfg: Config, accelerator):
             error = CheckpointError(f"train.output_dir: {cfg.train.output_dir} is in use by another run")
     if error is not None:
         raise error
-    if accelerator.is_main_process and not cfg.train.resume and cfg.train.overwrite_output_dir:
+    if (accelerator.is_main_process and cfg.train.overwrite_output_dir
+            and not continues_run_dir(cfg.train.resume, cfg.train.output_dir)):
         if removed := clear_previous_run(cfg.train.output_dir):
             log.warning("train.overwrite_output_dir=true: deleted the earlier run in %s (%s)", cfg.train.output_dir,
                         ", ".join(p.name for p in removed))
