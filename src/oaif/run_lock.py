@@ -63,6 +63,9 @@ class RunLock:
             os.close(self._fd)  # closing the last descriptor drops the flock
             self._fd = None
 
+    def __del__(self) -> None:  # a trainer set up but never run still lets go of the directory
+        self.release()
+
     def __enter__(self) -> "RunLock":
         return self.acquire()
 

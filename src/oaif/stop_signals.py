@@ -40,23 +40,31 @@ def stop_signals() -> list[signal.Signals]:
 
 
 class StopSignals:
-    """A context manager that turns the stop signals into a flag (and restores the old handlers)."""
+    """Turns the stop signals into a flag (:meth:`install`, :meth:`restore`, or ``with``)."""
 
     def __init__(self, immediate_second: bool = True):
         self.received: str | None = None
         self.immediate_second = immediate_second
         self._previous: dict = {}
 
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+    def install(self) -> "StopSignals":
+        """Handle the stop signals from now on (only possible in the main thread; elsewhere a no-op)."""
+        if threading.current_thread() is threading.main_thread():
             for s in stop_signals():
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def restore(self) -> None:
+        """Put the previous handlers back."""
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
+
+    def __enter__(self) -> "StopSignals":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name

@@ -181,31 +181,31 @@ class Trainer:
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc=f"oaif {cfg.train.mode} {cfg.loss.type}",
                    disable=not (self.is_main and cfg.logging.progress_bar), dynamic_ncols=True)
         last: dict = {}
-        signals = StopSignals(immediate_second=self.accelerator.num_processes == 1)
+        signals = StopSignals(immediate_second=self.accelerator.num_processes == 1).install()
         try:
-            with signals:
-                while self.step < cfg.train.max_steps:
-                    last = self.run_step()
-                    if self.is_main:
-                        self.metrics.write(last)
-                        bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "reward_accuracy", "kl", "response_length",
-                                                                        "judge_consistency") if k in last}
-                                        | {"pairs": last["pairs_used"]})
-                        bar.update(1)
-                    check_step(last, self.step, self.checkpoints.last_saved)
-                    self._check_failures()
-                    if signal_name := signals.requested(self.accelerator):
-                        raise Stopped(signal_name, self.step, self.save())
-                    if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < cfg.train.max_steps:
-                        self.save()
-                if last:
-                    self._check_failures(end=True)
-                final = self.save()
+            while self.step < cfg.train.max_steps:
+                last = self.run_step()
+                if self.is_main:
+                    self.metrics.write(last)
+                    bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "reward_accuracy", "kl", "response_length",
+                                                                    "judge_consistency") if k in last}
+                                    | {"pairs": last["pairs_used"]})
+                    bar.update(1)
+                check_step(last, self.step, self.checkpoints.last_saved)
+                self._check_failures()
+                if signal_name := signals.requested(self.accelerator):
+                    raise Stopped(signal_name, self.step, self.save())
+                if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < cfg.train.max_steps:
+                    self.save()
+            if last:
+                self._check_failures(end=True)
+            final = self.save()
         except (KeyboardInterrupt, Exception) as e:
             if not isinstance(e, (AnnotatorError, NonFiniteError)):  # saved already / must not be saved
                 self.checkpoints.save_after_error(self.step, self.unwrapped, self.tokenizer, self._state, e)
             raise
         finally:
+            signals.restore()
             self.lock.release()
             bar.close()
             if self.metrics is not None:
