@@ -108,18 +108,19 @@ RUN_FILES = ("latest", "metrics.jsonl", "annotations.jsonl", "config.yaml")
 
 
 def previous_run(path: str | os.PathLike) -> list[Path]:
-    """What an earlier training run left in ``path``: its checkpoints (complete or not) and
-    ``latest``, then its logs and config. Logs without any checkpoint (a run killed before its
+    """What an earlier training run left in ``path``: its checkpoints and ``latest``, then its
+    half-written checkpoints, logs and config. Logs without any checkpoint (a run killed before its
     first save, which cannot be resumed) do not count: a fresh run simply starts them again."""
     import re
 
     out = Path(path)
     if not out.is_dir():
         return []
-    found = sorted(p for p in out.iterdir() if re.match(r"^\.?(tmp-|old-)?checkpoint-\d+", p.name))
+    found = sorted(p for p in out.iterdir() if re.match(r"^checkpoint-\d+$", p.name))
     if (out / "latest").is_file():
         found.append(out / "latest")
-    if found:
+    if found:  # then also its half-written checkpoints (a kill during a save), logs and config
+        found += sorted(p for p in out.iterdir() if re.match(r"^\.(tmp|old)-checkpoint-\d+-\d+$", p.name))
         found += [out / name for name in RUN_FILES if name != "latest" and (out / name).is_file()]
     return found
 
