@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -80,6 +81,28 @@ def test_sigterm_saves_a_resumable_checkpoint_even_without_save_every(tiny_model
                       "train.resume=true"), OAIF_TEST_SIGNAL_AFTER="1000000")
     assert second.returncode == 0, second.stderr[-3000:]
     assert steps(out) == [1, 2, 3, 4] and (out / "latest").read_text().strip() == "checkpoint-4"
+
+
+def test_a_second_sigterm_stops_at_once_through_a_judge_that_catches_exceptions(tiny_model_dir, tmp_path):
+    out, gate = tmp_path / "run", tmp_path / "gate"  # the gate never opens: step 2 waits in the judge
+    proc = subprocess.Popen([sys.executable, "-m", "oaif.cli", "train",
+                             *args(tiny_model_dir, out, f"annotator.callable={JUDGES}:gated", "train.max_steps=4")],
+                            env=env(OAIF_TEST_GATE=str(gate), OAIF_TEST_GATE_AFTER="4"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 300
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("the second SIGTERM did not stop the run at once") from None
+    assert proc.returncode == 128 + 15 and errors(stderr) == ["oaif: stopped by SIGTERM"], stderr[-3000:]
+    assert (out / "latest").read_text().strip() == "checkpoint-1"  # the progress before the unfinished step
 
 
 @pytest.mark.slow
@@ -220,6 +243,12 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_its_last_finite_checkpo
     assert latest == (f"checkpoint-{step - 1}" if step > 1 else None)
     for p in good:
         assert all(torch.isfinite(t).all() for t in load_file(str(p / "model.safetensors")).values())
+
+
+def test_a_learning_rate_adamw_cannot_represent_is_refused(tiny_model_dir, tmp_path):
+    # 1e39 is finite as a Python float, but AdamW's step size overflows float32: a traceback before
+    with pytest.raises(ConfigError, match=r"optim.lr: must be in \[0, 1e30\]"):
+        cfg(tiny_model_dir, tmp_path / "run", "optim.lr=1e39")
 
 
 # --------------------------------------------------------------------------- resume

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("oaif: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
+    except BaseException as e:
         from oaif.stop_signals import Stopped
 
         if not isinstance(e, Stopped):

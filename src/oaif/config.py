@@ -327,7 +327,7 @@ def validate(cfg: Config) -> Config:
         ("sampling.batch_size", cfg.sampling.batch_size >= 0, "must be >= 0 (0: all prompts of a step at once)"),
         ("loss.beta", cfg.loss.beta > 0, "must be > 0"),
         ("loss.min_confidence", 0 <= cfg.loss.min_confidence < 0.5, "must be in [0, 0.5)"),
-        ("optim.lr", cfg.optim.lr >= 0, "must be >= 0"),
+        ("optim.lr", 0 <= cfg.optim.lr <= 1e30, "must be in [0, 1e30] (a larger step overflows float32 in AdamW)"),
         ("optim.weight_decay", cfg.optim.weight_decay >= 0, "must be >= 0"),
         ("optim.betas", _is_betas(cfg.optim.betas), f"must be two numbers in [0, 1), got {cfg.optim.betas!r}"),
         ("optim.eps", cfg.optim.eps > 0, "must be > 0"),

@@ -19,8 +19,12 @@ import threading
 log = logging.getLogger("oaif")
 
 
-class Stopped(Exception):
-    """A run stopped on a signal; ``checkpoint`` is where its progress was saved (None: not yet saved)."""
+class Stopped(BaseException):
+    """A run stopped on a signal; ``checkpoint`` is where its progress was saved (None: not yet saved).
+
+    A ``BaseException``, like ``KeyboardInterrupt``: raised at once by a second signal, it may land in
+    code that turns an ``Exception`` into a failed judgment, and must go through it.
+    """
 
     def __init__(self, signal_name: str, step: int | None = None, checkpoint=None):
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint

@@ -200,7 +200,7 @@ class Trainer:
             if last:
                 self._check_failures(end=True)
             final = self.save()
-        except (KeyboardInterrupt, Exception) as e:
+        except (KeyboardInterrupt, Stopped, Exception) as e:
             if not isinstance(e, (AnnotatorError, NonFiniteError)):  # saved already / must not be saved
                 self.checkpoints.save_after_error(self.step, self.unwrapped, self.tokenizer, self._state, e)
             raise
