@@ -295,9 +295,9 @@ def restore_trainer_state(checkpoint: Path, model, optimizer, scheduler, stream,
     from oaif.resume_check import check_resume_config, reschedule
 
     state = load_trainer_state(checkpoint)
+    load_model_weights(model, checkpoint)  # first: its errors name an architecture or LoRA mismatch precisely
     if config is not None:
         check_resume_config(state["config"], config, checkpoint)
-    load_model_weights(model, checkpoint)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     reschedule(optimizer, scheduler)  # the lr of this step under the new run's schedule length

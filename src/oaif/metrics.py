@@ -184,28 +184,33 @@ class FailureWindow:
     def __init__(self, size: int):
         self.window: deque[bool] = deque(maxlen=size)
         self.reasons: Counter = Counter()
-        self.used = 0  # pairs that entered the loss in this process's steps
+        self.used = self.judged = 0  # pairs that entered the loss / were judged in this process's steps
 
     def add(self, step: StepMetrics) -> None:
         failed, judged = int(step.total("pairs_failed")), int(step.total("pairs_judged"))
         self.window.extend([True] * failed + [False] * (judged - failed))
         self.reasons.update(step.failed)
         self.used += int(step.total("pairs_used"))
+        self.judged += judged
 
-    def exceeded(self, limit: float, partial: bool = False, online: bool = True) -> str | None:
+    def exceeded(self, limit: float, partial: bool = False) -> str | None:
         """What went wrong, in words, when more than ``limit`` of the last full window failed; else None.
 
-        ``partial`` (at the end of a run): also judge a window that is not full over the pairs it
-        holds, and (``online``) fail a run in which no pair was usable.
+        ``partial`` (at the end of a run): also judge a window that is not full, over the pairs it holds.
         """
         n = len(self.window)
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items())) or "none"
         if n and (n == self.window.maxlen or partial) and sum(self.window) / n > limit:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items()))
             return (f"the annotator failed on {sum(self.window) / n:.0%} of the last {n} "
                     f"pairs (over annotator.max_failure_rate={limit}; reasons so far: {reasons})")
-        if partial and online and self.used == 0:
-            return (f"no pair was usable in this run ({n} judged, {sum(self.window)} failed; reasons: {reasons}; "
-                    f"the rest tied, were identical or below loss.min_confidence)")
+        return None
+
+    def unused(self) -> str | None:
+        """A warning when this process's steps judged pairs but used none of them (the policy did not
+        change); None otherwise. (Pairs that were all identical are not judged: ``masked/identical``.)"""
+        if self.judged and not self.used:
+            return (f"no pair was usable in this run: {self.judged} judged, none kept (failed, tied or under "
+                    f"loss.min_confidence; see masked/* in metrics.jsonl), so the policy did not change")
         return None
 
     def state_dict(self) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 The lock is ``fcntl.flock`` on ``<output_dir>/.oaif-lock``, taken by the main process before the
 run writes anything there. The file holds who holds it (pid, host, start time) for the error a
 second run gets. The kernel drops a flock when its process dies (even by SIGKILL), so a lock
-file left by a dead run never blocks the next one; the file itself stays.
+file left by a dead run never blocks the next one; the file itself stays. The lock keeps other
+processes out; within one process it is shared (counted), so a trainer that was set up and not run
+does not block the next one there.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from oaif.errors import CheckpointError
 
 LOCK_FILE = ".oaif-lock"
 
+#: Locks this process holds: resolved lock path -> [descriptor, holders].
+_HELD: dict[Path, list[int]] = {}
+
 
 def _holder(path: Path) -> str:
     try:
@@ -30,12 +35,12 @@ def _holder(path: Path) -> str:
 
 
 class RunLock:
-    """``with RunLock(dir):`` or :meth:`acquire` / :meth:`release`. Not re-entrant."""
+    """``with RunLock(dir):`` or :meth:`acquire` / :meth:`release`."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self.path = self.directory / LOCK_FILE
-        self._fd: int | None = None
+        self._key: Path | None = None
 
     def acquire(self) -> "RunLock":
         """Take the lock (creating the directory), or raise :class:`CheckpointError` naming its holder."""
@@ -43,7 +48,14 @@ class RunLock:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX: no locking
             return self
+        if self._key is not None:
+            return self
         self.directory.mkdir(parents=True, exist_ok=True)
+        key = self.path.resolve()
+        if key in _HELD:  # this process holds it already
+            _HELD[key][1] += 1
+            self._key = key
+            return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -55,13 +67,18 @@ class RunLock:
                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode() + b"\n", 0)
-        self._fd = fd
+        _HELD[key] = [fd, 1]
+        self._key = key
         return self
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the last descriptor drops the flock
-            self._fd = None
+        key, self._key = self._key, None
+        held = _HELD.get(key) if key is not None else None
+        if held is not None:
+            held[1] -= 1
+            if held[1] == 0:
+                del _HELD[key]
+                os.close(held[0])  # closing the descriptor drops the flock
 
     def __del__(self) -> None:  # a trainer set up but never run still lets go of the directory
         self.release()

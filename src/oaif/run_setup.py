@@ -34,6 +34,8 @@ def preflight(cfg: Config) -> None:
     from oaif.run_dir import check_fresh_run, check_output_dir, continues_run_dir
 
     check_output_dir(cfg.train.output_dir, "train.output_dir")
+    if isinstance(cfg.train.resume, str) and not (Path(cfg.train.resume) / "trainer_state.pt").is_file():
+        raise ConfigError(f"train.resume: {cfg.train.resume} is not a checkpoint directory (no trainer_state.pt)")
     if not continues_run_dir(cfg.train.resume, cfg.train.output_dir):
         check_fresh_run(cfg.train.output_dir, cfg.train.overwrite_output_dir)
     elif cfg.train.overwrite_output_dir:
@@ -46,8 +48,6 @@ def preflight(cfg: Config) -> None:
     if not Path(path).exists():
         kind = "prompt" if cfg.train.mode == "online" else "preference"
         raise DataError(f"{kind} file not found: {path} (data.{'path' if kind == 'prompt' else 'preference_path'})")
-    if isinstance(cfg.train.resume, str) and not (Path(cfg.train.resume) / "trainer_state.pt").is_file():
-        raise ConfigError(f"train.resume: {cfg.train.resume} is not a checkpoint directory (no trainer_state.pt)")
     if cfg.train.mode == "online" and cfg.annotator.type in ("llm", "openai"):
         from oaif.annotators.rubrics import load_rubric
 

@@ -20,6 +20,7 @@ the audit log in :mod:`oaif.audit`, checkpoint state in :mod:`oaif.checkpoint`.
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from oaif.metrics import FailureWindow, StepMetrics
 from oaif.pairs import PairPlan, PreferenceBatch, annotate_pairs, build_pairs, preference_rollouts
 from oaif.sampling import Rollouts, sample_rollouts
 from oaif.stop_signals import StopSignals, Stopped
+
+log = logging.getLogger("oaif")
 
 @dataclass
 class MicroBatch:
@@ -167,9 +170,10 @@ class Trainer:
 
     def _check_failures(self, end: bool = False) -> None:
         """Stop when the annotator failed too often: over the last full window, or (``end``) over
-        the pairs this process saw when fewer than a window, or when none of them was usable."""
-        if problem := self.failures.exceeded(self.cfg.annotator.max_failure_rate, partial=end,
-                                             online=self.cfg.train.mode == "online"):
+        the pairs this process saw when fewer than a window. At the end, warn when no pair was usable."""
+        if end and self.is_main and (warning := self.failures.unused()):
+            log.warning(warning)
+        if problem := self.failures.exceeded(self.cfg.annotator.max_failure_rate, partial=end):
             path = self.save()  # every process sees the same summed counts: they stop together
             raise AnnotatorError(f"{problem}; saved {path}, fix the annotator and rerun with train.resume=true")
 
