@@ -84,6 +84,7 @@ def train_overrides(args, out_dir: Path, train_prompts: Path, *extra: str) -> li
     return [str(ROOT / "configs" / "demo.yaml"), f"model.name_or_path={args.model}", f"data.path={train_prompts}",
             "data.eval_fraction=0", f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
             f"sampling.max_new_tokens={args.max_new_tokens}", f"train.output_dir={out_dir}", "train.save_every=0",
+            "train.overwrite_output_dir=true",  # a rerun of the experiment starts its runs afresh
             f"optim.lr={args.lr}",
             *[f"annotator.{s}" for s in args.judge_set], *extra, *args.train_set]
 

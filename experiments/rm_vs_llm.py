@@ -64,6 +64,7 @@ def main() -> None:
     common = [str(ROOT / "configs/demo.yaml"), f"model.name_or_path={args.model}", f"data.path={train_file}",
               "data.eval_fraction=0", f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
               f"sampling.max_new_tokens={args.max_new_tokens}", "train.save_every=0", "logging.progress_bar=false",
+              "train.overwrite_output_dir=true",  # a rerun of the experiment starts its runs afresh
               f"optim.lr={args.lr}"]
     oaif("train", *common, f"train.output_dir={out / 'rm_run'}", "annotator.type=reward_model",
          f"annotator.model={rm_dir}", *args.train_set, log=log)

@@ -48,3 +48,43 @@ def killed_after(prompt: str, response: str) -> float:
     if _calls > int(os.environ.get("OAIF_TEST_KILL_AFTER", "1000000000")):
         os.kill(os.getpid(), signal.SIGKILL)
     return -float(len(response))
+
+
+def signal_after(prompt: str, a: str, b: str) -> float:
+    """Like :func:`shorter_unless_marked`; after ``$OAIF_TEST_SIGNAL_AFTER`` calls the main process (RANK 0)
+    sends SIGTERM once, to itself (``$OAIF_TEST_SIGNAL_TO=self``) or to its parent (``parent``: the
+    ``accelerate launch`` process, which passes it on to every process it started), as a scheduler would."""
+    global _calls
+    _calls += 1
+    if os.environ.get("RANK", "0") == "0" and _calls == int(os.environ["OAIF_TEST_SIGNAL_AFTER"]) + 1:
+        target = os.getppid() if os.environ.get("OAIF_TEST_SIGNAL_TO") == "parent" else os.getpid()
+        os.kill(target, signal.SIGTERM)
+    return shorter_unless_marked(prompt, a, b)
+
+
+def gated(prompt: str, a: str, b: str) -> float:
+    """Like :func:`shorter_unless_marked`, but after ``$OAIF_TEST_GATE_AFTER`` calls each call waits (up to
+    300 s) until the file ``$OAIF_TEST_GATE`` exists: a run that is still going while a test races it."""
+    import time
+
+    global _calls
+    _calls += 1
+    deadline = time.time() + 300
+    while _calls > int(os.environ["OAIF_TEST_GATE_AFTER"]) and not os.path.exists(os.environ["OAIF_TEST_GATE"]):
+        if time.time() > deadline:
+            break
+        time.sleep(0.1)
+    return shorter_unless_marked(prompt, a, b)
+
+
+def always_fails(prompt: str, a: str, b: str) -> float:
+    """Every judgment fails (NaN), as with a broken annotator."""
+    return float("nan")
+
+
+def fails_while_broken(prompt: str, a: str, b: str) -> float:
+    """Every judgment fails (NaN) while ``$OAIF_TEST_JUDGE_BROKEN`` is 1, as a server that is down and
+    later back; otherwise like :func:`shorter_unless_marked`."""
+    if os.environ.get("OAIF_TEST_JUDGE_BROKEN") == "1":
+        return float("nan")
+    return shorter_unless_marked(prompt, a, b)

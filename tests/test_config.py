@@ -102,7 +102,8 @@ def test_core_import_is_light():
 @pytest.mark.parametrize("override, message", [
     ("annotator.failure_window=0", "annotator.failure_window: must be >= 1"),
     ("loss.missing_eos_penalty=-1", "loss.missing_eos_penalty: must be >= 0 (.inf: an unfinished response loses)"),
-    ("loss.missing_eos_penalty=.nan", "loss.missing_eos_penalty: must be >= 0 (.inf: an unfinished response loses)"),
+    ("loss.missing_eos_penalty=.nan", "loss.missing_eos_penalty: must be a number or .inf, got nan (.inf: an unfinished response loses)"),
+    ("loss.missing_eos_penalty=-.inf", "loss.missing_eos_penalty: must be a number or .inf, got -inf (.inf: an unfinished response loses)"),
     ("train.resume=", "train.resume: must be true, false or a checkpoint directory"),
     ("vllm.mode=remote", "vllm.mode: expected colocated or server, got 'remote'"),
 ])
@@ -122,3 +123,118 @@ def test_resume_takes_a_flag_or_a_checkpoint_path():
     cfg = load_config(ROOT / "configs/lora_demo.yaml", ["model.lora.dropout=0.1", "model.disable_dropout=false",
                                                        "loss.missing_eos_penalty=.inf"])
     assert cfg.model.lora.dropout == 0.1 and cfg.loss.missing_eos_penalty == float("inf")
+
+
+# Every key with a range: a value outside it, or a non-finite number, is one line naming the key.
+BAD_VALUES = [
+    ("loss.beta=.inf", "loss.beta: must be a finite number, got inf"),
+    ("loss.beta=nan", "loss.beta: must be a finite number, got nan"),
+    ("optim.lr=.inf", "optim.lr: must be a finite number, got inf"),
+    ("optim.lr=-1e-5", "optim.lr: must be in [0, 1e30]"),
+    ("optim.lr=1e39", "optim.lr: must be in [0, 1e30]"),
+    ("optim.eps=0", "optim.eps: must be > 0"),
+    ("optim.eps=-1e-8", "optim.eps: must be > 0"),
+    ("optim.eps=.nan", "optim.eps: must be a finite number, got nan"),
+    ("optim.betas=[0.9]", "optim.betas: must be two numbers in [0, 1), got [0.9]"),
+    ("optim.betas=[0.9, 1.0]", "optim.betas: must be two numbers in [0, 1), got [0.9, 1.0]"),
+    ("optim.betas=[0.9, -0.1]", "optim.betas: must be two numbers in [0, 1)"),
+    ("optim.betas=[a, b]", "optim.betas: must be two numbers in [0, 1)"),
+    ("optim.betas=[0.9, .inf]", "optim.betas: must hold finite numbers"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay: must be >= 0"),
+    ("optim.weight_decay=.inf", "optim.weight_decay: must be a finite number"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps: must be >= 0"),
+    ("optim.max_grad_norm=-1", "optim.max_grad_norm: must be >= 0"),
+    ("optim.max_grad_norm=.inf", "optim.max_grad_norm: must be a finite number"),
+    ("sampling.temperature=.inf", "sampling.temperature: must be a finite number"),
+    ("sampling.top_p=nan", "sampling.top_p: must be a finite number"),
+    ("sampling.batch_size=-2", "sampling.batch_size: must be >= 0"),
+    ("train.save_every=-1", "train.save_every: must be >= 0"),
+    ("train.keep_last=-1", "train.keep_last: must be >= 0"),
+    ("train.output_dir=", "train.output_dir: must name a directory"),
+    ("train.output_dir='  '", "train.output_dir: must name a directory"),
+    ("train.seed=-1", "train.seed: must be in [0, 2**32 - 1]"),
+    ("train.seed=4294967296", "train.seed: must be in [0, 2**32 - 1]"),
+    ("annotator.failure_window=0", "annotator.failure_window: must be >= 1"),
+    ("annotator.request_timeout=.inf", "annotator.request_timeout: must be a finite number"),
+    ("annotator.request_timeout=0", "annotator.request_timeout: must be > 0"),
+    ("annotator.max_failure_rate=nan", "annotator.max_failure_rate: must be a finite number"),
+    ("annotator.batch_size=0", "annotator.batch_size: must be >= 1"),
+    ("annotator.max_length=0", "annotator.max_length: must be >= 1"),
+    ("annotator.model=", "annotator.model: must name a model"),
+    ("annotator.rubric=", "annotator.rubric: must name a rubric"),
+    ("model.name_or_path=", "model.name_or_path: must name a model"),
+    ("model.lora.r=0", "model.lora.r: must be >= 1"),
+    ("model.lora.alpha=0", "model.lora.alpha: must be > 0"),
+    ("model.lora.dropout=1.0", "model.lora.dropout: must be in [0, 1)"),
+    ("model.lora.target_modules=[]", "model.lora.target_modules: must be a non-empty list of module names"),
+    ("model.lora.target_modules=[1, 2]", "model.lora.target_modules: must be a non-empty list of module names"),
+    ("data.max_prompt_tokens=0", "data.max_prompt_tokens: must be >= 1"),
+    ("data.eval_fraction=.inf", "data.eval_fraction: must be a finite number"),
+    ("data.eval_path=", "data.eval_path: is empty (use null for none)"),
+    ("data.field=", "data.field: must name a column"),
+    ("loss.min_confidence=nan", "loss.min_confidence: must be a finite number"),
+    ("logging.run_name=", "logging.run_name: is empty"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
+def test_out_of_range_and_non_finite_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/demo.yaml", [override])
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_float16_full_fine_tuning_is_refused_with_the_reason_and_the_alternatives():
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/demo.yaml", ["model.dtype=float16"])
+    text = str(e.value)
+    assert text.startswith("model.dtype: float16 with full fine-tuning is refused") and "AdamW" in text
+    assert "model.dtype=bfloat16" in text and "train.mixed_precision=fp16" in text and "\n" not in text
+    # LoRA keeps its adapter in float32 (peft upcasts it), so float16 base weights are allowed there
+    assert load_config(ROOT / "configs/demo.yaml", ["model.dtype=float16", "model.lora.enabled=true"]).model.dtype == "float16"
+
+
+def test_ensemble_members_are_checked_like_the_annotator():
+    members = "annotator.members=[{type: callable, callable: 'oaif.annotators.rules:prefer_shorter'}, {type: llm, batch_size: 0}]"
+    with pytest.raises(ConfigError, match=r"^annotator.members\[1\].batch_size: must be >= 1$"):
+        load_config(ROOT / "configs/demo.yaml", ["annotator.type=ensemble", members])
+    with pytest.raises(ConfigError, match=r"^unknown config key 'annotator.members\[0\].typo'"):
+        load_config(ROOT / "configs/demo.yaml", ["annotator.type=ensemble", "annotator.members=[{typo: 1}]"])
+    with pytest.raises(ConfigError, match=r"^annotator.members\[0\].request_timeout: must be a finite number"):
+        load_config(ROOT / "configs/demo.yaml", ["annotator.type=ensemble", "annotator.members=[{request_timeout: .inf}]"])
+    with pytest.raises(ConfigError, match=r"^annotator.members\[0\].type: must be one of"):
+        load_config(ROOT / "configs/demo.yaml", ["annotator.type=ensemble", "annotator.members=[{type: gpt}]"])
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary data, not YAML text"),
+    (b"train:\n  max_steps: 3\n  output_dir: caf\xe9\n", "not UTF-8 text (byte 39)"),
+    (b"- model\n- train\n", "expected a mapping of config groups (model:, train:, ...), got list"),
+    (b"42\n", "expected a mapping of config groups (model:, train:, ...), got int"),
+    (b"just some words\n", "expected a mapping of config groups (model:, train:, ...), got str"),
+])
+def test_unreadable_config_files_are_one_line(tmp_path, content, message):
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert message in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_path_that_is_a_directory(tmp_path):
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a directory"):
+        load_config(tmp_path)
+
+
+def test_openai_base_url_must_be_a_url():
+    with pytest.raises(ConfigError, match="^annotator.base_url: must be an http:// or https:// URL, got 'not a url'$"):
+        load_config(ROOT / "configs/demo.yaml", ["annotator.type=openai", "annotator.base_url=not a url"])
+    assert load_config(ROOT / "configs/demo.yaml", ["annotator.type=openai",
+                                                    "annotator.base_url=http://127.0.0.1:8000/v1"]).annotator.base_url
+
+
+def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("train:\n  max_steps: 3\n  output_dir: runs/a\n  max_steps: 300\n")
+    with pytest.raises(ConfigError, match=f"^{path}: key 'max_steps' appears twice \\(line 4\\)"):
+        load_config(path)

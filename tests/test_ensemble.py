@@ -100,6 +100,5 @@ def test_ensemble_built_from_config():
     judge = build_annotator(cfg.annotator)
     [j] = judge.annotate([PairRequest("q", "one two three 4", "one")])
     assert j.prob == 0.0 and set(j.extra["members"]) == {"callable:prefer_shorter", "callable:prefer_no_digits"}
-    bad = load_config(None, ["annotator.type=ensemble", "annotator.members=[{rubrik: helpful}]"])
-    with pytest.raises(ConfigError, match=r"annotator.members\[0\].rubrik"):
-        build_annotator(bad.annotator)
+    with pytest.raises(ConfigError, match=r"annotator.members\[0\].rubrik"):  # found when the config loads
+        load_config(None, ["annotator.type=ensemble", "annotator.members=[{rubrik: helpful}]"])

@@ -139,3 +139,13 @@ def test_shared_prefix_is_computed_in_eval_mode(tmp_path, smollm2_path):
     with_prefix, without = shared.label_logprobs(seqs), plain.label_logprobs(seqs)
     assert torch.allclose(with_prefix, without, atol=1e-5), (with_prefix - without).abs().max()
     assert model.training  # the caller's mode is restored
+
+
+def test_a_rubric_file_that_is_not_utf8_is_one_line(tmp_path):
+    from oaif.annotators.rubrics import load_rubric
+    from oaif.errors import AnnotatorError
+
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"template: '\xe9 {context} {response_1} {response_2}'\n")
+    with pytest.raises(AnnotatorError, match=f"^rubric {bad}: cannot read it as UTF-8 text"):
+        load_rubric(str(bad))

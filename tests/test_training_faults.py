@@ -42,3 +42,27 @@ def test_dead_annotator_server_stops_the_run_with_a_resumable_checkpoint(tiny_mo
     assert latest_checkpoint(out).name == f"checkpoint-{len(records)}"
     audit = [json.loads(line) for line in (out / "annotations.jsonl").read_text().splitlines()]
     assert audit and all(a["failure"] == "connection_error" and a["prob"] is None for a in audit)
+
+
+@pytest.mark.slow
+def test_after_a_failure_stop_a_resume_against_the_server_back_up_completes(llama_server, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+
+    def run(base_url, *extra):
+        cmd = [sys.executable, "-m", "oaif.cli", "train", str(ROOT / "configs/harmless_openai_judge.yaml"),
+               f"model.name_or_path={tiny_model_dir}", f"annotator.base_url={base_url}",
+               f"annotator.model={llama_server.model}", "annotator.max_retries=0", "annotator.failure_window=4",
+               "annotator.max_failure_rate=0.4", "train.batch_size=2", "train.max_steps=4", "sampling.max_new_tokens=6",
+               f"train.output_dir={out}", "logging.progress_bar=false", "data.eval_fraction=0",
+               f"data.path={ROOT / 'data/prompts/hh_harmless_prompts.jsonl'}", *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+    down = run(f"http://127.0.0.1:{refused_port()}/v1")  # the server is down: 4 of 4 pairs fail by step 2
+    assert down.returncode == 2 and "failed on 100% of the last 4 pairs" in down.stderr, down.stderr[-3000:]
+    assert latest_checkpoint(out).name == "checkpoint-2"
+    # back up (annotator.base_url may change on resume); the 4 old failures are not counted again
+    back = run(llama_server.base_url, "train.resume=true")
+    assert back.returncode == 0, back.stderr[-3000:]
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["pairs_failed"] == 0 for r in records[2:])

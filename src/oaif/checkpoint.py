@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from oaif.errors import CheckpointError, OaifError, one_line
+
 log = logging.getLogger("oaif")
 
 LATEST = "latest"
@@ -111,43 +113,140 @@ def _rotate(out: Path, keep_last: int, protect: str) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _pointer_target(pointer: Path) -> str:
+    """The checkpoint name in a ``latest`` file; anything else is a one-line CheckpointError."""
+    try:
+        raw = pointer.read_bytes()[:4096]
+    except OSError as e:
+        raise CheckpointError(f"{pointer}: cannot read it ({e.strerror or e})") from None
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not _CKPT.match(name):
+        shown = repr(raw[:40]) if name is None else repr(name[:40])
+        raise CheckpointError(f"{pointer}: expected the name of a checkpoint (checkpoint-N), got {shown}; delete "
+                              f"the file to resume from the newest complete checkpoint")
+    return name
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The checkpoint ``latest`` names, or the highest complete one; None if there is none."""
+    """The checkpoint ``latest`` names, or the highest complete one; None if there is none.
+
+    A ``latest`` file that does not hold a checkpoint name is a :class:`CheckpointError`; one that
+    names an incomplete checkpoint falls back to the highest complete one, with a warning.
+    """
     out = Path(output_dir)
     pointer = out / LATEST
     if pointer.is_file():
-        candidate = out / pointer.read_text().strip()
+        name = _pointer_target(pointer)
+        candidate = out / name
         if (candidate / "trainer_state.pt").is_file():
             return candidate
+        log.warning("%s names %s, which is not a complete checkpoint: using the newest complete one", pointer, name)
     ckpts = sorted((int(m.group(1)), p) for p in out.glob("checkpoint-*") if (m := _CKPT.match(p.name))
                    and (p / "trainer_state.pt").is_file())
     return ckpts[-1][1] if ckpts else None
 
 
-def load_model_weights(model, checkpoint: Path) -> None:
-    """Load a checkpoint's weights into ``model`` (its adapter for a LoRA model)."""
-    if _is_peft(model):
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-
-        set_peft_model_state_dict(model, load_peft_weights(str(checkpoint / "adapter")))
-        return
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError (corrupt, truncated) or OSError
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({one_line(e)})") from None
+
+
+def _lora_differences(model, adapter_dir: Path) -> list[str]:
+    """model.lora.* settings in which the model's adapter differs from the checkpoint's adapter_config.json."""
+    try:
+        saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{adapter_dir / 'adapter_config.json'}: unreadable ({one_line(e)})") from None
+    current = model.peft_config[getattr(model, "active_adapter", "default")]
+    diffs = []
+    for key, attr in (("r", "r"), ("alpha", "lora_alpha"), ("target_modules", "target_modules")):
+        ours, theirs = getattr(current, attr), saved.get(attr)
+        if key == "target_modules":
+            ours, theirs = sorted(ours or []), sorted(theirs or [])
+        if theirs is not None and ours != theirs:
+            diffs.append(f"model.lora.{key}: checkpoint {theirs}, config {ours}")
+    return diffs
+
+
+def load_model_weights(model, checkpoint: Path) -> None:
+    """Load a checkpoint's weights into ``model`` (its adapter for a LoRA model).
+
+    A checkpoint from a LoRA run into a full model or the reverse, another architecture or
+    adapter shape, and corrupt or truncated files are :class:`CheckpointError` s naming the
+    checkpoint and what does not match.
+    """
+    checkpoint = Path(checkpoint)
+    adapter = checkpoint / "adapter"
+    if _is_peft(model):
+        if not adapter.is_dir():
+            raise CheckpointError(f"checkpoint {checkpoint} holds full weights (no adapter/), but model.lora.enabled="
+                                  f"true: resume with model.lora.enabled=false, or use a new train.output_dir")
+        diffs = _lora_differences(model, adapter)
+        if diffs:
+            raise CheckpointError(f"checkpoint {checkpoint}'s LoRA adapter does not match the config: {'; '.join(diffs)}")
+        from peft import set_peft_model_state_dict
+
+        files = sorted(adapter.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"checkpoint {checkpoint}: adapter/ has no .safetensors weights")
+        sd = {}
+        for f in files:
+            sd.update(_read_safetensors(f))
+        try:
+            set_peft_model_state_dict(model, sd)
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint {checkpoint}'s LoRA adapter does not fit the model: {one_line(e)}") from None
+        return
+    if adapter.is_dir():
+        raise CheckpointError(f"checkpoint {checkpoint} was saved by a LoRA run (it has adapter/), but "
+                              f"model.lora.enabled=false: resume with model.lora.enabled=true and the same "
+                              f"model.lora settings, or use a new train.output_dir")
     files = sorted(checkpoint.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"checkpoint {checkpoint} has no .safetensors weights")
     sd: dict[str, torch.Tensor] = {}
     for f in files:
-        sd.update(load_file(str(f)))
+        sd.update(_read_safetensors(f))
+    own = model.state_dict()
+    shapes = [f"{k}: checkpoint {list(v.shape)}, model {list(own[k].shape)}" for k, v in sd.items()
+              if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if shapes:
+        raise CheckpointError(f"checkpoint {checkpoint} does not match the model's architecture (another "
+                              f"model.name_or_path?): {len(shapes)} tensors differ in shape, e.g. {shapes[0]}")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint {checkpoint} does not match the model: missing {sorted(set(missing) - tied)[:5]}, "
-                           f"unexpected {sorted(unexpected)[:5]}")
+        raise CheckpointError(f"checkpoint {checkpoint} does not match the model's architecture (another "
+                              f"model.name_or_path?): missing {sorted(set(missing) - tied)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}")
+
+
+#: Keys every ``trainer_state.pt`` holds.
+STATE_KEYS = ("step", "optimizer", "scheduler", "stream", "rng", "failures", "config")
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    """A checkpoint's trainer state, read with ``weights_only=True`` (no arbitrary unpickling)."""
-    return torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True)
+    """A checkpoint's trainer state, read with ``weights_only=True`` (no arbitrary unpickling).
+
+    A corrupt, truncated or foreign file is a :class:`CheckpointError` naming it.
+    """
+    path = Path(checkpoint) / "trainer_state.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad or unsafe pickle, empty file, ...: unusable whatever the type
+        raise CheckpointError(f"{path}: corrupt or truncated trainer state ({type(e).__name__}: {one_line(e, 160)}); "
+                              f"resume from an earlier checkpoint by naming it in train.resume") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not an oaif trainer state (missing {', '.join(missing)})")
+    return state
 
 
 def trainer_state(step: int, stream_state: dict, optimizer, scheduler, failures, config: dict) -> dict[str, Any]:
@@ -157,12 +256,22 @@ def trainer_state(step: int, stream_state: dict, optimizer, scheduler, failures,
             "config": config}
 
 
-def restore_trainer_state(checkpoint: Path, model, optimizer, scheduler, stream, failures) -> int:
-    """Load a checkpoint's weights and trainer state into the run's objects; return its step."""
-    load_model_weights(model, checkpoint)
+def restore_trainer_state(checkpoint: Path, model, optimizer, scheduler, stream, failures,
+                          config: dict | None = None) -> int:
+    """Load a checkpoint's weights and trainer state into the run's objects; return its step.
+
+    With ``config`` (the new run's), first refuse a config that differs from the saved one in a
+    key a resume may not change (:func:`oaif.resume_check.check_resume_config`).
+    """
+    from oaif.resume_check import check_resume_config, reschedule
+
     state = load_trainer_state(checkpoint)
+    load_model_weights(model, checkpoint)  # first: its errors name an architecture or LoRA mismatch precisely
+    if config is not None:
+        check_resume_config(state["config"], config, checkpoint)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    reschedule(optimizer, scheduler)  # the lr of this step under the new run's schedule length
     stream.load_state_dict(state["stream"])
     set_rng_state(state["rng"])
     failures.load_state_dict(state["failures"])
@@ -183,7 +292,14 @@ class RunCheckpoints:
         self.last_saved = -1
 
     def save(self, step: int, model, tokenizer, state, *, collective: bool = True) -> Path:
-        """Write ``checkpoint-<step>``; ``state()`` gives the trainer state (called on the main process only)."""
+        """Write ``checkpoint-<step>``; ``state()`` gives the trainer state (called on the main process only).
+
+        Non-finite weights are never written: every process checks its copy first and all raise
+        :class:`~oaif.finite_guard.NonFiniteError` together.
+        """
+        from oaif.finite_guard import check_weights
+
+        check_weights(model, step, self.last_saved)
         if collective:
             self.accelerator.wait_for_everyone()
         path = self.out / f"checkpoint-{step}"
@@ -202,16 +318,18 @@ class RunCheckpoints:
             path = self.save(step, model, tokenizer, state, collective=alone)
             log.error("stopped at step %d (%s); progress saved in %s, rerun with train.resume=true",
                       step, type(error).__name__, path)
+        except OaifError as e:  # non-finite weights: not saved
+            log.error("progress since step %d not saved: %s", self.last_saved, e)
         except Exception:  # pragma: no cover - the original error matters more
             log.exception("could not save a checkpoint after the error")
 
-    def restore(self, resume: bool | str, model, optimizer, scheduler, stream, failures) -> int:
+    def restore(self, resume: bool | str, model, optimizer, scheduler, stream, failures, config: dict | None = None) -> int:
         """Load the checkpoint ``train.resume`` names (a path, or ``True``: the latest in the run directory)
         into the run's objects; return its step (0 when ``True`` finds none)."""
         ckpt = Path(resume) if isinstance(resume, str) else latest_checkpoint(self.out)
         if ckpt is None:
             log.warning("train.resume=true but %s has no checkpoint: starting from step 0", self.out)
             return 0
-        step = self.last_saved = restore_trainer_state(ckpt, model, optimizer, scheduler, stream, failures)
+        step = self.last_saved = restore_trainer_state(ckpt, model, optimizer, scheduler, stream, failures, config)
         log.info("resumed from %s at step %d", ckpt, step)
         return step

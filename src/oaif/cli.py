@@ -94,6 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("oaif: interrupted", file=sys.stderr)
         return 130
+    except BaseException as e:
+        from oaif.stop_signals import Stopped
+
+        if not isinstance(e, Stopped):
+            raise
+        print(f"oaif: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -42,7 +44,8 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str = _f("smollm2-135m-instruct", "Policy: a Hugging Face id, a local directory, a .gguf file, or 'smollm2-135m-instruct' (embedded).")
-    dtype: str = _f("float32", "Weights dtype: float32, bfloat16, float16 or auto.")
+    dtype: str = _f("float32", "Weights dtype: float32, bfloat16, float16 (LoRA only: full fine-tuning in float16 "
+                               "underflows AdamW) or auto.")
     cache_dir: str | None = _f(None, "Where converted GGUF models are cached (default: $OAIF_CACHE or ~/.cache/oaif).")
     chat_template: bool = _f(True, "Apply the tokenizer's chat template to prompts.")
     system_prompt: str | None = _f(None, "Optional system message prepended to every prompt.")
@@ -89,8 +92,11 @@ class AnnotatorConfig:
     ensemble_mode: str = _f("mean", "type=ensemble: mean (average probability) or majority (share of members preferring a).")
     base_url: str | None = _f(None, "type=openai: the chat-completions endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp server, Ollama, OpenAI).")
     api_key_env: str = _f("OPENAI_API_KEY", "type=openai: environment variable holding the API key (never logged).")
-    request_timeout: float = _f(30.0, "type=openai: seconds before a request fails as 'timeout'.")
-    max_retries: int = _f(2, "type=openai: SDK retries with backoff for connection errors, 429 and 5xx.")
+    request_timeout: float = _f(30.0, "type=openai: deadline in seconds for one judge request (one order of one pair) from "
+                                      "first connect to last byte, retries and their backoff included; past it the "
+                                      "request fails as 'timeout'. A server that trickles bytes is cut at the deadline.")
+    max_retries: int = _f(2, "type=openai: retries of a request after a connection error, HTTP 408/409/429 or 5xx, with "
+                             "backoff (0.5 s doubling to 8 s, or the server's Retry-After); only while the deadline allows.")
     concurrency: int = _f(8, "type=openai: requests in flight at once.")
     top_logprobs: int = _f(20, "type=openai: alternatives per token to ask for (the preference is read from them).")
     audit_log: bool = _f(True, "Write every judgment to annotations.jsonl in the run directory.")
@@ -127,10 +133,16 @@ class TrainConfig:
     seed: int = _f(42, "Seed for data order, sampling and initialisation.")
     output_dir: str = _f("runs/demo", "Run directory: checkpoints, metrics.jsonl, annotations.jsonl.")
     save_every: int = _f(0, "Save a checkpoint every N steps (0: only at the end).")
-    keep_last: int = _f(2, "Keep this many step checkpoints (the final one is always kept).")
+    keep_last: int = _f(2, "Keep this many step checkpoints (the final one is always kept; 0 keeps all).")
     resume: bool | str = _f(False, "true: continue from the latest checkpoint in output_dir; a path: continue from that checkpoint directory; false: start afresh.")
+    overwrite_output_dir: bool = _f(False, "A fresh run (resume=false) in an output_dir that holds an earlier run: "
+                                           "delete its checkpoints, latest, metrics, audit log and config.yaml first "
+                                           "(false: refuse to start).")
+    resume_allow_changes: list = _f([], "Keys a resume may change although they make another experiment (e.g. "
+                                        "[optim.lr]); max_steps, save_every, keep_last, output_dir, logging.* and "
+                                        "the annotator server's URL, timeout, retries and concurrency may always change.")
     device: str = _f("auto", "auto, cpu or cuda.")
-    mixed_precision: str = _f("no", "Accelerate mixed precision: no, bf16 or fp16.")
+    mixed_precision: str = _f("no", "Accelerate mixed precision: no, bf16 or fp16 (fp16 needs a GPU).")
 
 
 @dataclass
@@ -228,7 +240,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, arg)
             except ConfigError as e:
                 errors.append(e)
-        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {_short(value)}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -251,7 +263,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return list(value)
     else:  # pragma: no cover - every field type is one of the above
         return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_short(value)}")
 
 
 def _unknown(key: str, known: list[str]) -> ConfigError:
@@ -263,7 +275,7 @@ def _unknown(key: str, known: list[str]) -> ConfigError:
 
 def _apply(obj: Any, data: dict, prefix: str = "") -> None:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_short(data)}")
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for name, value in data.items():
@@ -317,53 +329,148 @@ def _accepts_str_only(tp: Any) -> bool:
 
 
 def validate(cfg: Config) -> Config:
-    """Check the choice fields and value ranges that types alone don't capture."""
+    """Check the choice fields and value ranges that types alone don't capture.
+
+    Every number must be finite; every key has a range (see the checks below). The first
+    problem found raises a :class:`ConfigError` naming its key.
+    """
+    _check_finite(cfg)
     flat = _flatten(cfg.to_dict())
     for key, choices in _CHOICES.items():
         if flat[key] not in choices:
             raise ConfigError(f"{key}: must be one of {', '.join(sorted(choices))}, got {flat[key]!r}")
     checks = [
+        ("model.name_or_path", cfg.model.name_or_path.strip(), "must name a model"),
+        ("model.dtype", cfg.model.dtype != "float16" or cfg.model.lora.enabled,
+         "float16 with full fine-tuning is refused: AdamW keeps its state in the weights' dtype, where "
+         "optim.eps rounds to 0 and small squared gradients underflow, so the weights turn non-finite after a "
+         "step; use model.dtype=bfloat16, or float32 weights with train.mixed_precision=fp16 (GPU), or "
+         "model.lora.enabled=true"),
+        ("model.lora.r", cfg.model.lora.r >= 1, "must be >= 1"),
+        ("model.lora.alpha", cfg.model.lora.alpha > 0, "must be > 0"),
+        ("model.lora.dropout", 0 <= cfg.model.lora.dropout < 1, "must be in [0, 1)"),
+        ("model.lora.target_modules", len(cfg.model.lora.target_modules) >= 1 and all(
+            isinstance(m, str) and m.strip() for m in cfg.model.lora.target_modules),
+         "must be a non-empty list of module names"),
+        ("data.path", cfg.train.mode != "online" or cfg.data.path.strip(), "must name a prompt file"),
+        ("data.field", cfg.data.field.strip(), "must name a column"),
+        ("data.max_prompt_tokens", cfg.data.max_prompt_tokens >= 1, "must be >= 1"),
+        ("data.eval_path", cfg.data.eval_path is None or cfg.data.eval_path.strip(), "is empty (use null for none)"),
         ("sampling.num_samples", cfg.sampling.num_samples >= 2, "must be >= 2"),
         ("sampling.num_samples", cfg.sampling.pairing != "disjoint" or cfg.sampling.num_samples % 2 == 0,
          "must be even with sampling.pairing=disjoint"),
         ("sampling.temperature", cfg.sampling.temperature > 0, "must be > 0"),
         ("sampling.top_p", 0 < cfg.sampling.top_p <= 1, "must be in (0, 1]"),
         ("sampling.max_new_tokens", cfg.sampling.max_new_tokens >= 1, "must be >= 1"),
+        ("sampling.batch_size", cfg.sampling.batch_size >= 0, "must be >= 0 (0: all prompts of a step at once)"),
         ("loss.beta", cfg.loss.beta > 0, "must be > 0"),
         ("loss.min_confidence", 0 <= cfg.loss.min_confidence < 0.5, "must be in [0, 0.5)"),
-        ("optim.lr", cfg.optim.lr >= 0, "must be >= 0"),
+        ("optim.lr", 0 <= cfg.optim.lr <= 1e30, "must be in [0, 1e30] (a larger step overflows float32 in AdamW)"),
+        ("optim.weight_decay", cfg.optim.weight_decay >= 0, "must be >= 0"),
+        ("optim.betas", _is_betas(cfg.optim.betas), f"must be two numbers in [0, 1), got {cfg.optim.betas!r}"),
+        ("optim.eps", cfg.optim.eps > 0, "must be > 0"),
+        ("optim.warmup_steps", cfg.optim.warmup_steps >= 0, "must be >= 0"),
+        ("optim.max_grad_norm", cfg.optim.max_grad_norm >= 0, "must be >= 0 (0 disables clipping)"),
         ("train.max_steps", cfg.train.max_steps >= 1, "must be >= 1"),
         ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
         ("train.gradient_accumulation_steps", cfg.train.gradient_accumulation_steps >= 1, "must be >= 1"),
+        ("train.seed", 0 <= cfg.train.seed < 2**32, "must be in [0, 2**32 - 1]"),
+        ("train.output_dir", cfg.train.output_dir.strip(), "must name a directory (an empty value would write "
+                                                           "into the current directory)"),
+        ("train.save_every", cfg.train.save_every >= 0, "must be >= 0 (0: only at the end)"),
+        ("train.keep_last", cfg.train.keep_last >= 0, "must be >= 0 (0: keep all)"),
         ("data.eval_fraction", 0 <= cfg.data.eval_fraction < 1, "must be in [0, 1)"),
-        ("annotator.members", cfg.annotator.type != "ensemble" or len(cfg.annotator.members) >= 1,
-         "annotator.type=ensemble needs at least one member"),
-        ("annotator.base_url", cfg.annotator.type != "openai" or cfg.annotator.base_url,
-         "annotator.type=openai needs annotator.base_url"),
-        ("annotator.request_timeout", cfg.annotator.request_timeout > 0, "must be > 0"),
-        ("annotator.max_retries", cfg.annotator.max_retries >= 0, "must be >= 0"),
-        ("annotator.concurrency", cfg.annotator.concurrency >= 1, "must be >= 1"),
-        ("annotator.top_logprobs", 1 <= cfg.annotator.top_logprobs <= 20, "must be in [1, 20]"),
-        ("annotator.max_failure_rate", 0 < cfg.annotator.max_failure_rate <= 1, "must be in (0, 1]"),
         ("train.mode", cfg.train.mode != "offline" or cfg.data.preference_path,
          "offline mode needs data.preference_path"),
-        ("annotator.callable", cfg.annotator.type != "callable" or cfg.annotator.callable,
-         "annotator.type=callable needs annotator.callable='module:function'"),
-        ("annotator.failure_window", cfg.annotator.failure_window >= 1, "must be >= 1"),
         ("loss.missing_eos_penalty", cfg.loss.missing_eos_penalty >= 0, "must be >= 0 (.inf: an unfinished response loses)"),
         ("model.lora.dropout", not (cfg.model.lora.enabled and cfg.model.disable_dropout and cfg.model.lora.dropout > 0),
          "has no effect with model.disable_dropout=true (set model.disable_dropout=false to use it)"),
         ("train.resume", not isinstance(cfg.train.resume, str) or bool(cfg.train.resume.strip()),
          "must be true, false or a checkpoint directory"),
+        ("logging.run_name", cfg.logging.run_name is None or cfg.logging.run_name.strip(), "is empty (use null for the default)"),
     ]
-    for key, ok, msg in checks:
-        if not ok:
-            raise ConfigError(f"{key}: {msg}")
+    _raise_first(checks)
+    known = set(flat)
+    for key in cfg.train.resume_allow_changes:
+        if not isinstance(key, str) or key not in known:
+            raise ConfigError(f"train.resume_allow_changes: {_short(key)} is not a config key (see `oaif config keys`)")
     cfg.vllm.validate()
     for tracker in cfg.logging.report_to:
         if tracker not in ("tensorboard", "wandb"):
             raise ConfigError(f"logging.report_to: unknown tracker {tracker!r} (tensorboard, wandb)")
+    _validate_annotator(cfg.annotator, "annotator.")
     return cfg
+
+
+def _raise_first(checks: list) -> None:
+    for key, ok, msg in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+
+
+def _is_betas(betas: list) -> bool:
+    return (len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)
+            and all(0 <= b < 1 for b in betas))
+
+
+#: Keys where +inf is a meaningful setting (NaN never is).
+_INFINITY_ALLOWED = {"loss.missing_eos_penalty": ".inf: an unfinished response loses"}
+
+
+def _check_finite(obj: Any, prefix: str = "") -> None:
+    """Every float of a config group (and every number in a list of numbers) must be finite,
+    except +inf where :data:`_INFINITY_ALLOWED` gives it a meaning."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key + ".")
+        elif isinstance(value, float) and key in _INFINITY_ALLOWED and not math.isfinite(value):
+            if value == math.inf:
+                continue
+            raise ConfigError(f"{key}: must be a number or .inf, got {value} ({_INFINITY_ALLOWED[key]})")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, float) and not math.isfinite(item):
+                    raise ConfigError(f"{key}: must hold finite numbers, got {value!r}")
+
+
+def _validate_annotator(a: AnnotatorConfig, prefix: str) -> None:
+    """Ranges of the annotator group; ensemble members are checked the same way, under their own key."""
+    k = prefix
+    _raise_first([
+        (k + "model", a.type not in ("llm", "reward_model", "openai") or a.model.strip(), "must name a model"),
+        (k + "rubric", a.type not in ("llm", "openai") or a.rubric.strip(), "must name a rubric"),
+        (k + "members", a.type != "ensemble" or len(a.members) >= 1,
+         "annotator.type=ensemble needs at least one member"),
+        (k + "base_url", a.type != "openai" or a.base_url, "annotator.type=openai needs annotator.base_url"),
+        (k + "base_url", a.type != "openai" or re.match(r"https?://[^\s/]+", a.base_url.strip()),
+         f"must be an http:// or https:// URL, got {_short(a.base_url)}"),
+        (k + "callable", a.type != "callable" or a.callable,
+         "annotator.type=callable needs annotator.callable='module:function'"),
+        (k + "api_key_env", a.type != "openai" or a.api_key_env.strip(), "must name an environment variable"),
+        (k + "batch_size", a.batch_size >= 1, "must be >= 1"),
+        (k + "max_length", a.max_length >= 1, "must be >= 1"),
+        (k + "request_timeout", a.request_timeout > 0, "must be > 0"),
+        (k + "max_retries", a.max_retries >= 0, "must be >= 0"),
+        (k + "concurrency", a.concurrency >= 1, "must be >= 1"),
+        (k + "top_logprobs", 1 <= a.top_logprobs <= 20, "must be in [1, 20]"),
+        (k + "max_failure_rate", 0 < a.max_failure_rate <= 1, "must be in (0, 1]"),
+        (k + "failure_window", a.failure_window >= 1, "must be >= 1"),
+    ])
+    for i, spec in enumerate(a.members):
+        where = f"{prefix}members[{i}]"
+        if not isinstance(spec, dict) or spec.get("type") == "ensemble":
+            raise ConfigError(f"{where}: expected a mapping of annotator keys (not an ensemble), got {_short(spec)}")
+        member = dataclasses.replace(a, members=[])
+        _apply(member, spec, where + ".")
+        _check_finite(member, where + ".")
+        for key in ("type", "ensemble_mode", "dtype"):
+            choices = _CHOICES[f"annotator.{key}"]
+            if getattr(member, key) not in choices:
+                raise ConfigError(f"{where}.{key}: must be one of {', '.join(sorted(choices))}, got {getattr(member, key)!r}")
+        _validate_annotator(member, where + ".")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -377,20 +484,68 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _read_yaml(path: str | Path, what: str = "config") -> Any:
+    """The parsed YAML of a file; a missing, unreadable, binary or non-UTF-8 file is a one-line ConfigError."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} file {p} is a directory")
     if not p.is_file():
         raise ConfigError(f"{what} file not found: {p}")
     try:
-        return yaml.safe_load(p.read_text()) or {}
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{what} file {p}: cannot read it ({e.strerror or e})") from None
+    if b"\0" in raw:
+        raise ConfigError(f"{what} file {p}: binary data, not YAML text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} file {p}: not UTF-8 text (byte {e.start})") from None
+    try:
+        duplicate = _duplicate_key(yaml.compose(text, Loader=yaml.SafeLoader))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if duplicate:
+        raise ConfigError(f"{p}: {duplicate}")
+    return {} if data is None else data
+
+
+def _duplicate_key(node: Any) -> str | None:
+    """'key 'x' appears twice (line N)' for the first mapping key given twice (YAML would keep the last)."""
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is not None and name in seen:
+                return f"key '{name}' appears twice (line {key.start_mark.line + 1}); YAML would silently keep the last"
+            seen.add(name)
+            found = _duplicate_key(value)
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            found = _duplicate_key(item)
+            if found:
+                return found
+    return None
+
+
+def _expect_mapping(data: Any, p: str | Path, what: str) -> dict:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of {what}, got {type(data).__name__} ({_short(data)})")
+    return data
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a :class:`Config` from an optional YAML file and ``key.sub=value`` overrides."""
     cfg = Config()
     if path is not None:
-        _apply(cfg, _read_yaml(path))
+        _apply(cfg, _expect_mapping(_read_yaml(path), path, "config groups (model:, train:, ...)"))
     for item in overrides:
         key, value = _parse_override(item)
         set_key(cfg, key, value)
@@ -429,9 +584,7 @@ def load_annotator_config(path: str | Path | None = None, sets: list[str] | tupl
     """
     cfg = Config()
     if path is not None:
-        data = _read_yaml(path, "annotator config")
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of annotator keys, got {type(data).__name__}")
+        data = _expect_mapping(_read_yaml(path, "annotator config"), path, "annotator keys")
         group = data["annotator"] if "annotator" in data else data
         if not isinstance(group, dict):
             raise ConfigError(f"{path}: 'annotator' must be a mapping, got {group!r}")

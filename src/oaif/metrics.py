@@ -177,31 +177,50 @@ class StepMetrics:
 
 
 class FailureWindow:
-    """Whether each of the most recent judged pairs failed, and failure reasons so far."""
+    """Whether each of the most recent judged pairs failed, failure reasons, and the usable pairs so far.
+
+    Only this process's steps count: a resumed run starts with an empty window (the checkpoint's
+    failures happened before the restart, perhaps against a server that has been fixed since), so
+    it is judged on the pairs it sees itself. The reasons are kept for the message.
+    """
 
     def __init__(self, size: int):
         self.window: deque[bool] = deque(maxlen=size)
         self.reasons: Counter = Counter()
+        self.used = self.judged = 0  # pairs that entered the loss / were judged in this process's steps
 
     def add(self, step: StepMetrics) -> None:
         failed, judged = int(step.total("pairs_failed")), int(step.total("pairs_judged"))
         self.window.extend([True] * failed + [False] * (judged - failed))
         self.reasons.update(step.failed)
+        self.used += int(step.total("pairs_used"))
+        self.judged += judged
 
-    def exceeded(self, limit: float) -> str | None:
-        """Once the window is full and more than ``limit`` of it failed: what happened, in words; else None."""
-        if len(self.window) < self.window.maxlen or sum(self.window) / len(self.window) <= limit:
-            return None
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items()))
-        return (f"the annotator failed on {sum(self.window) / len(self.window):.0%} of the last {len(self.window)} "
-                f"pairs (over annotator.max_failure_rate={limit}; reasons so far: {reasons})")
+    def exceeded(self, limit: float, partial: bool = False) -> str | None:
+        """What went wrong, in words, when more than ``limit`` of the last full window failed; else None.
+
+        ``partial`` (at the end of a run): also judge a window that is not full, over the pairs it holds.
+        """
+        n = len(self.window)
+        if n and (n == self.window.maxlen or partial) and sum(self.window) / n > limit:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items()))
+            return (f"the annotator failed on {sum(self.window) / n:.0%} of the last {n} "
+                    f"pairs (over annotator.max_failure_rate={limit}; reasons so far: {reasons})")
+        return None
+
+    def unused(self) -> str | None:
+        """A warning when this process's steps judged pairs but used none of them (the policy did not
+        change); None otherwise. (Pairs that were all identical are not judged: ``masked/identical``.)"""
+        if self.judged and not self.used:
+            return (f"no pair was usable in this run: {self.judged} judged, none kept (failed, tied or under "
+                    f"loss.min_confidence; see masked/* in metrics.jsonl), so the policy did not change")
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {"window": list(self.window), "reasons": dict(self.reasons)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.window.extend(state["window"])
-        self.reasons.update(state["reasons"])
+        self.reasons.update(state["reasons"])  # the window is not carried over (see the class doc)
 
 
 def truncate_jsonl(path: Path, step: int) -> None:

@@ -47,6 +47,7 @@ from typing import Any, Iterator
 
 from oaif.data import messages_to_text
 from oaif.errors import DataError, ModelError
+from oaif.errors import one_line as _one_line
 
 log = logging.getLogger("oaif.models")
 
@@ -303,11 +304,6 @@ def _transformers_version() -> str:
 # --------------------------------------------------------------------------- loading
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def _hub_note(name: str, resolved: str) -> str:
     if resolved == name and looks_like_hub_id(name):
         return (" (a Hugging Face id is loaded from the local cache only; oaif never downloads: "
@@ -325,6 +321,25 @@ def _torch_dtype(dtype: Any) -> Any:
     if dtype not in table:
         raise ModelError(f"unknown dtype {dtype!r} (float32, bfloat16, float16 or auto)")
     return table[dtype]
+
+
+def load_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "this model's files cannot be loaded": missing, corrupt, truncated or foreign files."""
+    errors: list[type[BaseException]] = [OSError, ValueError, KeyError, ImportError, RuntimeError, EOFError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:  # pragma: no cover - safetensors ships with transformers
+        pass
+    return tuple(errors)
+
+
+def describe_load_error(e: BaseException) -> str:
+    """One line for a load error; a safetensors error says the weights file is corrupt or truncated."""
+    if type(e).__name__ == "SafetensorError":
+        return f"a .safetensors weights file is corrupt or truncated ({_one_line(e)})"
+    return _one_line(e)
 
 
 def load_model_config(name_or_path: str, cache_dir: str | None = None, trust_remote_code: bool = False):
@@ -368,8 +383,8 @@ def load_causal_lm(name_or_path: str, dtype: Any = "float32", cache_dir: str | N
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True,
                                                      trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, ImportError) as e:
-        raise ModelError(f"cannot load model {name_or_path}: {_one_line(e)}"
+    except load_errors() as e:
+        raise ModelError(f"cannot load model {name_or_path}: {describe_load_error(e)}"
                          f"{_hub_note(str(name_or_path), path)}") from e
     model.eval()
     gen = getattr(model, "generation_config", None)
@@ -417,6 +432,10 @@ def load_policy_and_reference(cfg):
         if cfg.disable_dropout:
             disable_dropout(policy)  # the adapter's own dropout too
     else:
+        if str(getattr(policy, "dtype", "")) == "torch.float16":  # model.dtype=auto on a float16 checkpoint
+            raise ModelError(f"model.dtype={cfg.dtype} loads {cfg.name_or_path} in float16, which full fine-tuning "
+                             f"refuses (AdamW's eps and small squared gradients underflow to 0): set "
+                             f"model.dtype=bfloat16 or float32, or model.lora.enabled=true")
         reference = copy.deepcopy(policy)
         reference.requires_grad_(False)
         reference.eval()

@@ -42,11 +42,25 @@ def conversation_text(tokenizer, prompt, response: str, use_chat_template: bool 
 
 
 def conversation_ids(tokenizer, prompt, response: str, use_chat_template: bool = True) -> list[int]:
-    """Token ids of :func:`conversation_text` (a chat template brings its own special tokens)."""
-    text = conversation_text(tokenizer, prompt, response, use_chat_template)
+    """Token ids of :func:`conversation_text` (a chat template brings its own special tokens).
+
+    The prompt and the response are data: they are tokenized apart from the template with
+    special-token parsing off (:class:`~oaif.annotators.untrusted.SlotEncoder`), so no special
+    token id comes from them.
+    """
+    from oaif.annotators.untrusted import SlotEncoder, slot
+
+    if not isinstance(prompt, str):
+        from oaif.data import messages_to_text
+
+        prompt = messages_to_text(prompt)
     templated = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
-    ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
-    return [int(i) for i in ids]
+    encoder = SlotEncoder(tokenizer, conversation_text(tokenizer, slot("prompt"), slot("response"), use_chat_template),
+                          add_special_tokens=not templated)
+    if sorted(encoder.names()) != ["prompt", "response"]:
+        raise AnnotatorError("the reward model's chat template changes the message text, so the prompt and "
+                             "response cannot be kept apart from it; set use_chat_template=False")
+    return encoder.encode({"prompt": prompt, "response": response})
 
 
 def text_config(model):

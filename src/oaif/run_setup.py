@@ -32,12 +32,23 @@ log = logging.getLogger("oaif")
 
 def preflight(cfg: Config) -> None:
     """Fail fast, before any model loads, on inputs that can be checked cheaply."""
+    from oaif.run_dir import check_fresh_run, check_output_dir, continues_run_dir
+
+    check_output_dir(cfg.train.output_dir, "train.output_dir")
+    if isinstance(cfg.train.resume, str) and not (Path(cfg.train.resume) / "trainer_state.pt").is_file():
+        raise ConfigError(f"train.resume: {cfg.train.resume} is not a checkpoint directory (no trainer_state.pt)")
+    if not continues_run_dir(cfg.train.resume, cfg.train.output_dir):
+        check_fresh_run(cfg.train.output_dir, cfg.train.overwrite_output_dir)
+    elif cfg.train.overwrite_output_dir:
+        raise ConfigError("train.overwrite_output_dir: true would delete the run that train.resume continues; "
+                          "set one of them to false")
+    if cfg.train.mixed_precision == "fp16" and (cfg.train.device == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError("train.mixed_precision: fp16 needs a GPU; on CPU accelerate would silently train in "
+                          "float32 (use no, or bf16)")
     path = cfg.data.path if cfg.train.mode == "online" else cfg.data.preference_path
     if not Path(path).exists():
         kind = "prompt" if cfg.train.mode == "online" else "preference"
         raise DataError(f"{kind} file not found: {path} (data.{'path' if kind == 'prompt' else 'preference_path'})")
-    if isinstance(cfg.train.resume, str) and not (Path(cfg.train.resume) / "trainer_state.pt").is_file():
-        raise ConfigError(f"train.resume: {cfg.train.resume} is not a checkpoint directory (no trainer_state.pt)")
     if cfg.train.mode == "online" and cfg.annotator.type in ("llm", "openai"):
         from oaif.annotators.rubrics import load_rubric
 
@@ -124,6 +135,34 @@ def build_run(cfg: Config, annotator=None, sampler=None) -> RunParts:
             sampler = build_sampler(cfg, accelerator.unwrap_model(policy), tokenizer, stop_ids, accelerator)
     return RunParts(accelerator, policy, reference, tokenizer, encode, prompts, stream, optimizer, scheduler,
                     annotator, sampler, stop_ids, models.end_of_turn_id(tokenizer, stop_ids))
+
+
+def claim_run_dir(cfg: Config, accelerator):
+    """Lock the run directory (:class:`oaif.run_lock.RunLock`, main process) and, for a fresh run with
+    ``train.overwrite_output_dir``, delete the earlier run there. Every process gets the lock's
+    verdict, so all stop together when another run holds it. Returns the lock (release it at the end)."""
+    from oaif.errors import CheckpointError
+    from oaif.run_dir import clear_previous_run, continues_run_dir
+    from oaif.run_lock import RunLock
+
+    lock, error = RunLock(cfg.train.output_dir), None
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+        except CheckpointError as e:
+            error = e
+    if accelerator.num_processes > 1:
+        failed = accelerator.reduce(torch.tensor([int(error is not None)], device=accelerator.device), reduction="sum")
+        if int(failed.item()) and error is None and not accelerator.is_main_process:
+            error = CheckpointError(f"train.output_dir: {cfg.train.output_dir} is in use by another run")
+    if error is not None:
+        raise error
+    if (accelerator.is_main_process and cfg.train.overwrite_output_dir
+            and not continues_run_dir(cfg.train.resume, cfg.train.output_dir)):
+        if removed := clear_previous_run(cfg.train.output_dir):
+            log.warning("train.overwrite_output_dir=true: deleted the earlier run in %s (%s)", cfg.train.output_dir,
+                        ", ".join(p.name for p in removed))
+    return lock
 
 
 def open_run_dir(cfg: Config, is_main: bool, resume_step: int | None):

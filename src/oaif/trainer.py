@@ -23,6 +23,7 @@ the audit log in :mod:`oaif.audit`, checkpoint state in :mod:`oaif.checkpoint`.
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,10 +34,14 @@ import torch
 from oaif.annotators.base import Judgment
 from oaif.config import Config
 from oaif.errors import AnnotatorError
+from oaif.finite_guard import NonFiniteError, check_step
 from oaif.generation.weights import policy_weights
 from oaif.metrics import FailureWindow, StepMetrics
 from oaif.pairs import PairPlan, PreferenceBatch, annotate_pairs, build_pairs, preference_rollouts
 from oaif.sampling import Rollouts, sample_rollouts
+from oaif.stop_signals import StopSignals, Stopped
+
+log = logging.getLogger("oaif")
 
 @dataclass
 class MicroBatch:
@@ -55,7 +60,7 @@ class Trainer:
 
     def setup(self) -> "Trainer":
         from oaif.checkpoint import RunCheckpoints
-        from oaif.run_setup import build_run, open_run_dir
+        from oaif.run_setup import build_run, claim_run_dir, open_run_dir
         from oaif.update import PolicyUpdate
 
         cfg = self.cfg
@@ -68,7 +73,8 @@ class Trainer:
         self.checkpoints = RunCheckpoints(self.accelerator, cfg.train.output_dir, cfg.train.keep_last)
         if cfg.train.resume:
             self.step = self.checkpoints.restore(cfg.train.resume, self.unwrapped, self.optimizer, self.scheduler,
-                                                 self.stream, self.failures)
+                                                 self.stream, self.failures, config=cfg.to_dict())
+        self.lock = claim_run_dir(cfg, self.accelerator)  # everything that can fail has been built
         self.push_weights()  # the sampler starts from the policy as it is now (resumed, or whatever a server held)
         self._committed_stream = self.stream.state_dict()  # the stream as of the last finished step
         self.metrics, self.audit = open_run_dir(cfg, self.is_main, self.step if cfg.train.resume else None)
@@ -177,8 +183,12 @@ class Trainer:
         return trainer_state(self.step, self._committed_stream, self.optimizer, self.scheduler, self.failures,
                              self.cfg.to_dict())
 
-    def _check_failures(self) -> None:
-        if problem := self.failures.exceeded(self.cfg.annotator.max_failure_rate):
+    def _check_failures(self, end: bool = False) -> None:
+        """Stop when the annotator failed too often: over the last full window, or (``end``) over
+        the pairs this process saw when fewer than a window. At the end, warn when no pair was usable."""
+        if end and self.is_main and (warning := self.failures.unused()):
+            log.warning(warning)
+        if problem := self.failures.exceeded(self.cfg.annotator.max_failure_rate, partial=end):
             path = self.save()  # every process sees the same summed counts: they stop together
             raise AnnotatorError(f"{problem}; saved {path}, fix the annotator and rerun with train.resume=true")
 
@@ -190,6 +200,7 @@ class Trainer:
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc=f"oaif {cfg.train.mode} {cfg.loss.type}",
                    disable=not (self.is_main and cfg.logging.progress_bar), dynamic_ncols=True)
         last: dict = {}
+        signals = StopSignals(immediate_second=self.accelerator.num_processes == 1).install()
         try:
             while self.step < cfg.train.max_steps:
                 last = self.run_step()
@@ -199,15 +210,22 @@ class Trainer:
                                                                     "judge_consistency") if k in last}
                                     | {"pairs": last["pairs_used"]})
                     bar.update(1)
+                check_step(last, self.step, self.checkpoints.last_saved)
                 self._check_failures()
+                if signal_name := signals.requested(self.accelerator):
+                    raise Stopped(signal_name, self.step, self.save())
                 if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < cfg.train.max_steps:
                     self.save()
+            if last:
+                self._check_failures(end=True)
             final = self.save()
-        except (KeyboardInterrupt, Exception) as e:
-            if not isinstance(e, AnnotatorError):  # an annotator failure saved already
+        except (KeyboardInterrupt, Stopped, Exception) as e:
+            if not isinstance(e, (AnnotatorError, NonFiniteError)):  # saved already / must not be saved
                 self.checkpoints.save_after_error(self.step, self.unwrapped, self.tokenizer, self._state, e)
             raise
         finally:
+            signals.restore()
+            self.lock.release()
             bar.close()
             if self.metrics is not None:
                 self.metrics.close()

@@ -6,6 +6,10 @@ log-probs of the two label tokens at the next position, so it is a probability, 
 string. Both orders of every pair go through the same batched forward passes, and the token
 prefix shared by all judge prompts (system message and rubric preamble) is computed once and
 reused through the KV cache.
+
+The prompt and responses are data: look-alikes of the rubric's delimiter tags are neutralized,
+and the values are tokenized apart from the template with special-token parsing off
+(:class:`~oaif.annotators.untrusted.SlotEncoder`), so no special token id comes from a response.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Sequence
 import torch
 
 from oaif.annotators.base import Judgment, PairRequest, checked, combine_orders, eval_mode
-from oaif.annotators.rubrics import Rubric
+from oaif.annotators.rubrics import REQUIRED_VARIABLES, Rubric
+from oaif.annotators.untrusted import SlotEncoder
 from oaif.errors import AnnotatorError
 from oaif.models import kv_cache_key
 from oaif.stats import sigmoid
@@ -67,10 +72,11 @@ class LLMJudge:
         self.share_prefix = share_prefix
         self.name = name or f"llm:{getattr(model.config, '_name_or_path', 'judge') or 'judge'}:{rubric.name}"
         self.label_ids = label_token_ids(tokenizer, rubric.answer_prefix, rubric.labels)
+        self._encoder = self._slot_encoder()
 
     # -- prompt building -------------------------------------------------------------------
-    def judge_text(self, context: str, first: str, second: str) -> str:
-        user = self.rubric.render(context, first, second)
+    def _wrap(self, user: str) -> str:
+        """The full judge prompt around the user message: chat template (or plain text) and answer prefix."""
         if getattr(self.tokenizer, "chat_template", None):
             messages = ([{"role": "system", "content": self.rubric.system}] if self.rubric.system else [])
             messages.append({"role": "user", "content": user})
@@ -79,8 +85,21 @@ class LLMJudge:
             text = (self.rubric.system + "\n\n" if self.rubric.system else "") + user + "\n"
         return text + self.rubric.answer_prefix
 
+    def _slot_encoder(self) -> SlotEncoder:
+        encoder = SlotEncoder(self.tokenizer, self._wrap(self.rubric.render_slots()))
+        if sorted(encoder.names()) != sorted(REQUIRED_VARIABLES):
+            raise AnnotatorError(f"the chat template of judge {self.name} changes the message text, so the "
+                                 f"responses cannot be kept apart from it; use another judge model")
+        return encoder
+
+    def judge_text(self, context: str, first: str, second: str) -> str:
+        """The judge prompt as text (for people: the tokens come from :meth:`judge_tokens`)."""
+        return self._wrap(self.rubric.render(context, first, second))
+
     def judge_tokens(self, context: str, first: str, second: str) -> list[int]:
-        return self.tokenizer(self.judge_text(context, first, second), add_special_tokens=False)["input_ids"]
+        """The judge prompt's token ids; no special token id comes from ``context``, ``first`` or ``second``."""
+        clean = self.rubric.clean
+        return self._encoder.encode({"context": clean(context), "response_1": clean(first), "response_2": clean(second)})
 
     # -- scoring ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -4,7 +4,20 @@ Works with the OpenAI API and with servers that speak its protocol (llama.cpp's 
 ...). Each order of each pair is one chat completion: an optional system message (the rubric's
 ``system``) and a user message (the rendered rubric), ``temperature=0``, a few ``max_tokens``,
 ``logprobs=True`` and ``top_logprobs``. All ``2N`` requests of a batch go to a bounded thread
-pool together; the SDK retries 429/5xx/connection errors with backoff (``max_retries``).
+pool together.
+
+Deadline and retries: each request (one order of one pair) has ``timeout`` seconds in all, from
+its first connect to its last byte, its retries and their backoff included
+(:mod:`oaif.annotators.deadline` enforces it at the socket, so a server that trickles bytes is
+cut at the deadline). A connection error, HTTP 408/409/429 or 5xx is retried up to
+``max_retries`` times with backoff (the server's Retry-After, else 0.5 s doubling to 8 s) as long
+as the backoff ends before the deadline; otherwise the request fails with that error's reason. A
+batch therefore takes at most ``ceil(2N / concurrency) * timeout`` seconds.
+
+Responses and the prompt are data: look-alikes of the rubric's delimiter tags are neutralized,
+and so are the special-token strings of common chat templates (``<|im_end|>`` becomes
+``< |im_end|>``, see :func:`~oaif.annotators.untrusted.neutralize_special_strings`), because the
+server tokenizes the message text itself and would read them as real special tokens.
 
 Reading the preference from one response (``read_preference``):
 
@@ -42,7 +55,9 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from oaif.annotators.base import Judgment, PairRequest, checked, combine_orders
+from oaif.annotators.deadline import call_with_retries, install_deadline, retryable_status
 from oaif.annotators.rubrics import Rubric
+from oaif.annotators.untrusted import neutralize_special_strings
 from oaif.errors import AnnotatorError
 from oaif.stats import sigmoid
 
@@ -170,6 +185,15 @@ def _read_logprobs(content: Sequence[Any], labels: Sequence[str], answer_prefix:
                    logprobs={labels[0]: per_label[0], labels[1]: per_label[1]})
 
 
+def _deadline_http_client(openai, name: str):
+    """The SDK's default httpx client with :func:`~oaif.annotators.deadline.install_deadline` applied."""
+    http_client = openai.DefaultHttpxClient()
+    if not install_deadline(http_client):
+        log.warning("%s: this httpx version hides its connection pool, so annotator.request_timeout bounds "
+                    "each network read, not the whole request", name)
+    return http_client
+
+
 class OpenAIJudge:
     """A pairwise judge behind an OpenAI-compatible chat-completions endpoint."""
 
@@ -180,16 +204,13 @@ class OpenAIJudge:
             import openai
         except ImportError:
             raise AnnotatorError("annotator.type=openai needs the openai SDK: pip install 'oaif[openai]'") from None
-        if concurrency < 1:
-            raise AnnotatorError(f"openai judge: concurrency must be >= 1, got {concurrency}")
-        if top_logprobs < 1:
-            raise AnnotatorError(f"openai judge: top_logprobs must be >= 1, got {top_logprobs}")
-        if max_tokens < 1:
-            raise AnnotatorError(f"openai judge: max_tokens must be >= 1, got {max_tokens}")
-        if timeout <= 0:
-            raise AnnotatorError(f"openai judge: timeout must be > 0, got {timeout}")
-        if max_retries < 0:
-            raise AnnotatorError(f"openai judge: max_retries must be >= 0, got {max_retries}")
+        for arg, value, ok, rule in (("concurrency", concurrency, concurrency >= 1, ">= 1"),
+                                     ("top_logprobs", top_logprobs, top_logprobs >= 1, ">= 1"),
+                                     ("max_tokens", max_tokens, max_tokens >= 1, ">= 1"),
+                                     ("timeout", timeout, timeout > 0, "> 0"),
+                                     ("max_retries", max_retries, max_retries >= 0, ">= 0")):
+            if not ok:
+                raise AnnotatorError(f"openai judge: {arg} must be {rule}, got {value}")
         self._openai = openai
         self.base_url = base_url
         self.model = model
@@ -205,8 +226,9 @@ class OpenAIJudge:
         key = os.environ.get(api_key_env) or "not-needed"
         # Kept only to scrub it from error text; never logged, never in repr.
         self._secret = key if key != "not-needed" else None
-        self._client = openai.OpenAI(base_url=base_url, api_key=key, timeout=self.timeout,
-                                     max_retries=self.max_retries)
+        # retries are made here, inside the deadline (the SDK's own would sleep past it)
+        self._client = openai.OpenAI(base_url=base_url, api_key=key, timeout=self.timeout, max_retries=0,
+                                     http_client=_deadline_http_client(openai, self.name))
 
     def __repr__(self) -> str:
         return (f"OpenAIJudge(name={self.name!r}, base_url={self.base_url!r}, model={self.model!r}, "
@@ -220,8 +242,10 @@ class OpenAIJudge:
 
     # -- one request -------------------------------------------------------------------------
     def messages(self, context: str, first: str, second: str) -> list[dict]:
+        """The chat messages of one order; special-token strings in the values are broken up."""
+        values = [neutralize_special_strings(v) for v in (context, first, second)]
         out = [{"role": "system", "content": self.rubric.system}] if self.rubric.system else []
-        out.append({"role": "user", "content": self.rubric.render(context, first, second)})
+        out.append({"role": "user", "content": self.rubric.render(*values)})
         return out
 
     def _scrub(self, text: str) -> str:
@@ -231,22 +255,16 @@ class OpenAIJudge:
         return text[:ERROR_TEXT_LIMIT]
 
     def _ask(self, context: str, first: str, second: str) -> tuple[Reading | ReadError, float]:
-        """P(first better) for one order, or the reason it failed; with the request's latency."""
-        openai = self._openai
+        """P(first better) for one order, or the reason it failed; with the request's latency.
+
+        The whole request, retries and backoff included, ends by ``timeout`` seconds from now.
+        """
         t0 = time.perf_counter()
-        try:
-            response = self._client.chat.completions.create(
-                model=self.model, messages=self.messages(context, first, second), max_tokens=self.max_tokens,
-                temperature=0, logprobs=True, top_logprobs=self.top_logprobs)
-        except openai.APITimeoutError as e:  # a subclass of APIConnectionError: test it first
-            return ReadError("timeout", self._scrub(e)), time.perf_counter() - t0
-        except openai.APIConnectionError as e:
-            return ReadError("connection_error", self._scrub(e)), time.perf_counter() - t0
-        except openai.APIStatusError as e:
-            return ReadError(f"http_{e.status_code}", self._scrub(e)), time.perf_counter() - t0
-        except Exception as e:  # a body the SDK could not decode, or anything else unexpected
-            return ReadError("bad_response", self._scrub(f"{type(e).__name__}: {e}")), time.perf_counter() - t0
+        response, error = call_with_retries(lambda left: self._send(context, first, second, left), self.timeout,
+                                            self.max_retries)
         latency = time.perf_counter() - t0
+        if error is not None:
+            return error, latency
         try:
             choices = _get(response, "choices")
             if not choices:
@@ -256,6 +274,26 @@ class OpenAIJudge:
             return e, latency
         except Exception as e:
             return ReadError("bad_response", self._scrub(f"{type(e).__name__}: {e}")), latency
+
+    def _send(self, context: str, first: str, second: str, left: float):
+        """One attempt: ``(response, None, None)``, or ``(None, error, retry headers or None when final)``."""
+        openai = self._openai
+        if left <= 0:
+            return None, ReadError("timeout", "deadline passed before the request was sent"), None
+        try:
+            response = self._client.chat.completions.create(
+                model=self.model, messages=self.messages(context, first, second), max_tokens=self.max_tokens,
+                temperature=0, logprobs=True, top_logprobs=self.top_logprobs, timeout=left)
+        except openai.APITimeoutError as e:  # a subclass of APIConnectionError: test it first
+            return None, ReadError("timeout", self._scrub(e)), None
+        except openai.APIConnectionError as e:
+            return None, ReadError("connection_error", self._scrub(e)), {}
+        except openai.APIStatusError as e:
+            retry = e.response.headers if retryable_status(e.status_code) else None
+            return None, ReadError(f"http_{e.status_code}", self._scrub(e)), retry
+        except Exception as e:  # a body the SDK could not decode, or anything else unexpected
+            return None, ReadError("bad_response", self._scrub(f"{type(e).__name__}: {e}")), None
+        return response, None, None
 
     # -- a batch ---------------------------------------------------------------------------
     def annotate(self, requests: Sequence[PairRequest]) -> list[Judgment]:

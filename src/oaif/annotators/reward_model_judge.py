@@ -69,7 +69,7 @@ class RewardModelJudge:
         """
         from transformers import AutoModelForSequenceClassification
 
-        from oaif.models import _hub_note, _one_line, _torch_dtype, load_model_config, load_tokenizer
+        from oaif.models import _hub_note, _torch_dtype, describe_load_error, load_errors, load_model_config, load_tokenizer
 
         path, config = load_model_config(name_or_path, cache_dir, trust_remote_code)
         archs = list(getattr(config, "architectures", None) or [])
@@ -84,8 +84,8 @@ class RewardModelJudge:
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
                 path, dtype=_torch_dtype(dtype), local_files_only=True, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:
-            raise ModelError(f"cannot load reward model {name_or_path}: {_one_line(e)}"
+        except load_errors() as e:
+            raise ModelError(f"cannot load reward model {name_or_path}: {describe_load_error(e)}"
                              f"{_hub_note(str(name_or_path), path)}") from e
         frozen(model, device)
         kw.setdefault("name", f"rm:{name_or_path}")

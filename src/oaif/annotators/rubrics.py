@@ -11,31 +11,30 @@ A rubric file is YAML with these keys:
 ``name``, ``description``  for logs and reports.
 
 Shipped rubrics live in ``oaif/rubrics/``; ``annotator.rubric`` takes their name or a path.
-The responses and context are sanitized so that a response cannot close its delimiter tag and
-pose as the judge's instructions.
+The responses and context are data: :meth:`Rubric.clean` rewrites anything that looks like one of
+the template's delimiter tags, near misses included (see :mod:`oaif.annotators.untrusted`), so a
+response cannot close its block and pose as the judge's instructions.
 """
 
 from __future__ import annotations
 
-import re
 import string
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import yaml
 
+from oaif.annotators.untrusted import neutralize_tags, slot, tag_names
 from oaif.errors import AnnotatorError
 
 REQUIRED_VARIABLES = ("context", "response_1", "response_2")
 RUBRIC_DIR = Path(__file__).resolve().parent.parent / "rubrics"
 
-# Any tag that looks like one of the template's own delimiters, open or closed.
-_DELIMITER = re.compile(r"<\s*/?\s*(context|response_\s*\d+)\s*>", re.IGNORECASE)
-
 
 def sanitize(text: str) -> str:
-    """Neutralize delimiter look-alikes so text stays inside its own tag."""
-    return _DELIMITER.sub(lambda m: "[" + re.sub(r"[<>\s]", "", m.group(0)) + "]", text)
+    """Neutralize look-alikes of the shipped rubrics' delimiter tags so text stays inside its own block."""
+    return neutralize_tags(text)
 
 
 @dataclass(frozen=True)
@@ -64,10 +63,23 @@ class Rubric:
         if len(self.labels) != 2 or self.labels[0] == self.labels[1] or not all(self.labels):
             raise AnnotatorError(f"rubric {self.name!r}: labels must be two different non-empty strings, got {self.labels!r}")
 
+    @cached_property
+    def tag_names(self) -> list[str]:
+        """The delimiter tag names of this template (and the shipped ones)."""
+        return tag_names(self.template)
+
+    def clean(self, text: str) -> str:
+        """Untrusted text with every look-alike of this template's delimiter tags neutralized."""
+        return neutralize_tags(text, self.tag_names)
+
     def render(self, context: str, response_1: str, response_2: str) -> str:
         """The judge's user message for one order of one pair."""
-        return self.template.format(context=sanitize(context), response_1=sanitize(response_1),
-                                    response_2=sanitize(response_2))
+        return self.template.format(context=self.clean(context), response_1=self.clean(response_1),
+                                    response_2=self.clean(response_2))
+
+    def render_slots(self) -> str:
+        """The user message with :func:`~oaif.annotators.untrusted.slot` placeholders for the three values."""
+        return self.template.format(**{name: slot(name) for name in REQUIRED_VARIABLES})
 
 
 def shipped_rubrics() -> list[str]:
@@ -85,7 +97,11 @@ def load_rubric(name_or_path: str) -> Rubric:
     if not path.is_file():
         raise AnnotatorError(f"rubric file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise AnnotatorError(f"rubric {path}: cannot read it as UTF-8 text ({e})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise AnnotatorError(f"rubric {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) or "template" not in data:

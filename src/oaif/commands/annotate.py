@@ -317,6 +317,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.against_labels and not args.out:
         raise ConfigError("--out is required (the preference file to write), except with --against-labels")
     cfg = load_annotator_config(args.annotator_config, args.sets)
+    from oaif.run_dir import check_output_file
+
+    for flag, path in (("--out", args.out), ("--report", args.report)):
+        if path is not None:  # checked now: the results must not be lost after the work is done
+            check_output_file(path, flag)
     with quiet_judges(getattr(args, "verbose", False)):
         return _run(args, cfg, t0)
 

@@ -136,6 +136,10 @@ def run(args: argparse.Namespace) -> int:
         from oaif.errors import DataError
 
         raise DataError(f"run directory not found: {args.run}")
+    from oaif.run_dir import check_output_dir
+
+    # checked now: the results must not be lost after the work is done
+    check_output_dir(args.out or (Path(args.run) / "eval" if args.run else "eval"), "--out")
     with quiet_judges(getattr(args, "verbose", False)):
         result = _run(args, cfg, settings, steps)
     _print_summary(result, args)

@@ -1,0 +1,75 @@
+"""What a resumed run may change: the saved config against the new one, and the schedule's new length.
+
+A checkpoint's ``trainer_state.pt`` holds the config it was trained with. Resuming with a change
+that makes it another experiment (the loss, the model, the data, the lr, the seed, ...) would mix
+two runs in one ``metrics.jsonl``, so it is refused with the keys that differ, unless each is
+named in ``train.resume_allow_changes``. :data:`SAFE_KEYS` may always change: how long to train,
+how often and how much to save, where the run lives, logging, and how to reach the annotator
+server (its timeout, retries, concurrency, URL and key variable), none of which changes what a
+step computes. (``train.max_steps`` changes the length of a decaying schedule; the step's lr is
+then recomputed for the new length, see :func:`reschedule`.)
+"""
+
+from __future__ import annotations
+
+from oaif.errors import ConfigError
+
+#: Keys (or groups, ending in '.') a resume may change without being allowed explicitly.
+SAFE_KEYS = ("train.max_steps", "train.save_every", "train.keep_last", "train.resume", "train.resume_allow_changes",
+             "train.overwrite_output_dir", "train.output_dir", "model.cache_dir", "logging.",
+             "annotator.request_timeout", "annotator.max_retries", "annotator.concurrency", "annotator.base_url",
+             "annotator.api_key_env", "annotator.audit_log")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _safe(key: str, allowed: list[str]) -> bool:
+    return any(key == s or (s.endswith(".") and key.startswith(s)) for s in (*SAFE_KEYS, *allowed))
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
+    """``{key: (saved value, new value)}`` for every key whose value differs; keys the checkpoint
+    does not know (added to oaif since) are not compared."""
+    old, new = _flat(saved), _flat(current)
+    return {k: (old[k], new[k]) for k in new if k in old and old[k] != new[k]}
+
+
+def _short(value) -> str:
+    """A value for the message; a long one by its end (paths and callables differ there)."""
+    text = repr(value)
+    return text if len(text) <= 48 else "..." + text[-45:]
+
+
+def check_resume_config(saved: dict, current: dict, checkpoint) -> None:
+    """Raise :class:`ConfigError` listing the keys that differ from the checkpoint's config and may not."""
+    allowed = list(_flat(current).get("train.resume_allow_changes") or [])
+    refused = {k: v for k, v in config_changes(saved, current).items() if not _safe(k, allowed)}
+    if refused:
+        listed = ", ".join(f"{k} ({_short(a)} -> {_short(b)})" for k, (a, b) in refused.items())
+        raise ConfigError(f"train.resume: {checkpoint} was trained with another config: {listed}; that would be "
+                          f"another experiment. Resume with the saved values, start a new run in another "
+                          f"train.output_dir, or allow the change with train.resume_allow_changes=[{','.join(refused)}]")
+
+
+def reschedule(optimizer, scheduler) -> None:
+    """Set the optimizer's lr for the restored step from the scheduler's *current* lambdas.
+
+    A restored optimizer holds the lr of the saved run's schedule; with a new ``train.max_steps``
+    a decaying schedule has another value at this step (at the old last step, linear decay had
+    reached 0), so the first resumed step would train at the stale lr.
+    """
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:
+        return
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
