@@ -18,7 +18,8 @@ first changes no sample. Once the step is complete, the sampler gets the new wei
 engine or server; the transformers backends sample the policy itself). Offline mode replaces
 steps 1-2 with pairs read from a preference file.
 Setup lives in :mod:`oaif.run_setup`, metric bookkeeping in :class:`oaif.metrics.StepMetrics`,
-the audit log in :mod:`oaif.audit`, checkpoint state in :mod:`oaif.checkpoint`.
+the audit log in :mod:`oaif.audit`, checkpoint state in :mod:`oaif.checkpoint`, and the run
+around the steps (progress, saves, stops) in :mod:`oaif.run_loop`.
 """
 
 from __future__ import annotations
@@ -34,12 +35,10 @@ import torch
 from oaif.annotators.base import Judgment
 from oaif.config import Config
 from oaif.errors import AnnotatorError
-from oaif.finite_guard import NonFiniteError, check_step
 from oaif.generation.weights import policy_weights
 from oaif.metrics import FailureWindow, StepMetrics
 from oaif.pairs import PairPlan, PreferenceBatch, annotate_pairs, build_pairs, preference_rollouts
 from oaif.sampling import Rollouts, sample_rollouts
-from oaif.stop_signals import StopSignals, Stopped
 
 log = logging.getLogger("oaif")
 
@@ -47,6 +46,18 @@ log = logging.getLogger("oaif")
 class MicroBatch:
     rollouts: Rollouts
     prefs: PreferenceBatch
+
+
+def global_sum(accelerator, n: int) -> int:
+    """``n`` summed over every process."""
+    t = torch.tensor([n], device=accelerator.device, dtype=torch.long)
+    return int(accelerator.reduce(t, reduction="sum").item())
+
+
+def judge_agreement(annotator) -> dict:
+    """An ensemble's per-member agreement with its verdicts (this process); {} for other judges."""
+    agreement = getattr(annotator, "agreement", None)
+    return {f"judge_agreement/{name}": v for name, v in agreement().items()} if callable(agreement) else {}
 
 
 class Trainer:
@@ -126,7 +137,7 @@ class Trainer:
         started, metrics = time.perf_counter(), StepMetrics()
         micro_batches = [self.collect(self.next_prompts(), metrics)
                          for _ in range(self.cfg.train.gradient_accumulation_steps)]
-        global_pairs = self._global_sum(sum(mb.prefs.size for mb in micro_batches))
+        global_pairs = global_sum(self.accelerator, sum(mb.prefs.size for mb in micro_batches))
         several = self.accelerator.num_processes > 1
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
@@ -150,10 +161,6 @@ class Trainer:
             self.sampler.load_weights(policy_weights(self.unwrapped))
         return time.perf_counter() - started
 
-    def _global_sum(self, n: int) -> int:
-        t = torch.tensor([n], device=self.accelerator.device, dtype=torch.long)
-        return int(self.accelerator.reduce(t, reduction="sum").item())
-
     def _end_step(self, metrics: StepMetrics, grad_norm: float | None, started: float) -> dict:
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
@@ -166,10 +173,7 @@ class Trainer:
                   "time_step_s": time.perf_counter() - started, "prompts_seen": self.stream.position}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
-        agreement = getattr(self.annotator, "agreement", None)
-        if callable(agreement):  # an ensemble: how often each member agrees with the ensemble (this process)
-            record.update({f"judge_agreement/{name}": value for name, value in agreement().items()})
-        return record
+        return record | judge_agreement(self.annotator)
 
     # -- checkpoints -----------------------------------------------------------------------
     def save(self) -> Path:
@@ -183,7 +187,7 @@ class Trainer:
         return trainer_state(self.step, self._committed_stream, self.optimizer, self.scheduler, self.failures,
                              self.cfg.to_dict())
 
-    def _check_failures(self, end: bool = False) -> None:
+    def check_failures(self, end: bool = False) -> None:
         """Stop when the annotator failed too often: over the last full window, or (``end``) over
         the pairs this process saw when fewer than a window. At the end, warn when no pair was usable."""
         if end and self.is_main and (warning := self.failures.unused()):
@@ -192,48 +196,20 @@ class Trainer:
             path = self.save()  # every process sees the same summed counts: they stop together
             raise AnnotatorError(f"{problem}; saved {path}, fix the annotator and rerun with train.resume=true")
 
-    # -- the run ---------------------------------------------------------------------------
-    def train(self) -> dict:
-        from tqdm.auto import tqdm
+    def close(self) -> None:
+        """Release the run directory and close the logs and the sampler (one this trainer built)."""
+        self.lock.release()
+        if self.metrics is not None:
+            self.metrics.close()
+        self.audit.close()
+        if self.sampler is not None and self._sampler_override is None:
+            self.sampler.close()
 
-        cfg = self.cfg
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc=f"oaif {cfg.train.mode} {cfg.loss.type}",
-                   disable=not (self.is_main and cfg.logging.progress_bar), dynamic_ncols=True)
-        last: dict = {}
-        signals = StopSignals(immediate_second=self.accelerator.num_processes == 1).install()
-        try:
-            while self.step < cfg.train.max_steps:
-                last = self.run_step()
-                if self.is_main:
-                    self.metrics.write(last)
-                    bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "reward_accuracy", "kl", "response_length",
-                                                                    "judge_consistency") if k in last}
-                                    | {"pairs": last["pairs_used"]})
-                    bar.update(1)
-                check_step(last, self.step, self.checkpoints.last_saved)
-                self._check_failures()
-                if signal_name := signals.requested(self.accelerator):
-                    raise Stopped(signal_name, self.step, self.save())
-                if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < cfg.train.max_steps:
-                    self.save()
-            if last:
-                self._check_failures(end=True)
-            final = self.save()
-        except (KeyboardInterrupt, Stopped, Exception) as e:
-            if not isinstance(e, (AnnotatorError, NonFiniteError)):  # saved already / must not be saved
-                self.checkpoints.save_after_error(self.step, self.unwrapped, self.tokenizer, self._state, e)
-            raise
-        finally:
-            signals.restore()
-            self.lock.release()
-            bar.close()
-            if self.metrics is not None:
-                self.metrics.close()
-            self.audit.close()
-            if self.sampler is not None and self._sampler_override is None:
-                self.sampler.close()
-        return {"final_checkpoint": str(final), "steps": self.step, "last": last,
-                "skipped_inputs": dict(self.parts.prompts.skipped)}
+    def train(self) -> dict:
+        """Run steps until ``train.max_steps`` (:func:`oaif.run_loop.run_steps`) and return a summary."""
+        from oaif.run_loop import run_steps
+
+        return run_steps(self)
 
 
 def train(cfg: Config, *, annotator=None) -> dict:

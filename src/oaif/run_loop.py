@@ -1,0 +1,54 @@
+"""The run around the steps: progress bar, metrics lines, the save cadence, and the ways a run
+stops (a non-finite step, too many failed judgments, SIGTERM/SIGUSR1/Ctrl-C, an error), each of
+which leaves the progress saved (or, for a non-finite step, the last finite checkpoint as
+``latest``). :meth:`oaif.trainer.Trainer.train` calls :func:`run_steps`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from oaif.errors import AnnotatorError
+from oaif.finite_guard import NonFiniteError, check_step
+from oaif.stop_signals import StopSignals, Stopped
+
+if TYPE_CHECKING:
+    from oaif.trainer import Trainer
+
+BAR_KEYS = ("loss", "reward_accuracy", "kl", "response_length", "judge_consistency")
+
+
+def run_steps(t: "Trainer") -> dict:
+    """Run ``t.run_step()`` until ``train.max_steps``, then save the final checkpoint. Returns a summary."""
+    from tqdm.auto import tqdm
+
+    cfg = t.cfg
+    bar = tqdm(total=cfg.train.max_steps, initial=t.step, desc=f"oaif {cfg.train.mode} {cfg.loss.type}",
+               disable=not (t.is_main and cfg.logging.progress_bar), dynamic_ncols=True)
+    last: dict = {}
+    signals = StopSignals(immediate_second=t.accelerator.num_processes == 1).install()
+    try:
+        while t.step < cfg.train.max_steps:
+            last = t.run_step()
+            if t.is_main:
+                t.metrics.write(last)
+                bar.set_postfix({k: f"{last[k]:.3g}" for k in BAR_KEYS if k in last} | {"pairs": last["pairs_used"]})
+                bar.update(1)
+            check_step(last, t.step, t.checkpoints.last_saved)
+            t.check_failures()
+            if signal_name := signals.requested(t.accelerator):
+                raise Stopped(signal_name, t.step, t.save())
+            if cfg.train.save_every and t.step % cfg.train.save_every == 0 and t.step < cfg.train.max_steps:
+                t.save()
+        if last:
+            t.check_failures(end=True)
+        final = t.save()
+    except (KeyboardInterrupt, Stopped, Exception) as e:
+        if not isinstance(e, (AnnotatorError, NonFiniteError)):  # saved already / must not be saved
+            t.checkpoints.save_after_error(t.step, t.unwrapped, t.tokenizer, t._state, e)
+        raise
+    finally:
+        signals.restore()
+        bar.close()
+        t.close()
+    return {"final_checkpoint": str(final), "steps": t.step, "last": last,
+            "skipped_inputs": dict(t.parts.prompts.skipped)}
