@@ -5,20 +5,15 @@ which leaves the progress saved (or, for a non-finite step, the last finite chec
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from oaif.errors import AnnotatorError
 from oaif.finite_guard import NonFiniteError, check_step
 from oaif.stop_signals import StopSignals, Stopped
 
-if TYPE_CHECKING:
-    from oaif.trainer import Trainer
-
 BAR_KEYS = ("loss", "reward_accuracy", "kl", "response_length", "judge_consistency")
 
 
-def run_steps(t: "Trainer") -> dict:
-    """Run ``t.run_step()`` until ``train.max_steps``, then save the final checkpoint. Returns a summary."""
+def run_steps(t) -> dict:
+    """Run an :class:`oaif.trainer.Trainer`'s ``run_step()`` until ``train.max_steps``, then save the final checkpoint. Returns a summary."""
     from tqdm.auto import tqdm
 
     cfg = t.cfg
