@@ -131,6 +131,7 @@ class TrainConfig:
     resume: bool | str = _f(False, "true: continue from the latest checkpoint in output_dir; a path: continue from that checkpoint directory; false: start afresh.")
     device: str = _f("auto", "auto, cpu or cuda.")
     mixed_precision: str = _f("no", "Accelerate mixed precision: no, bf16 or fp16.")
+    forward_batch_size: int = _f(8, "Sequences per forward pass in the update (0: a micro-batch's sequences in one pass). Passes group sequences of similar length, so each pads to its own longest; a prompt's responses always share a pass. Changes speed and memory, not the result.")
 
 
 @dataclass
@@ -297,6 +298,7 @@ def validate(cfg: Config) -> Config:
         ("train.max_steps", cfg.train.max_steps >= 1, "must be >= 1"),
         ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
         ("train.gradient_accumulation_steps", cfg.train.gradient_accumulation_steps >= 1, "must be >= 1"),
+        ("train.forward_batch_size", cfg.train.forward_batch_size >= 0, "must be >= 0"),
         ("data.eval_fraction", 0 <= cfg.data.eval_fraction < 1, "must be in [0, 1)"),
         ("annotator.members", cfg.annotator.type != "ensemble" or len(cfg.annotator.members) >= 1,
          "annotator.type=ensemble needs at least one member"),
