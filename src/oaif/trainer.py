@@ -82,8 +82,10 @@ class Trainer:
         return self.stream.take_for_rank(self.cfg.train.batch_size * a.num_processes, a.process_index, a.num_processes)
 
     def sample(self, batch) -> Rollouts:
-        return sample_rollouts(self.unwrapped, self.tokenizer, batch, self.parts.prompts.prompt_tokens,
-                               self.cfg.sampling, self.cfg.train.seed)
+        # one autocast region around the whole decode (mixed precision): its cache casts each weight once, not per token
+        with self.accelerator.autocast():
+            return sample_rollouts(self.unwrapped, self.tokenizer, batch, self.parts.prompts.prompt_tokens,
+                                   self.cfg.sampling, self.cfg.train.seed)
 
     def annotate(self, rollouts: Rollouts) -> tuple[PairPlan, list[Judgment]]:
         return annotate_pairs(self.annotator, rollouts, self.cfg.sampling.pairing)
