@@ -280,11 +280,15 @@ def worker_cmd(python: str, which: str, args, extra: list[str] = ()) -> list[str
     return cmd + ([] if args.floors else ["--no-floors"]) + list(extra)
 
 
-def run_worker(cmd: list[str], env: dict) -> dict:
+def run_worker(cmd: list[str], env: dict, required: bool = True) -> dict | None:
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
-        sys.exit(f"bench_vs_trl: {cmd[3]} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
+        message = f"bench_vs_trl: {cmd[3]} failed (exit {out.returncode}):\n{out.stderr[-4000:]}"
+        if required:
+            sys.exit(message)
+        print(message, file=sys.stderr, flush=True)  # an optional floor: the comparison goes on without it
+        return None
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -324,6 +328,7 @@ def main() -> None:
     ap.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm/bin/python"),
                     help="a Python with vLLM: the standalone sampling floor, and oaif with --backend vllm")
     ap.add_argument("--only", choices=["oaif", "trl"], help="run one side only (no ratios)")
+    ap.add_argument("--json", help="also write every process's raw results to this file")
     ap.add_argument("--worker", choices=["oaif", "trl", "vllm"], help=argparse.SUPPRESS)
     ap.add_argument("--prompt-file", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -355,9 +360,12 @@ def main() -> None:
             if side == "oaif" and floors and has_vllm and "oaif_sample_fixed" in floors["times"]:
                 with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
                     json.dump(floors["prompt_tokens"], f)
-                results["vllm"].append(run_worker(worker_cmd(args.vllm_python, "vllm", args,
-                                                             ["--prompt-file", f.name]), env))
+                vllm = run_worker(worker_cmd(args.vllm_python, "vllm", args, ["--prompt-file", f.name]), env,
+                                  required=False)
+                results["vllm"] += [vllm] if vllm else []
                 os.unlink(f.name)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "loads": loads, "results": results}))
     report(args, results, loads)
 
 
@@ -383,6 +391,13 @@ def report(args, results: dict, loads: list[str]) -> None:
               f"{t['sample'] / o['sample']:.2f}x, update {t['update'] / o['update']:.2f}x, "
               f"generated tokens/s {(o['tokens'] / o['sample']) / (t['tokens'] / t['sample']):.2f}x; "
               f"peak memory oaif/TRL {o['peak_gib'] / t['peak_gib']:.2f}")
+    targets: list[tuple[str, float, str, float]] = []  # (what, measured, <= or >=, target)
+    if len(rows) == 2:
+        best = args.precision != "float32" or args.backend == "vllm"
+        setting = "each at its best; this run's settings" if best else "float32, no vLLM"
+        targets.append((f"step rate oaif/TRL ({setting})", rows["trl"]["step"] / rows["oaif"]["step"], ">=",
+                        3.0 if best else 2.0))
+        targets.append(("peak memory oaif/TRL", rows["oaif"]["peak_gib"] / rows["trl"]["peak_gib"], "<=", 1.0))
     floors = [r["floors"] for r in results["oaif"] if r.get("floors")]
     if floors:
         times = {k: med([x for f in floors for x in f["times"][k]]) for k in floors[0]["times"]}
@@ -398,9 +413,14 @@ def report(args, results: dict, loads: list[str]) -> None:
                     f"oaif {times['oaif_sample_fixed']:.2f} s")
             if vllm:
                 line += f"; vLLM standalone {med(vllm):.2f} s (ratio {times['oaif_sample_fixed'] / med(vllm):.2f})"
+                targets.append(("sampling oaif/vLLM standalone", times["oaif_sample_fixed"] / med(vllm), "<=", 1.25))
             else:
-                line += "; vLLM standalone: not run (no --vllm-python)"
+                line += f"; vLLM standalone: not run ({args.vllm_python} missing or failed)"
             print(line)
+        targets.append(("update oaif/bare forward+backward+AdamW", times["oaif_update"] / times["bare_step"], "<=", 1.2))
+    for what, value, op, goal in targets:
+        met = value >= goal if op == ">=" else value <= goal
+        print(f"target {what}: {value:.2f} (target {op} {goal:g}): {'met' if met else 'MISSED'}")
 
 
 def trl_version() -> str:
