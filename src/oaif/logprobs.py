@@ -94,9 +94,115 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def sequence_logprobs(model: torch.nn.Module, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs (n,) and per-token log-probs (n, R), zero on padding."""
-    logits = _response_logits(model, batch)
+# Output-head attributes that transform the head's logits in some models (Gemma's soft-capping, Cohere's
+# and Granite's scaling): a model with one of them set gets its logits from its own forward.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+CHUNK_TOKENS = 256  # response tokens per output-head chunk: a (256, vocab) float32 block at a time
+
+
+def _plain_output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The transformers model's output head when its logits are exactly ``hidden @ weight.T``, else None."""
+    from oaif.models import base_model
+
+    base = base_model(model)
+    get = getattr(base, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    config = getattr(base, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if any(getattr(text, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    return head
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[labels] per token, a chunk of tokens at a time.
+
+    Forward keeps no logits: it saves the hidden states and each token's logsumexp; backward
+    recomputes one chunk's logits at a time (one extra head matmul) and accumulates the weight's
+    gradient in float32. ``dtype`` is the matmul's dtype (the autocast dtype of the model's
+    forward, else the weights'), so the numbers are those of the model's own head.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, dtype, chunk):
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+            lse = torch.empty_like(out)
+            for s in range(0, hidden.shape[0], chunk):
+                logits = torch.nn.functional.linear(hidden[s:s + chunk].to(dtype), w).float()
+                lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+                out[s:s + chunk] = logits.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+                del logits
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.dtype, ctx.chunk = dtype, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        dtype, chunk = ctx.dtype, ctx.chunk
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            for s in range(0, hidden.shape[0], chunk):
+                h = hidden[s:s + chunk].to(dtype)
+                g = grad[s:s + chunk].float()[:, None]
+                # d logp / d logits = onehot(label) - softmax(logits)
+                d = torch.nn.functional.linear(h, w).float().sub_(lse[s:s + chunk, None]).exp_().mul_(-g)
+                d.scatter_add_(-1, labels[s:s + chunk, None], g)
+                d = d.to(dtype)
+                if want_h:
+                    grad_h[s:s + chunk] = (d @ w).to(hidden.dtype)
+                if want_w:
+                    grad_w += (d.t() @ h).float()
+                del d
+        return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None
+
+
+def _response_hidden(model: torch.nn.Module, batch: SequenceBatch, head: torch.nn.Linear):
+    """``(hidden, dtype)``: the final hidden states at the columns that predict the response tokens
+    (n, R, hidden) from the model's own forward, with the output head skipped, and the dtype of
+    its matmul in that forward (autocast's when autocast is on)."""
+    seen = {}
+
+    def capture(module, args):
+        h = args[0]
+        device = h.device.type
+        seen["hidden"] = h
+        seen["dtype"] = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else module.weight.dtype
+        return (h[..., :0, :],)  # the head runs on no position
+
+    handle = head.register_forward_pre_hook(capture)
+    try:
+        _response_logits(model, batch)
+    finally:
+        handle.remove()
+    keep = batch.response_width + 1
+    return seen["hidden"][:, -keep:-1], seen["dtype"]
+
+
+def sequence_logprobs(model: torch.nn.Module, batch: SequenceBatch, *,
+                      chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs (n,) and per-token log-probs (n, R), zero on padding.
+
+    When the model's logits are a plain linear head of its final hidden states (most causal
+    LMs), the head is applied here, to the real response tokens only and ``chunk_tokens`` at a
+    time (:class:`_HeadLogprobs`): the (tokens, vocabulary) float32 logits never exist at once,
+    in the forward or the backward. Other models go through their own forward and full logits.
+    """
     labels = batch.input_ids[:, batch.prompt_width:]
-    per_token = token_logprobs(logits, labels) * batch.response_mask
+    head = _plain_output_head(model)
+    if head is None:
+        per_token = token_logprobs(_response_logits(model, batch), labels) * batch.response_mask
+        return per_token.sum(-1), per_token
+    hidden, dtype = _response_hidden(model, batch, head)
+    real = batch.response_mask.bool()
+    picked = _HeadLogprobs.apply(hidden[real], head.weight, labels[real], dtype, chunk_tokens)
+    per_token = torch.zeros(real.shape, dtype=torch.float32, device=picked.device).masked_scatter(real, picked)
     return per_token.sum(-1), per_token

@@ -5,7 +5,8 @@ that makes it another experiment (the loss, the model, the data, the lr, the see
 two runs in one ``metrics.jsonl``, so it is refused with the keys that differ, unless each is
 named in ``train.resume_allow_changes``. :data:`SAFE_KEYS` may always change: how long to train,
 how often and how much to save, where the run lives, logging, and how to reach the annotator
-server (its timeout, retries, concurrency, URL and key variable), none of which changes what a
+server (its timeout, retries, concurrency, URL and key variable), and the update's forward batch
+size (speed and memory only), none of which changes what a
 step computes. (``train.max_steps`` changes the length of a decaying schedule; the step's lr is
 then recomputed for the new length, see :func:`reschedule`.)
 """
@@ -16,7 +17,7 @@ from oaif.errors import ConfigError
 
 #: Keys (or groups, ending in '.') a resume may change without being allowed explicitly.
 SAFE_KEYS = ("train.max_steps", "train.save_every", "train.keep_last", "train.resume", "train.resume_allow_changes",
-             "train.overwrite_output_dir", "train.output_dir", "model.cache_dir", "logging.",
+             "train.overwrite_output_dir", "train.output_dir", "train.forward_batch_size", "model.cache_dir", "logging.",
              "annotator.request_timeout", "annotator.max_retries", "annotator.concurrency", "annotator.base_url",
              "annotator.api_key_env", "annotator.audit_log")
 

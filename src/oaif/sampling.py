@@ -2,14 +2,13 @@
 
 The default ``shared_prefill`` backend prefills each prompt once, copies its KV cache K times
 and decodes all ``B * K`` rows together, so the prompt is never recomputed per sample. The ``hf``
-backend runs ``transformers`` ``generate`` greedily on logits that carry the same per-row noise
-(a logits processor). In both, every row draws its noise from its own generator, seeded from
-(seed, prompt stream position, k), one draw per decoding step: the responses to a prompt do not
+backend runs ``transformers`` ``generate`` greedily on scores that single out the same draws
+(a logits processor). In both, the draw of row r at decoding step t is an inverse-CDF sample
+from the temperature-scaled, top-p-filtered softmax with one uniform number u(r, t), a hash of
+(seed, prompt stream position, k, t) (:func:`step_uniforms`): the responses to a prompt do not
 depend on which other prompts share its batch, on the number of processes, or on whether the
-run was resumed.
-
-Sampling uses the Gumbel-max trick on temperature-scaled, top-p-filtered logits, which draws
-from exactly the same distribution as multinomial sampling over the filtered softmax.
+run was resumed. One number per row and step (not one per vocabulary entry), computed for the
+whole response up front, with no random generator state.
 """
 
 from __future__ import annotations
@@ -69,36 +68,49 @@ def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & (2**64 - 1)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return x ^ (x >> 31)
+
+
+def step_uniforms(seeds: list[int], steps: int) -> torch.Tensor:
+    """``(len(seeds), steps)`` float64 uniforms in (0, 1): entry (r, t) a hash of (``seeds[r]``, t), 53 bits."""
+    return torch.tensor([[((_splitmix64(s ^ _splitmix64(t)) >> 11) + 0.5) / 2**53 for t in range(steps)] for s in seeds],
+                        dtype=torch.float64)
+
+
 class RowSampler:
-    """Gumbel-max sampling with one generator per row."""
+    """Inverse-CDF sampling of one token per row and step, each row from its own hashed uniforms.
 
-    def __init__(self, seeds: list[int], device: torch.device):
-        self.generators = []
-        for s in seeds:
-            g = torch.Generator(device=device)
-            g.manual_seed(s)
-            self.generators.append(g)
-        self.device = device
+    Call it once per decoding step (it counts the steps); ``steps`` bounds how many calls it serves.
+    The probabilities and their cumulative sum are taken in float64, so every token with a
+    representable probability gets its share, and a vanishing temperature decodes greedily.
+    """
 
-    def noisy_scores(self, logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-        """Tempered, top-p-filtered logits plus one fresh Gumbel draw per row: their argmax is a sample."""
-        scores = filter_top_p(logits.float() / temperature, top_p)
-        vocab = scores.shape[-1]
-        u = torch.stack([torch.rand(vocab, generator=g, device=self.device) for g in self.generators])
-        return scores - torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
+    def __init__(self, seeds: list[int], device: torch.device, steps: int = 1):
+        self.uniforms = step_uniforms(seeds, steps).to(device)
+        self.step = 0
 
     def __call__(self, logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-        return self.noisy_scores(logits, temperature, top_p).argmax(-1)
+        scores = filter_top_p(logits.float() / temperature, top_p)
+        cdf = scores.softmax(-1, dtype=torch.float64).cumsum_(-1)
+        u = self.uniforms[:, self.step, None] * cdf[:, -1:]
+        self.step += 1
+        return torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
-class _RowNoise:
-    """A ``generate`` logits processor: greedy decoding on these scores samples with per-row noise."""
+class _RowDraws:
+    """A ``generate`` logits processor: scores that are 0 at the row's draw and -inf elsewhere, so
+    greedy decoding takes the same draws as :class:`RowSampler`."""
 
     def __init__(self, sampler: RowSampler, temperature: float, top_p: float):
         self.sampler, self.temperature, self.top_p = sampler, temperature, top_p
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return self.sampler.noisy_scores(scores, self.temperature, self.top_p)
+        picked = self.sampler(scores, self.temperature, self.top_p)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, picked[:, None], 0.0)
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
@@ -136,21 +148,23 @@ def _sample_shared_prefill(model, prompts, seeds, k, temperature, top_p, max_new
     logits = out.logits[:, -1].repeat_interleave(k, dim=0)
     mask = mask.repeat_interleave(k, dim=0)
     next_pos = mask.sum(-1, keepdim=True)  # position of the first response token
-    sampler = RowSampler(seeds, device)
-    n = len(seeds)
+    sampler = RowSampler(seeds, device, max_new_tokens)
+    n, width = len(seeds), mask.shape[1]
+    mask = torch.cat([mask, torch.ones((n, max_new_tokens), dtype=mask.dtype, device=device)], dim=1)
     eos_t = torch.tensor(sorted(eos), device=device)
     tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
+    # asking whether every row ended waits for the device: on an accelerator, ask every few tokens
+    check_every = 1 if device.type == "cpu" else 8
     for t in range(max_new_tokens):
         nxt = sampler(logits, temperature, top_p)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         tokens[:, t] = nxt
         done |= torch.isin(nxt, eos_t)
-        if bool(done.all()) or t == max_new_tokens - 1:
+        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(done.all())):
             break
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos + t, use_cache=True,
-                    **{cache_key: cache})
+        out = model(input_ids=nxt[:, None], attention_mask=mask[:, :width + t + 1], position_ids=next_pos + t,
+                    use_cache=True, **{cache_key: cache})
         logits = out.logits[:, -1]
     lengths, ended = _first_eos(tokens, eos)
     return tokens.cpu(), lengths.cpu(), ended.cpu()
@@ -162,12 +176,12 @@ def _sample_hf(model, prompts, seeds, k, temperature, top_p, max_new_tokens, eos
 
     device = next(model.parameters()).device
     ids, mask = (t.repeat_interleave(k, dim=0).to(device) for t in pad_rows(prompts, pad_id, side="left"))
-    # greedy decoding of noisy scores: a fresh config, so no setting of the model's own generation config applies
+    # greedy decoding of the draws: a fresh config, so no setting of the model's own generation config applies
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                               eos_token_id=sorted(eos))
-    noise = _RowNoise(RowSampler(seeds, device), temperature, top_p)
+    draws = _RowDraws(RowSampler(seeds, device, max_new_tokens), temperature, top_p)
     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                         logits_processor=LogitsProcessorList([noise]))
+                         logits_processor=LogitsProcessorList([draws]))
     gen = out[:, ids.shape[1]:].cpu()
     tokens = torch.full((gen.shape[0], max_new_tokens), pad_id, dtype=torch.long)
     tokens[:, :gen.shape[1]] = gen

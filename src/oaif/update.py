@@ -16,6 +16,7 @@ forwarded without gradients so that ``kl`` covers every sampled response of the 
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -37,12 +38,45 @@ class UpdateStats:
     train_tokens: int  # tokens of the responses in pairs (forwarded with gradients)
 
 
-class PolicyUpdate:
-    """Forward and backward for one micro-batch; holds the models and the loss settings."""
+def forward_groups(rollouts: Rollouts, flat: list[int], max_rows: int) -> list[list[int]]:
+    """Split responses (flat indices) into the row sets of forward passes.
 
-    def __init__(self, accelerator, policy, reference, pad_id: int, loss_cfg, *, kl: bool):
+    A prompt's responses share a pass (its pairs need them in one graph); prompts are sorted by
+    the length of their longest sequence, so each pass pads to its own longest row, not the whole
+    micro-batch's; a pass takes prompts while it holds at most ``max_rows`` rows (0: no limit),
+    and at least one prompt.
+    """
+    k = rollouts.k
+    by_prompt: dict[int, list[int]] = {}
+    for f in flat:
+        by_prompt.setdefault(f // k, []).append(f)
+
+    def longest(b: int) -> int:
+        return len(rollouts.prompt_tokens[b]) + max(len(rollouts.responses[b][f % k]) for f in by_prompt[b])
+
+    groups: list[list[int]] = []
+    for b in sorted(by_prompt, key=lambda b: (longest(b), b)):
+        if groups and (max_rows <= 0 or len(groups[-1]) + len(by_prompt[b]) <= max_rows):
+            groups[-1].extend(by_prompt[b])
+        else:
+            groups.append(list(by_prompt[b]))
+    return groups
+
+
+class PolicyUpdate:
+    """Forward and backward for one micro-batch; holds the models and the loss settings.
+
+    ``forward_batch_size`` caps the sequences per forward pass (0: one pass for the micro-batch;
+    see :func:`forward_groups`). The reference forwards every pass first, so its activations are
+    gone before the policy builds its graph; the policy then forwards and back-propagates one pass
+    at a time, each with the loss of the pairs in it (the step's objective is a sum over pairs).
+    """
+
+    def __init__(self, accelerator, policy, reference, pad_id: int, loss_cfg, *, kl: bool,
+                 forward_batch_size: int = 0):
         self.accelerator, self.policy, self.reference = accelerator, policy, reference
         self.pad_id, self.loss_cfg, self.kl = pad_id, loss_cfg, kl
+        self.forward_batch_size = forward_batch_size
 
     def _pack(self, rollouts: Rollouts, flat: list[int]) -> SequenceBatch:
         k = rollouts.k
@@ -55,6 +89,16 @@ class PolicyUpdate:
         with torch.no_grad(), reference_context(self.accelerator.unwrap_model(self.policy), self.reference) as ref:
             return sequence_logprobs(ref, batch)[0]
 
+    def _kl_only(self, rollouts: Rollouts, rest: list[int]) -> list[torch.Tensor]:
+        """log pi - log pi_ref of responses in no pair, without gradients."""
+        parts = []
+        for group in forward_groups(rollouts, rest, self.forward_batch_size):
+            batch = self._pack(rollouts, group)
+            ref = self._reference_logps(batch)
+            with torch.no_grad():
+                parts.append(sequence_logprobs(self.accelerator.unwrap_model(self.policy), batch)[0] - ref)
+        return parts
+
     def __call__(self, rollouts: Rollouts, prefs: PreferenceBatch, global_pairs: int,
                  must_backward: bool = False) -> UpdateStats:
         """Back-propagate this micro-batch's share of the step's loss.
@@ -63,37 +107,61 @@ class PolicyUpdate:
         so that a synchronising DDP backward happens on every process.
         """
         used = prefs.responses_used()
-        kl_parts = []
         in_pairs = set(used)
         rest = [f for f in range(rollouts.num_prompts * rollouts.k) if f not in in_pairs] if self.kl else []
-        if rest:  # responses in no pair: the KL estimate only
-            batch = self._pack(rollouts, rest)
-            with torch.no_grad():
-                logps = sequence_logprobs(self.accelerator.unwrap_model(self.policy), batch)[0]
-            kl_parts.append(logps - self._reference_logps(batch))
+        kl_parts = self._kl_only(rollouts, rest) if rest else []
         empty = torch.zeros(0, device=self.accelerator.device)
         stats = UpdateStats(None, empty, empty, None, 0)
         rows = used or ([0] if must_backward else [])
         if rows:
-            batch = self._pack(rollouts, rows)
-            logps = sequence_logprobs(self.policy, batch)[0]
-            ref_logps = self._reference_logps(batch)
+            groups = forward_groups(rollouts, rows, self.forward_batch_size)
+            batches = [self._pack(rollouts, g) for g in groups]
+            ref = {f: v for g, b in zip(groups, batches) for f, v in zip(g, self._reference_logps(b).tolist())}
+            pol = self._policy_passes(groups, batches, ref, prefs, global_pairs)
+            logps = torch.tensor([pol[f] for f in rows], dtype=torch.float32, device=self.accelerator.device)
+            ref_logps = torch.tensor([ref[f] for f in rows], dtype=torch.float32, device=self.accelerator.device)
             if used:
-                kl_parts.append(logps.detach() - ref_logps)
+                kl_parts.append(logps - ref_logps)
+                stats.train_tokens = sum(int(b.response_mask.sum()) for b in batches)
             if prefs.size:
-                row = {flat: i for i, flat in enumerate(rows)}
-                c = torch.tensor([row[f] for f in prefs.chosen], device=logps.device)
-                r = torch.tensor([row[f] for f in prefs.rejected], device=logps.device)
-                labels = torch.tensor(prefs.label_probs, device=logps.device) if self.loss_cfg.soft_labels else None
-                out = preference_loss(logps[c], logps[r], ref_logps[c], ref_logps[r], self.loss_cfg.beta,
-                                      self.loss_cfg.type, labels)
-                loss = out.losses.sum() * (self.accelerator.num_processes / global_pairs)
-                stats.loss = dataclasses.replace(out, losses=out.losses.detach())
-                stats.chosen_logps, stats.rejected_logps = logps[c].detach(), logps[r].detach()
-            else:
-                loss = logps.sum() * 0.0
-            self.accelerator.backward(loss)
-            stats.train_tokens = int(batch.response_mask.sum()) if used else 0
+                at = {f: i for i, f in enumerate(rows)}
+                c, r = [at[f] for f in prefs.chosen], [at[f] for f in prefs.rejected]
+                stats.loss = preference_loss(logps[c], logps[r], ref_logps[c], ref_logps[r], self.loss_cfg.beta,
+                                             self.loss_cfg.type, self._labels(prefs, range(prefs.size)))
+                stats.loss = dataclasses.replace(stats.loss, losses=stats.loss.losses.detach())
+                stats.chosen_logps, stats.rejected_logps = logps[c], logps[r]
         if self.kl:
             stats.kl = torch.cat(kl_parts) if kl_parts else empty
         return stats
+
+    def _labels(self, prefs: PreferenceBatch, pairs) -> torch.Tensor | None:
+        if not self.loss_cfg.soft_labels:
+            return None
+        return torch.tensor([prefs.label_probs[j] for j in pairs], device=self.accelerator.device)
+
+    def _policy_passes(self, groups, batches, ref: dict[int, float], prefs: PreferenceBatch,
+                       global_pairs: int) -> dict[int, float]:
+        """Forward and backward each pass with the loss of its pairs; the policy's log-probs, detached."""
+        several = self.accelerator.num_processes > 1
+        scale = self.accelerator.num_processes / global_pairs if global_pairs else 0.0
+        pol: dict[int, float] = {}
+        for i, (group, batch) in enumerate(zip(groups, batches)):
+            last = i == len(groups) - 1
+            # only the micro-batch's last backward may all-reduce (the trainer's no_sync covers the others)
+            with nullcontext() if last or not several else self.accelerator.no_sync(self.policy):
+                logps = sequence_logprobs(self.policy, batch)[0]
+                row = {f: j for j, f in enumerate(group)}
+                pairs = [j for j, f in enumerate(prefs.chosen) if f in row]
+                if pairs:
+                    c = torch.tensor([row[prefs.chosen[j]] for j in pairs], device=logps.device)
+                    r = torch.tensor([row[prefs.rejected[j]] for j in pairs], device=logps.device)
+                    ref_c = torch.tensor([ref[prefs.chosen[j]] for j in pairs], device=logps.device)
+                    ref_r = torch.tensor([ref[prefs.rejected[j]] for j in pairs], device=logps.device)
+                    out = preference_loss(logps[c], logps[r], ref_c, ref_r, self.loss_cfg.beta, self.loss_cfg.type,
+                                          self._labels(prefs, pairs))
+                    loss = out.losses.sum() * scale
+                else:  # no pair here (must_backward): a zero loss that still runs a backward
+                    loss = logps.sum() * 0.0
+                self.accelerator.backward(loss)
+            pol.update(zip(group, logps.detach().tolist()))
+        return pol

@@ -44,7 +44,7 @@ def build_sampler(cfg: Config, policy, tokenizer, eos_ids: set[int], accelerator
     if cfg.sampling.backend != "vllm":
         from oaif.generation.live_policy import LivePolicy
 
-        return LivePolicy(policy, tokenizer, cfg.sampling.backend, cfg.sampling.batch_size)
+        return LivePolicy(policy, tokenizer, cfg.sampling.backend, cfg.sampling.batch_size, autocast=accelerator.autocast)
     from oaif.models import resolve_model_path
 
     several = accelerator.num_processes > 1

@@ -6,7 +6,8 @@ weight push after an optimizer step has nothing to do here (the policy already h
 
 from __future__ import annotations
 
-from typing import Iterable
+from contextlib import nullcontext
+from typing import Callable, Iterable
 
 import torch
 
@@ -14,16 +15,22 @@ from oaif.sampling import sample_responses
 
 
 class LivePolicy:
-    """Samples ``model`` (the unwrapped policy) with :func:`oaif.sampling.sample_responses`."""
+    """Samples ``model`` (the unwrapped policy) with :func:`oaif.sampling.sample_responses`.
 
-    def __init__(self, model, tokenizer, backend: str = "shared_prefill", batch_size: int = 0):
+    ``autocast`` (the run's mixed-precision context, e.g. ``accelerator.autocast``) wraps the whole
+    decode in one region, so its cast cache converts each weight once per call, not once per token."""
+
+    def __init__(self, model, tokenizer, backend: str = "shared_prefill", batch_size: int = 0,
+                 autocast: Callable = nullcontext):
         self.model, self.tokenizer, self.backend, self.batch_size = model, tokenizer, backend, batch_size
+        self.autocast = autocast
 
     def sample(self, prompt_tokens: list[list[int]], positions: list[int], *, k: int, seed: int,
                temperature: float, top_p: float, max_new_tokens: int):
-        return sample_responses(self.model, self.tokenizer, prompt_tokens, positions, k=k, seed=seed,
-                                temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                backend=self.backend, batch_size=self.batch_size)
+        with self.autocast():
+            return sample_responses(self.model, self.tokenizer, prompt_tokens, positions, k=k, seed=seed,
+                                    temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                    backend=self.backend, batch_size=self.batch_size)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Nothing to do: the weights are the model's own (``weights`` is not read)."""
