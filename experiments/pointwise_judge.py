@@ -19,7 +19,7 @@ A pointwise rubric is YAML with ``template`` (variables ``{context}`` and ``{res
 ``labels`` (the yes and no words, single tokens), optional ``system`` and ``name``. A reply whose
 answer position lists neither label raises, and oaif masks the pair as ``callable_error``. If it
 proves better than the pairwise readout, the change to oaif is a ``readout: pointwise`` option of
-the OpenAI judge (see the report in docs/judges.md).
+the OpenAI judge (see docs/RESULTS.md, section 0).
 """
 
 from __future__ import annotations
