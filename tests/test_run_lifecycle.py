@@ -83,6 +83,14 @@ def test_sigterm_saves_a_resumable_checkpoint_even_without_save_every(tiny_model
     assert steps(out) == [1, 2, 3, 4] and (out / "latest").read_text().strip() == "checkpoint-4"
 
 
+def test_sigterm_during_setup_is_one_line_and_writes_nothing(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    judge = Path(__file__).resolve().parent / "signal_during_setup.py"
+    run = cli(args(tiny_model_dir, out, f"annotator.callable={judge}:judge"))
+    assert run.returncode == 128 + 15 and errors(run.stderr) == ["oaif: stopped by SIGTERM"], run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and not out.exists()
+
+
 def test_a_second_sigterm_stops_at_once_through_a_judge_that_catches_exceptions(tiny_model_dir, tmp_path):
     out, gate = tmp_path / "run", tmp_path / "gate"  # the gate never opens: step 2 waits in the judge
     proc = subprocess.Popen([sys.executable, "-m", "oaif.cli", "train",

@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from oaif.stop_signals import stop_during_setup
+
+    stop_during_setup()  # a run's own handlers take over once it starts stepping
     try:
         return args.func(args)
     except OaifError as e:

@@ -43,6 +43,19 @@ def stop_signals() -> list[signal.Signals]:
     return [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None]
 
 
+def stop_during_setup() -> None:
+    """Until a run installs :class:`StopSignals`, a stop signal ends the command at once with
+    :class:`Stopped` (a one-line message and exit 128+signal, not a silent kill). Setup writes no
+    progress that a stop could lose. Only possible in the main thread; elsewhere a no-op."""
+    if threading.current_thread() is threading.main_thread():
+        for s in stop_signals():
+            signal.signal(s, _raise_stopped)
+
+
+def _raise_stopped(signum: int, frame) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
 class StopSignals:
     """Turns the stop signals into a flag (:meth:`install`, :meth:`restore`, or ``with``)."""
 
