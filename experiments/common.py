@@ -286,9 +286,10 @@ def _restore_env(saved: dict[str, str | None]) -> None:
 def judge_lines(args) -> list[str]:
     """Which judge trained and which evaluated (summary.md states both)."""
     if args.judge_gguf and args.eval_gguf:
-        same = resolve_gguf(args.judge_gguf)[1] == resolve_gguf(args.eval_gguf)[1] \
-            and args.judge_readout == args.eval_readout
-        note = " (the same judge as in training)" if same else " (not the training judge)"
+        same_model = resolve_gguf(args.judge_gguf)[1] == resolve_gguf(args.eval_gguf)[1]
+        note = (" (the same judge as in training)" if same_model and args.judge_readout == args.eval_readout else
+                " (not the training judge: the same model, the other readout)" if same_model else
+                " (not the training judge: another model)")
     else:
         note = ""
     return [f"training judge: {args.train_judge}", f"evaluation judge: {args.eval_judge}{note}"]
