@@ -229,9 +229,14 @@ def served_judges(args, rubric: str = "helpful"):
               (("train", args.judge_gguf, args.judge_readout), ("eval", args.eval_gguf, args.eval_readout)) if spec]
     resolved = {role: resolve_gguf(spec, f"--{'judge' if role == 'train' else 'eval'}-gguf")
                 for role, spec, _ in wanted}
+    for role, readout, spec in (("judge", args.judge_readout, args.judge_gguf),
+                                ("eval", args.eval_readout, args.eval_gguf)):
+        if readout == "pointwise" and not spec:
+            fail(f"--{role}-readout pointwise needs the judge it reads: --{role}-gguf NAME_OR_PATH")
     if sum(readout == "pointwise" for *_, readout in wanted) == 2 and resolved["train"][1] != resolved["eval"][1]:
         fail("the pointwise readout serves one model per experiment; "
-                         "use it for the training or the evaluation judge, or the same GGUF for both")
+             "use it for the training or the evaluation judge, or the same GGUF for both")
+    rubric_env = pointwise_env(rubric) if any(readout == "pointwise" for *_, readout in wanted) else {}
     _import_helpers()
     from llama_server import start_llama_server
 
@@ -252,7 +257,7 @@ def served_judges(args, rubric: str = "helpful"):
             server = servers[path]
             if readout == "pointwise":
                 os.environ.update({"OAIF_POINTWISE_URL": server.base_url, "OAIF_POINTWISE_MODEL": name,
-                                   **pointwise_env(rubric),
+                                   **rubric_env,
                                    "PYTHONPATH": os.pathsep.join(x for x in (str(EXPERIMENTS),
                                                                              os.environ.get("PYTHONPATH")) if x)})
                 sets = list(POINTWISE)

