@@ -4,6 +4,12 @@ Each experiment drives the same `oaif` commands a user would type (printed befor
 every number it reports can be reproduced step by step by hand. Its summary.json names the files
 each number comes from: the `eval.json` of every comparison (`eval_json`) and, for every training
 run, its directory, final checkpoint and `metrics.jsonl` (`run_info`).
+
+`--judge-gguf` / `--eval-gguf` serve a judge GGUF for the experiment's whole run with the
+llama.cpp server of tests/llama_server.py (names resolved by scripts/fetch_judge.py), pairwise
+or pointwise (experiments/pointwise_judge.py) as `--judge-readout` / `--eval-readout` say
+(`served_judges`); `--save-every N` keeps checkpoints and adds held-out length and win rate vs
+the start over steps (`eval_run`, `curve`, `plot`, `curve_table`; rule_curve.py uses them too).
 """
 
 from __future__ import annotations
