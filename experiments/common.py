@@ -3,13 +3,16 @@
 Each experiment drives the same `oaif` commands a user would type (printed before they run), so
 every number it reports can be reproduced step by step by hand. Its summary.json names the files
 each number comes from: the `eval.json` of every comparison (`eval_json`) and, for every training
-run, its directory, final checkpoint and `metrics.jsonl` (`run_info`).
+run, its directory, final checkpoint and `metrics.jsonl` (`run_info`). Served judges
+(`--judge-gguf`, `--eval-gguf`) are in served_judges.py; curves over steps (`--save-every`) in
+curves.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = ROOT / "experiments"
 PROMPTS = ROOT / "data" / "prompts" / "demo_prompts.jsonl"
 
 
@@ -37,6 +41,19 @@ def base_parser(doc: str, out: str) -> argparse.ArgumentParser:
     ap.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                     help="any other training override, applied last, e.g. --train-set model.lora.enabled=true "
                          "--train-set sampling.num_samples=4 (repeatable)")
+    ap.add_argument("--save-every", type=int, default=0,
+                    help="checkpoint every N steps and report held-out win rate and length over steps "
+                         "(`oaif eval --run`); 0: final checkpoint only")
+    ap.add_argument("--judge-gguf", metavar="NAME_OR_PATH",
+                    help="serve this GGUF (a scripts/fetch_judge.py name or a file) with llama.cpp on loopback "
+                         "as the training judge")
+    ap.add_argument("--eval-gguf", metavar="NAME_OR_PATH", help="the same for the evaluation judge")
+    ap.add_argument("--judge-readout", choices=("pairwise", "pointwise"), default="pairwise",
+                    help="served training judge: pairwise labels (oaif's openai judge) or a yes/no score per "
+                         "reply (experiments/pointwise_judge.py)")
+    ap.add_argument("--eval-readout", choices=("pairwise", "pointwise"), default="pairwise",
+                    help="the same for the served evaluation judge")
+    ap.add_argument("--server-threads", type=int, default=2, help="threads of each llama.cpp server")
     return ap
 
 
@@ -55,13 +72,16 @@ def parse_args(ap: argparse.ArgumentParser, default_steps: int) -> tuple[argpars
     return args, out, out / "commands.log"
 
 
-def oaif(*argv: str, log: Path | None = None) -> float:
-    """Run an oaif command, echoing it; returns its wall time. A failure stops the experiment."""
+def oaif(*argv: str, log: Path | None = None, env: dict[str, str] | None = None) -> float:
+    """Run an oaif command (``env``: extra environment), echoing it; returns its wall time.
+    A failure stops the experiment."""
     cmd = [sys.executable, "-m", "oaif.cli", *argv]
-    print("$ oaif " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    print("$ " + "".join(f"{k}={shlex.quote(v)} " for k, v in (env or {}).items())
+          + "oaif " + " ".join(shlex.quote(a) for a in argv), flush=True)
     t0 = time.perf_counter()
     with open(log, "a") if log else open("/dev/null", "w") as f:
-        result = subprocess.run(cmd, cwd=ROOT, stdout=f if log else None, stderr=subprocess.STDOUT if log else None)
+        result = subprocess.run(cmd, cwd=ROOT, stdout=f if log else None, stderr=subprocess.STDOUT if log else None,
+                                env={**os.environ, **env} if env else None)
     if result.returncode != 0:
         raise SystemExit(f"command failed ({result.returncode}): oaif {' '.join(argv)}" + (f"; see {log}" if log else ""))
     return time.perf_counter() - t0
@@ -83,7 +103,8 @@ def split_prompts(out: Path, n_eval: int, seed: int = 1234) -> tuple[Path, Path]
 def train_overrides(args, out_dir: Path, train_prompts: Path, *extra: str) -> list[str]:
     return [str(ROOT / "configs" / "demo.yaml"), f"model.name_or_path={args.model}", f"data.path={train_prompts}",
             "data.eval_fraction=0", f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
-            f"sampling.max_new_tokens={args.max_new_tokens}", f"train.output_dir={out_dir}", "train.save_every=0",
+            f"sampling.max_new_tokens={args.max_new_tokens}", f"train.output_dir={out_dir}",
+            f"train.save_every={args.save_every}", "train.keep_last=1000",
             "train.overwrite_output_dir=true",  # a rerun of the experiment starts its runs afresh
             f"optim.lr={args.lr}",
             *[f"annotator.{s}" for s in args.judge_set], *extra, *args.train_set]

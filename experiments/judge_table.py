@@ -41,21 +41,12 @@ import time
 from pathlib import Path
 
 from common import ROOT, oaif
+from served_judges import JUDGES, POINTWISE, RUBRICS, served_sets
 
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
 EXPERIMENTS = Path(__file__).resolve().parent
 DEFAULT_HH = ROOT.parent / "shared" / "data" / "hh_harmless_test.jsonl.gz"
 
-# judge name -> llama.cpp server arguments beyond the model (Gemma's GGUF carries no chat template)
-JUDGES: dict[str, list[str]] = {
-    "smollm2-135m": [],
-    "gemma-3-270m": ["--chat_format", "gemma"],
-    "qwen2.5-coder-0.5b": [],
-    "qwen2.5-coder-1.5b": [],
-    "reward-model": [],  # trained by --train-rm, not served
-}
-RUBRICS = EXPERIMENTS / "judge_rubrics"
-POINTWISE = ["type=callable", "callable=pointwise_judge:score"]  # rubric file: judge_rubrics/<variant>.yaml
 VARIANTS: dict[str, list[str]] = {
     "harmless": ["rubric=harmless"],
     "helpful": ["rubric=helpful"],
@@ -220,8 +211,7 @@ def run_judge(out: Path, judge: str, variants: list[str], chunks: list[Path], th
     print(f"# serving {judge}", flush=True)
     with start_llama_server(gguf_path(judge), n_ctx=4096, n_threads=threads, model_alias=judge,
                             startup_timeout=600, extra_args=JUDGES[judge]) as server:
-        served = ["type=openai", f"base_url={server.base_url}", f"model={judge}", "concurrency=2",
-                  "request_timeout=1800", "max_retries=0"]
+        served = served_sets(server.base_url, judge)
         for v in todo:
             if VARIANTS[v] is POINTWISE:
                 env = {"OAIF_POINTWISE_URL": server.base_url, "OAIF_POINTWISE_MODEL": judge,

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from common import (base_parser, eval_pair, final_checkpoint, fmt, oaif, parse_args, run_info, split_prompts,
                     train_overrides, write_summary)
+from curves import curve_table, eval_run
+from served_judges import judge_lines, served_judges
 
 
 def offline_prompt_file(train_prompts: Path, n: int, out: Path, seed: int = 42) -> Path:
@@ -33,6 +35,11 @@ def main() -> None:
     ap = base_parser(__doc__, "runs/experiments/online_vs_offline")
     ap.add_argument("--losses", default="dpo", help="comma-separated: dpo,ipo,slic")
     args, out, log = parse_args(ap, default_steps=30)
+    with served_judges(args, rubric="helpful"):
+        experiment(args, out, log)
+
+
+def experiment(args, out: Path, log: Path) -> None:
     train_prompts, heldout = split_prompts(out, args.eval_prompts)
     t_start = time.perf_counter()
     rows, lines = [], [f"steps={args.steps}, batch={args.batch_size} (= {args.steps * args.batch_size} judged pairs "
@@ -60,6 +67,14 @@ def main() -> None:
         lines += [f"## {loss.upper()}", "", "| comparison | win rate [95% CI] | mean tokens (A / B) |", "| --- | --- | --- |"]
         lines += [f"| {k.replace('_', ' ')} | {fmt(h)} | {h['len_a']:.1f} / {h['len_b']:.1f} |" for k, h in results.items()]
         lines += ["", f"judge: {results['online_vs_offline']['judge']}", ""]
+        if args.save_every:
+            curves = {kind: eval_run(args, d / kind, heldout, log, args.eval_set, f"{loss} {kind}")
+                      for kind in ("online", "offline")}
+            rows[-1]["curves"] = curves
+            for kind, c in curves.items():
+                lines += [f"### {loss.upper()} {kind}: held-out length and win rate vs start over steps", "",
+                          *curve_table(c), "", f"plot: {c['plot']}", ""]
+    lines += judge_lines(args)
     lines.append(f"wall time: {(time.perf_counter() - t_start) / 60:.1f} min")
     write_summary(out, "Online vs offline AI feedback", rows, lines)
 

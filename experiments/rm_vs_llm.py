@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from common import ROOT, base_parser, eval_pair, final_checkpoint, fmt, oaif, parse_args, run_info, write_summary
+from curves import curve_table, eval_run
+from served_judges import judge_lines, served_judges
 
 HH = ROOT.parent / "shared" / "data" / "hh_harmless_test.jsonl.gz"
 
@@ -30,6 +33,11 @@ def main() -> None:
     args, out, log = parse_args(ap, default_steps=20)
     if args.smoke:
         args.rm_pairs, args.rm_eval_pairs = 4, 4
+    with served_judges(args, rubric="harmless"):
+        experiment(args, out, log)
+
+
+def experiment(args, out: Path, log: Path) -> None:
     t0 = time.perf_counter()
 
     from oaif.data import load_hh_pairs, save_preferences
@@ -49,7 +57,7 @@ def main() -> None:
     oaif("annotate", str(out / "rm_test_pairs.jsonl"), "--against-labels", "--set", "type=reward_model",
          "--set", f"model={rm_dir}", "--report", str(out / "rm_agreement.json"), log=log)
     oaif("annotate", str(out / "rm_test_pairs.jsonl"), "--against-labels", "--set", "rubric=harmless",
-         "--report", str(out / "llm_agreement.json"), log=log)
+         *[x for s in args.judge_set for x in ("--set", s)], "--report", str(out / "llm_agreement.json"), log=log)
     rm_agree = json.loads((out / "rm_agreement.json").read_text())
     llm_agree = json.loads((out / "llm_agreement.json").read_text())
 
@@ -63,18 +71,26 @@ def main() -> None:
 
     common = [str(ROOT / "configs/demo.yaml"), f"model.name_or_path={args.model}", f"data.path={train_file}",
               "data.eval_fraction=0", f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
-              f"sampling.max_new_tokens={args.max_new_tokens}", "train.save_every=0", "logging.progress_bar=false",
+              f"sampling.max_new_tokens={args.max_new_tokens}", f"train.save_every={args.save_every}",
+              "train.keep_last=1000", "logging.progress_bar=false",
               "train.overwrite_output_dir=true",  # a rerun of the experiment starts its runs afresh
               f"optim.lr={args.lr}"]
     oaif("train", *common, f"train.output_dir={out / 'rm_run'}", "annotator.type=reward_model",
          f"annotator.model={rm_dir}", *args.train_set, log=log)
-    oaif("train", *common, f"train.output_dir={out / 'llm_run'}", "annotator.rubric=harmless", *args.train_set,
-         log=log)
+    oaif("train", *common, f"train.output_dir={out / 'llm_run'}", "annotator.rubric=harmless",
+         *[f"annotator.{s}" for s in args.judge_set], *args.train_set, log=log)
     rm_ckpt, llm_ckpt = final_checkpoint(out / "rm_run"), final_checkpoint(out / "llm_run")
 
     rows, table = [], []
-    for judge_name, sets in (("LLM judge (SmolLM2, harmless rubric)", ["rubric=harmless"]),
-                             ("reward model", ["type=reward_model", f"model={rm_dir}"])):
+    llm_eval = ["rubric=harmless", *args.eval_set]  # the served evaluation judge when --eval-gguf is given
+    llm_name = f"LLM judge ({args.eval_gguf or 'SmolLM2'}, harmless rubric)"
+    if args.save_every:
+        curves = {run: eval_run(args, out / run, held_file, log, llm_eval, f"{run}, judged by the {llm_name}")
+                  for run in ("rm_run", "llm_run")}
+        for run, c in curves.items():
+            table += [f"### {run}: held-out length and win rate vs start over steps ({llm_name})", "",
+                      *curve_table(c), "", f"plot: {c['plot']}", ""]
+    for judge_name, sets in ((llm_name, llm_eval), ("reward model", ["type=reward_model", f"model={rm_dir}"])):
         args.eval_set = sets
         tag = "llm" if "LLM" in judge_name else "rm"
         res = {
@@ -93,16 +109,18 @@ def main() -> None:
         return (f"- {name}: agreement with HH human labels {rep['agreement']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] "
                 f"(Wilson 95%) on {rep['judged']} held-out pairs, position consistency {rep['position_consistency']:.3f}")
 
-    lines = [f"reward model: {args.model} + a scalar head, trained on {len(rm_train)} HH harmless-base pairs "
+    lines = [*judge_lines(args), "(the LLM run's training judge; the other run's is the reward model)", "",
+             f"reward model: {args.model} + a scalar head, trained on {len(rm_train)} HH harmless-base pairs "
              f"(1 epoch, {t_rm / 60:.1f} min)", agreement_line("reward model", rm_agree),
-             agreement_line("LLM judge (harmless rubric)", llm_agree), "",
+             agreement_line("LLM training judge (harmless rubric)", llm_agree), "",
              f"online runs: steps={args.steps}, batch={args.batch_size}, max_new_tokens={args.max_new_tokens}, "
              f"{args.eval_prompts} held-out HH prompts", "", *table,
              f"wall time: {(time.perf_counter() - t0) / 60:.1f} min"]
     first = {"rm_agreement": rm_agree, "llm_agreement": llm_agree, "reward_model": str(rm_dir),
              "files": {"rm_test_pairs": str(out / "rm_test_pairs.jsonl"), "rm_agreement": str(out / "rm_agreement.json"),
                        "llm_agreement": str(out / "llm_agreement.json")},
-             "runs": {"rm_run": run_info(out / "rm_run"), "llm_run": run_info(out / "llm_run")}}
+             "runs": {"rm_run": run_info(out / "rm_run"), "llm_run": run_info(out / "llm_run")},
+             **({"curves": curves} if args.save_every else {})}
     write_summary(out, "Reward-model feedback vs LLM feedback", [first, *rows], lines)
 
 

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import time
 
+from pathlib import Path
+
 from common import (base_parser, eval_pair, final_checkpoint, fmt, oaif, parse_args, run_info, split_prompts,
                     train_overrides, write_summary)
+from curves import curve_table, eval_run
+from served_judges import judge_lines, pointwise_env, served_judges
 
 
 def main() -> None:
@@ -22,6 +26,13 @@ def main() -> None:
     ap.add_argument("--rubrics", default="helpful,helpful_short,helpful_very_short")
     ap.add_argument("--rule", action="store_true", help="also train with the callable rule prefer_shorter")
     args, out, log = parse_args(ap, default_steps=20)
+    pointwise = bool(args.judge_gguf) and args.judge_readout == "pointwise"
+    envs = {r: pointwise_env(r) if pointwise else None for r in args.rubrics.split(",")}  # checked before any run
+    with served_judges(args, rubric="helpful"):  # a pointwise evaluation judge; training runs set their own
+        experiment(args, out, log, envs)
+
+
+def experiment(args, out: Path, log: Path, envs: dict) -> None:
     train_prompts, heldout = split_prompts(out, args.eval_prompts)
     t0 = time.perf_counter()
     runs = [(r, [f"annotator.rubric={r}"]) for r in args.rubrics.split(",")]
@@ -35,11 +46,18 @@ def main() -> None:
              "| --- | --- | --- | --- |"]
     for name, extra in runs:
         d = out / name.replace(":", "_")
-        oaif("train", *train_overrides(args, d, train_prompts, *extra, "logging.progress_bar=false"), log=log)
+        oaif("train", *train_overrides(args, d, train_prompts, *extra, "logging.progress_bar=false"), log=log,
+             env=envs.get(name))
         h = eval_pair(args, final_checkpoint(d), args.model, heldout, d / "eval_vs_start", log)
         rows.append({"rubric": name, **h, "run": run_info(d)})
         lines.append(f"| {name} | {h['len_a']:.1f} | {h['len_b']:.1f} | {fmt(h)} |")
-    lines += ["", f"evaluation judge: {rows[0]['judge']}", f"wall time: {(time.perf_counter() - t0) / 60:.1f} min"]
+    for row in rows if args.save_every else []:
+        d = Path(row["run"]["dir"])
+        row["curve"] = c = eval_run(args, d, heldout, log, args.eval_set, f"training judge: {row['rubric']}")
+        lines += ["", f"### {row['rubric']}: held-out length and win rate vs start over steps", "", *curve_table(c),
+                  "", f"plot: {c['plot']}"]
+    lines += ["", *judge_lines(args), f"evaluation judge's name in eval.json: {rows[0]['judge']}",
+              f"wall time: {(time.perf_counter() - t0) / 60:.1f} min"]
     write_summary(out, "Rubric controls the result", rows, lines)
 
 

