@@ -73,7 +73,10 @@ def test_a_resumed_run_pushes_the_resumed_weights_before_its_first_sample(tiny, 
     engine.load_weights(policy_weights(model))  # the engine holds the starting policy
     start = greedy_both(model, tok, engine, [encode_prompt(tok, p) for p in PROMPTS])[1]
     t = Trainer(load_config(DEMO, train_overrides(tiny.first, out, f"train.resume={out / 'checkpoint-1'}",
-                                                  "train.max_steps=2")), sampler=engine).setup()
+                                                  "train.max_steps=2", "optim.lr=1.0e-2",
+                                                  # the first run sampled with transformers, this one with vLLM
+                                                  "train.resume_allow_changes=[sampling.backend]")),
+                sampler=engine).setup()
     assert t.step == 1 and changed(t.unwrapped, tiny.first)
     hf, vl = greedy(t, engine)
     assert vl == hf and vl[0] != start[0]
