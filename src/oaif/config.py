@@ -336,7 +336,7 @@ def validate(cfg: Config) -> Config:
     problem found raises a :class:`ConfigError` naming its key.
     """
     _check_finite(cfg)
-    flat = _flatten(cfg.to_dict())
+    flat = flatten(cfg.to_dict())
     for key, choices in _CHOICES.items():
         if flat[key] not in choices:
             raise ConfigError(f"{key}: must be one of {', '.join(sorted(choices))}, got {flat[key]!r}")
@@ -475,11 +475,12 @@ def _validate_annotator(a: AnnotatorConfig, prefix: str) -> None:
         _validate_annotator(member, where + ".")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as ``{"group.key": value}`` (the names ``key=value`` overrides use)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out

@@ -13,6 +13,7 @@ then recomputed for the new length, see :func:`reschedule`.)
 
 from __future__ import annotations
 
+from oaif.config import flatten
 from oaif.errors import ConfigError
 
 #: Keys (or groups, ending in '.') a resume may change without being allowed explicitly.
@@ -22,16 +23,6 @@ SAFE_KEYS = ("train.max_steps", "train.save_every", "train.keep_last", "train.re
              "annotator.api_key_env", "annotator.audit_log")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def _safe(key: str, allowed: list[str]) -> bool:
     return any(key == s or (s.endswith(".") and key.startswith(s)) for s in (*SAFE_KEYS, *allowed))
 
@@ -39,7 +30,7 @@ def _safe(key: str, allowed: list[str]) -> bool:
 def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
     """``{key: (saved value, new value)}`` for every key whose value differs; keys the checkpoint
     does not know (added to oaif since) are not compared."""
-    old, new = _flat(saved), _flat(current)
+    old, new = flatten(saved), flatten(current)
     return {k: (old[k], new[k]) for k in new if k in old and old[k] != new[k]}
 
 
@@ -51,7 +42,7 @@ def _short(value) -> str:
 
 def check_resume_config(saved: dict, current: dict, checkpoint) -> None:
     """Raise :class:`ConfigError` listing the keys that differ from the checkpoint's config and may not."""
-    allowed = list(_flat(current).get("train.resume_allow_changes") or [])
+    allowed = list(flatten(current).get("train.resume_allow_changes") or [])
     refused = {k: v for k, v in config_changes(saved, current).items() if not _safe(k, allowed)}
     if refused:
         listed = ", ".join(f"{k} ({_short(a)} -> {_short(b)})" for k, (a, b) in refused.items())
