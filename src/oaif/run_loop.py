@@ -39,7 +39,7 @@ def run_steps(t) -> dict:
         final = t.save()
     except (KeyboardInterrupt, Stopped, Exception) as e:
         if not isinstance(e, (AnnotatorError, NonFiniteError)):  # saved already / must not be saved
-            t.checkpoints.save_after_error(t.step, t.unwrapped, t.tokenizer, t._state, e)
+            t.checkpoints.save_after_error(t.step, t.unwrapped, t.tokenizer, t.state, e)
         raise
     finally:
         signals.restore()

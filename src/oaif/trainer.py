@@ -178,9 +178,10 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------
     def save(self) -> Path:
         """Write ``checkpoint-<step>`` (see :class:`oaif.checkpoint.RunCheckpoints`); every process calls it."""
-        return self.checkpoints.save(self.step, self.unwrapped, self.tokenizer, self._state)
+        return self.checkpoints.save(self.step, self.unwrapped, self.tokenizer, self.state)
 
-    def _state(self) -> dict:
+    def state(self) -> dict:
+        """The trainer state a checkpoint holds (``trainer_state.pt``)."""
         from oaif.checkpoint import trainer_state
 
         # the stream as of the last finished step: an interrupted step's prompts are drawn again
