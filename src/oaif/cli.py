@@ -92,18 +92,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except OaifError as e:
-        print(f"oaif: error: {e}", file=sys.stderr)
+        _say(f"oaif: error: {e}")
         return 2
     except KeyboardInterrupt:
-        print("oaif: interrupted", file=sys.stderr)
+        _say("oaif: interrupted")
         return 130
     except BaseException as e:
         from oaif.stop_signals import Stopped
 
         if not isinstance(e, Stopped):
             raise
-        print(f"oaif: {e}", file=sys.stderr)
+        _say(f"oaif: {e}")
         return e.exit_code
+
+
+def _say(line: str) -> None:
+    """One line to stderr in a single write, so the lines of processes sharing a pipe never interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":
