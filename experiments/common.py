@@ -127,15 +127,27 @@ def eval_pair(args, a: str, b: str, heldout: Path, out_dir: Path, log: Path) -> 
     return headline(out_dir / "eval.json")
 
 
-def headline(eval_json: Path) -> dict:
-    """Win rate with its CI, and both models' mean response length, from an eval.json (named in it)."""
+def headline(eval_json: Path, a: str | None = None) -> dict:
+    """Win rate with its CI, and both models' mean response length, from an eval.json (named in it):
+    its first comparison, or the one whose model A is labelled ``a`` (a checkpoint's directory name
+    in an `oaif eval --run` result)."""
     result = json.loads(eval_json.read_text())
-    c = result["comparisons"][0]
+    c = result["comparisons"][0] if a is None else next(c for c in result["comparisons"] if c["a"] == a)
     models = result["models"]
     return {"win_rate": c["win_rate"], "ci": c["ci95"], "n": c["judged"], "failed": c["failed_total"],
             "ties": c["ties"], "consistency": c.get("judge_consistency"),
             "len_a": models[c["a"]]["tokens"]["mean"], "len_b": models[c["b"]]["tokens"]["mean"],
             "judge": result["judge"]["name"], "eval_json": str(eval_json)}
+
+
+def final_vs_start(args, run_dir: Path, heldout: Path, out_dir: Path, log: Path, curve: dict | None) -> dict:
+    """The run's final checkpoint against the start. With a curve (`eval_run` with the same judge),
+    its last point is that comparison (same prompts, seed and judge), so it is read from there
+    instead of being generated and judged a second time."""
+    final = final_checkpoint(run_dir)
+    if curve is not None:
+        return headline(Path(curve["eval_json"]), final.name)
+    return eval_pair(args, final, args.model, heldout, out_dir, log)
 
 
 def fmt(h: dict) -> str:

@@ -18,7 +18,8 @@ import json
 import time
 from pathlib import Path
 
-from common import ROOT, base_parser, eval_pair, final_checkpoint, fmt, oaif, parse_args, run_info, write_summary
+from common import (ROOT, base_parser, eval_pair, final_checkpoint, final_vs_start, fmt, oaif, parse_args, run_info,
+                    write_summary)
 from curves import curve_table, eval_run
 from served_judges import judge_lines, served_judges
 
@@ -93,10 +94,13 @@ def experiment(args, out: Path, log: Path) -> None:
     for judge_name, sets in ((llm_name, llm_eval), ("reward model", ["type=reward_model", f"model={rm_dir}"])):
         args.eval_set = sets
         tag = "llm" if "LLM" in judge_name else "rm"
+        same = curves if tag == "llm" and args.save_every else {}  # the curves' last points, same judge
         res = {
             "rm_run_vs_llm_run": eval_pair(args, rm_ckpt, llm_ckpt, held_file, out / f"eval_{tag}_rm_vs_llm", log),
-            "rm_run_vs_start": eval_pair(args, rm_ckpt, args.model, held_file, out / f"eval_{tag}_rm_vs_start", log),
-            "llm_run_vs_start": eval_pair(args, llm_ckpt, args.model, held_file, out / f"eval_{tag}_llm_vs_start", log),
+            "rm_run_vs_start": final_vs_start(args, out / "rm_run", held_file, out / f"eval_{tag}_rm_vs_start", log,
+                                              same.get("rm_run")),
+            "llm_run_vs_start": final_vs_start(args, out / "llm_run", held_file, out / f"eval_{tag}_llm_vs_start", log,
+                                               same.get("llm_run")),
         }
         rows.append({"eval_judge": judge_name, **res})
         table += [f"### judged by the {judge_name}", "", "| comparison | win rate [95% CI] | mean tokens (A / B) |",

@@ -15,8 +15,8 @@ import time
 
 from pathlib import Path
 
-from common import (base_parser, eval_pair, final_checkpoint, fmt, oaif, parse_args, run_info, split_prompts,
-                    train_overrides, write_summary)
+from common import (base_parser, final_vs_start, fmt, oaif, parse_args, run_info, split_prompts, train_overrides,
+                    write_summary)
 from curves import curve_table, eval_run
 from served_judges import judge_lines, pointwise_env, served_judges
 
@@ -48,14 +48,13 @@ def experiment(args, out: Path, log: Path, envs: dict) -> None:
         d = out / name.replace(":", "_")
         oaif("train", *train_overrides(args, d, train_prompts, *extra, "logging.progress_bar=false"), log=log,
              env=envs.get(name))
-        h = eval_pair(args, final_checkpoint(d), args.model, heldout, d / "eval_vs_start", log)
-        rows.append({"rubric": name, **h, "run": run_info(d)})
+        c = eval_run(args, d, heldout, log, args.eval_set, f"training judge: {name}") if args.save_every else None
+        h = final_vs_start(args, d, heldout, d / "eval_vs_start", log, c)
+        rows.append({"rubric": name, **h, "run": run_info(d), **({"curve": c} if c else {})})
         lines.append(f"| {name} | {h['len_a']:.1f} | {h['len_b']:.1f} | {fmt(h)} |")
     for row in rows if args.save_every else []:
-        d = Path(row["run"]["dir"])
-        row["curve"] = c = eval_run(args, d, heldout, log, args.eval_set, f"training judge: {row['rubric']}")
-        lines += ["", f"### {row['rubric']}: held-out length and win rate vs start over steps", "", *curve_table(c),
-                  "", f"plot: {c['plot']}"]
+        lines += ["", f"### {row['rubric']}: held-out length and win rate vs start over steps", "",
+                  *curve_table(row["curve"]), "", f"plot: {row['curve']['plot']}"]
     lines += ["", *judge_lines(args), f"evaluation judge's name in eval.json: {rows[0]['judge']}",
               f"wall time: {(time.perf_counter() - t0) / 60:.1f} min"]
     write_summary(out, "Rubric controls the result", rows, lines)
