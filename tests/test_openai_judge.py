@@ -163,7 +163,8 @@ def good_first_judge(body, headers) -> Reply:
 # -- real llama.cpp server -------------------------------------------------------------------
 
 def test_real_server_judges_from_logprobs(llama_server, capsys):
-    judge = OpenAIJudge(llama_server.base_url, llama_server.model, RUBRIC, top_logprobs=20, concurrency=4)
+    # a generous deadline: this test is about the readout, and a loaded CI machine queues four requests
+    judge = OpenAIJudge(llama_server.base_url, llama_server.model, RUBRIC, top_logprobs=20, concurrency=4, timeout=300.0)
     assert isinstance(judge, Annotator)
     assert judge.name == f"openai:{llama_server.model}"
     t0 = time.perf_counter()
