@@ -141,12 +141,15 @@ def headline(eval_json: Path, a: str | None = None) -> dict:
 
 
 def final_vs_start(args, run_dir: Path, heldout: Path, out_dir: Path, log: Path, curve: dict | None) -> dict:
-    """The run's final checkpoint against the start. With a curve (`eval_run` with the same judge),
-    its last point is that comparison (same prompts, seed and judge), so it is read from there
-    instead of being generated and judged a second time."""
+    """The run's final checkpoint against the start. With a curve (`eval_run` with the same judge)
+    that kept every held-out prompt, its last point is that comparison (same prompts, seed and
+    judge), so it is read from there instead of being generated and judged a second time. A curve
+    that skipped prompts (`oaif eval --run` applies the run's data.max_prompt_tokens) is not reused."""
     final = final_checkpoint(run_dir)
     if curve is not None:
-        return headline(Path(curve["eval_json"]), final.name)
+        prompts = json.loads(Path(curve["eval_json"]).read_text())["prompts"]
+        if not prompts.get("skipped") and prompts["count"] == min(prompts["rows"], args.eval_prompts):
+            return headline(Path(curve["eval_json"]), final.name)
     return eval_pair(args, final, args.model, heldout, out_dir, log)
 
 
