@@ -25,7 +25,12 @@ Floors (unless --no-floors), printed next to oaif's own numbers:
     against a bare transformers step on the same sequences (one padded batch, `labels=` loss,
     backward, AdamW), alternately in one process, with and without a reference forward;
   * sampling: oaif's sampling against vLLM's own `LLM.generate` (standalone, n=2, same prompts,
-    every response forced to --max-new-tokens tokens in both), when --vllm-python runs vLLM.
+    every response forced to --max-new-tokens tokens in both), when --vllm-python runs vLLM. oaif's
+    side is its sampler for --backend: shared_prefill, `sample_responses` on the policy with the
+    model's EOS swapped for a token that never comes; vllm, the trainer's own colocated engine
+    (`ColocatedVllm.sample`: one seeded request per response, the engine's EOS ignored as always)
+    with its stop rule swapped the same way. The standalone vLLM runs in a separate process after
+    oaif's has ended, so the two never share memory or cores.
 """
 
 from __future__ import annotations
@@ -114,6 +119,7 @@ def oaif_floors(t, args) -> dict:
     """oaif's update vs a bare transformers step on the same sequences; oaif's fixed-length sampling."""
     import torch
 
+    from oaif.generation.base import StopRules
     from oaif.logprobs import pad_rows
     from oaif.metrics import StepMetrics
     from oaif.sampling import sample_responses
@@ -154,7 +160,7 @@ def oaif_floors(t, args) -> dict:
     eos = model.generation_config.eos_token_id
     positions = list(range(len(r.prompt_tokens)))
 
-    def sample_fixed():
+    def sample_fixed():  # shared_prefill: oaif's sampler on the policy, the model's EOS swapped out
         model.generation_config.eos_token_id = never
         try:
             with t.accelerator.autocast():
@@ -164,9 +170,18 @@ def oaif_floors(t, args) -> dict:
             model.generation_config.eos_token_id = eos
         assert {len(x) for rs in out for x in rs} == {args.max_new_tokens}
 
-    runs = {"oaif_update": oaif_update, "bare_step": bare(False), "bare_step_with_reference": bare(True)}
-    if args.backend == "shared_prefill":
-        runs["oaif_sample_fixed"] = sample_fixed
+    def vllm_fixed():  # vllm: the trainer's own engine (its requests ignore the engine's EOS), stopping at `never` only
+        sampler, stop = t.sampler, t.sampler.stop
+        sampler.stop = StopRules(frozenset({never}))
+        try:
+            out, _ = sampler.sample(r.prompt_tokens, positions, k=r.k, seed=0, temperature=0.9, top_p=1.0,
+                                    max_new_tokens=args.max_new_tokens)
+        finally:
+            sampler.stop = stop
+        assert {len(x) for rs in out for x in rs} == {args.max_new_tokens}
+
+    runs = {"oaif_update": oaif_update, "bare_step": bare(False), "bare_step_with_reference": bare(True),
+            "oaif_sample_fixed": {"shared_prefill": sample_fixed, "vllm": vllm_fixed}[args.backend]}
     times: dict[str, list[float]] = {k: [] for k in runs}
     for name in runs:  # warm-up (AdamW state, allocator)
         runs[name]()
@@ -410,7 +425,7 @@ def report(args, results: dict, loads: list[str]) -> None:
         vllm = [x for r in results["vllm"] for x in r["times"]]
         if "oaif_sample_fixed" in times:
             line = (f"sampling floor ({len(f0['prompt_tokens'])} prompts x 2 x {args.max_new_tokens} tokens, no EOS): "
-                    f"oaif {times['oaif_sample_fixed']:.2f} s")
+                    f"oaif ({args.backend}) {times['oaif_sample_fixed']:.2f} s")
             if vllm:
                 line += f"; vLLM standalone {med(vllm):.2f} s (ratio {times['oaif_sample_fixed'] / med(vllm):.2f})"
                 targets.append(("sampling oaif/vLLM standalone", times["oaif_sample_fixed"] / med(vllm), "<=", 1.25))
