@@ -89,7 +89,8 @@ def test_the_reference_forwards_before_the_policy_builds_its_graph(collected):
         for h in hooks:
             h.remove()
     graph = [i for i, who in enumerate(order) if who == "policy"]
-    assert len(graph) == 3  # 3 prompts with a pair, 2 rows a pass
+    # 3 prompts with a pair, 2 rows a pass; each pass forwards the prompt, then the responses on its cache
+    assert t.update.share_prompts and len(graph) == 3 * 2
     assert order.index("reference", order.index("kl")) < graph[0]
     assert "reference" not in order[graph[0]:]
 

@@ -1,9 +1,14 @@
 """Per-sequence log-probabilities of response tokens, for the loss and the KL estimate.
 
-Sequences are laid out as ``[left-padded prompt | right-padded response]``, so every response
-starts at the same column ``P``. The model then only has to project the last ``R + 1`` hidden
-states to the vocabulary (``logits_to_keep``), not the prompt's, which is where most of a
-forward pass's memory goes for short responses.
+A batch holds each distinct prompt once (left-padded, so every prompt ends in the last column
+``P - 1``) and its responses (right-padded to ``R``). By default the model forwards the prompts
+once, then every response on top of its prompt's KV cache: the K responses of a prompt share the
+prompt's forward (and its backward), where packing ``prompt + response`` rows would compute the
+prompt K times. The gradient is the same; only the rounding of a different matmul shape differs.
+Models that take no KV cache, and policies with gradient checkpointing (which turns the cache
+off in training), forward ``[left-padded prompt | right-padded response]`` rows instead
+(:meth:`SequenceBatch.joined`). Either way only the states that predict a response token reach
+the output head.
 
 :func:`pad_rows` is the one padding builder of the package (sampling left-pads its prompts with
 it); :func:`position_ids_from_mask` gives the matching position ids.
@@ -20,19 +25,31 @@ import torch
 
 @dataclass
 class SequenceBatch:
-    input_ids: torch.Tensor  # (n, P + R)
-    attention_mask: torch.Tensor  # (n, P + R)
-    position_ids: torch.Tensor  # (n, P + R), counting real tokens only
+    """Responses and their prompts, each distinct prompt once."""
+
+    prompt_ids: torch.Tensor  # (m, P) the distinct prompts, left-padded
+    prompt_mask: torch.Tensor  # (m, P)
+    owner: torch.Tensor  # (n,) the prompt row of each response
+    response_ids: torch.Tensor  # (n, R) right-padded
     response_mask: torch.Tensor  # (n, R) 1 on response tokens, 0 on padding
-    prompt_width: int  # P
 
     def to(self, device: torch.device | str) -> "SequenceBatch":
-        return SequenceBatch(self.input_ids.to(device), self.attention_mask.to(device),
-                             self.position_ids.to(device), self.response_mask.to(device), self.prompt_width)
+        return SequenceBatch(*(t.to(device) for t in (self.prompt_ids, self.prompt_mask, self.owner,
+                                                        self.response_ids, self.response_mask)))
+
+    @property
+    def prompt_width(self) -> int:
+        return self.prompt_ids.shape[1]
 
     @property
     def response_width(self) -> int:
         return self.response_mask.shape[1]
+
+    def joined(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask, position_ids)`` of ``[prompt | response]`` rows, one per response."""
+        ids = torch.cat([self.prompt_ids[self.owner], self.response_ids], dim=1)
+        mask = torch.cat([self.prompt_mask[self.owner], self.response_mask], dim=1)
+        return ids, mask, position_ids_from_mask(mask)
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -55,15 +72,15 @@ def pad_rows(rows: list[list[int]], pad_id: int, *, side: str = "left",
 
 
 def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> SequenceBatch:
-    """Pack prompt/response token lists into the left-prompt, right-response layout."""
+    """Pack one prompt per response (equal prompts are stored once) and the responses."""
     if len(prompts) != len(responses) or not prompts:
         raise ValueError("need the same, non-zero number of prompts and responses")
-    prompt_ids, prompt_mask = pad_rows(prompts, pad_id, side="left")
+    rows: dict[tuple[int, ...], int] = {}
+    owner = [rows.setdefault(tuple(p), len(rows)) for p in prompts]
+    prompt_ids, prompt_mask = pad_rows([list(p) for p in rows], pad_id, side="left")
     response_ids, response_mask = pad_rows(responses, pad_id, side="right",
                                            width=max(1, max(len(r) for r in responses)))
-    mask = torch.cat([prompt_mask, response_mask], dim=1)
-    return SequenceBatch(torch.cat([prompt_ids, response_ids], dim=1), mask, position_ids_from_mask(mask),
-                         response_mask, prompt_ids.shape[1])
+    return SequenceBatch(prompt_ids, prompt_mask, torch.tensor(owner, dtype=torch.long), response_ids, response_mask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,13 +95,18 @@ def takes_logits_to_keep(model: torch.nn.Module) -> bool:
     return _forward_takes_logits_to_keep(type(base_model(model)))
 
 
-def _response_logits(model: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
-    keep = batch.response_width + 1
-    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                  position_ids=batch.position_ids, use_cache=False)
-    if takes_logits_to_keep(model):
-        kwargs["logits_to_keep"] = keep
-    return model(**kwargs).logits[:, -keep:-1]
+def takes_kv_cache(model: torch.nn.Module) -> bool:
+    """Whether the transformers model inside ``model`` continues from a KV cache in training: its
+    forward takes one, and gradient checkpointing (which turns the cache off) is off."""
+    from oaif.models import base_model, kv_cache_key
+
+    base = base_model(model)
+    checkpointing = getattr(base, "is_activation_checkpointing", None)  # transformers >= 5.x's name
+    if checkpointing is None:
+        checkpointing = getattr(base, "is_gradient_checkpointing", False)
+    if checkpointing:
+        return False
+    return kv_cache_key() in inspect.signature(type(base).forward).parameters
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -165,10 +187,15 @@ class _HeadLogprobs(torch.autograd.Function):
         return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None
 
 
-def _response_hidden(model: torch.nn.Module, batch: SequenceBatch, head: torch.nn.Linear):
-    """``(hidden, dtype)``: the final hidden states at the columns that predict the response tokens
-    (n, R, hidden) from the model's own forward, with the output head skipped, and the dtype of
-    its matmul in that forward (autocast's when autocast is on)."""
+def _last_states(model: torch.nn.Module, head: torch.nn.Linear | None, keep: int, **inputs):
+    """One forward; ``(states, dtype, output)``: the last ``keep`` columns of its final hidden states
+    (``head`` given: the head itself then runs on no position, and ``dtype`` is its matmul's dtype,
+    autocast's when autocast is on) or of its logits (``head`` None, ``dtype`` None)."""
+    if takes_logits_to_keep(model):
+        inputs["logits_to_keep"] = keep
+    if head is None:
+        out = model(**inputs)
+        return out.logits[:, -keep:], None, out
     seen = {}
 
     def capture(module, args):
@@ -176,33 +203,64 @@ def _response_hidden(model: torch.nn.Module, batch: SequenceBatch, head: torch.n
         device = h.device.type
         seen["hidden"] = h
         seen["dtype"] = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else module.weight.dtype
-        return (h[..., :0, :],)  # the head runs on no position
+        return (h[..., :0, :],)
 
     handle = head.register_forward_pre_hook(capture)
     try:
-        _response_logits(model, batch)
+        out = model(**inputs)
     finally:
         handle.remove()
-    keep = batch.response_width + 1
-    return seen["hidden"][:, -keep:-1], seen["dtype"]
+    return seen["hidden"][:, -keep:], seen["dtype"], out
 
 
-def sequence_logprobs(model: torch.nn.Module, batch: SequenceBatch, *,
-                      chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+def _predicting_states(model: torch.nn.Module, batch: SequenceBatch, head: torch.nn.Linear | None,
+                       share_prompts: bool):
+    """``(states, dtype)``: for every response token, the state that predicts it (n, R, ...): the
+    last prompt column for the first token, the previous response column for the others."""
+    width = batch.response_width
+    if not share_prompts:
+        ids, mask, pos = batch.joined()
+        states, dtype, _ = _last_states(model, head, width + 1, input_ids=ids, attention_mask=mask,
+                                        position_ids=pos, use_cache=False)
+        return states[:, :-1], dtype
+    from oaif.models import kv_cache_key
+
+    key, owner = kv_cache_key(), batch.owner
+    first, dtype, out = _last_states(model, head, 1, input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
+                                     position_ids=position_ids_from_mask(batch.prompt_mask), use_cache=width > 1)
+    if width == 1:
+        return first[owner], dtype
+    cache = out[key]
+    cache.batch_select_indices(owner)  # each response continues its own prompt's cache (differentiable)
+    starts = batch.prompt_mask.sum(-1)[owner, None]
+    rest, _, _ = _last_states(
+        model, head, width - 1, input_ids=batch.response_ids[:, :-1],
+        attention_mask=torch.cat([batch.prompt_mask[owner], batch.response_mask[:, :-1]], dim=1),
+        position_ids=starts + torch.arange(width - 1, device=starts.device), use_cache=True, **{key: cache})
+    return torch.cat([first[owner], rest], dim=1), dtype
+
+
+def sequence_logprobs(model: torch.nn.Module, batch: SequenceBatch, *, chunk_tokens: int = CHUNK_TOKENS,
+                      share_prompts: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs (n,) and per-token log-probs (n, R), zero on padding.
+
+    ``share_prompts``: forward each prompt once and its responses on its KV cache (default: when
+    :func:`takes_kv_cache`); False forwards ``[prompt | response]`` rows. Give a policy and its
+    reference the same value, so that they compute the same numbers from the same weights.
 
     When the model's logits are a plain linear head of its final hidden states (most causal
     LMs), the head is applied here, to the real response tokens only and ``chunk_tokens`` at a
     time (:class:`_HeadLogprobs`): the (tokens, vocabulary) float32 logits never exist at once,
-    in the forward or the backward. Other models go through their own forward and full logits.
+    in the forward or the backward. Other models go through their own head and full logits.
     """
-    labels = batch.input_ids[:, batch.prompt_width:]
+    share = takes_kv_cache(model) if share_prompts is None else share_prompts
+    labels = batch.response_ids
     head = _plain_output_head(model)
+    states, dtype = _predicting_states(model, batch, head, share)
     if head is None:
-        per_token = token_logprobs(_response_logits(model, batch), labels) * batch.response_mask
+        per_token = token_logprobs(states, labels) * batch.response_mask
         return per_token.sum(-1), per_token
-    hidden, dtype = _response_hidden(model, batch, head)
     real = batch.response_mask.bool()
-    picked = _HeadLogprobs.apply(hidden[real], head.weight, labels[real], dtype, chunk_tokens)
+    picked = _HeadLogprobs.apply(states[real], head.weight, labels[real], dtype, chunk_tokens)
     per_token = torch.zeros(real.shape, dtype=torch.float32, device=picked.device).masked_scatter(real, picked)
     return per_token.sum(-1), per_token

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from oaif.logprobs import SequenceBatch, pack_sequences, sequence_logprobs
+from oaif.logprobs import SequenceBatch, pack_sequences, sequence_logprobs, takes_kv_cache
 from oaif.losses import PreferenceLossOutput, preference_loss
 from oaif.pairs import PreferenceBatch
 from oaif.sampling import Rollouts
@@ -70,6 +70,8 @@ class PolicyUpdate:
     see :func:`forward_groups`). The reference forwards every pass first, so its activations are
     gone before the policy builds its graph; the policy then forwards and back-propagates one pass
     at a time, each with the loss of the pairs in it (the step's objective is a sum over pairs).
+    A pass forwards each prompt once for all its responses when the policy takes a KV cache in
+    training (:func:`oaif.logprobs.takes_kv_cache`); the reference then does the same.
     """
 
     def __init__(self, accelerator, policy, reference, pad_id: int, loss_cfg, *, kl: bool,
@@ -77,6 +79,7 @@ class PolicyUpdate:
         self.accelerator, self.policy, self.reference = accelerator, policy, reference
         self.pad_id, self.loss_cfg, self.kl = pad_id, loss_cfg, kl
         self.forward_batch_size = forward_batch_size
+        self.share_prompts = takes_kv_cache(policy)
 
     def _pack(self, rollouts: Rollouts, flat: list[int]) -> SequenceBatch:
         k = rollouts.k
@@ -87,7 +90,7 @@ class PolicyUpdate:
         from oaif.models import reference_context
 
         with torch.no_grad(), reference_context(self.accelerator.unwrap_model(self.policy), self.reference) as ref:
-            return sequence_logprobs(ref, batch)[0]
+            return sequence_logprobs(ref, batch, share_prompts=self.share_prompts)[0]
 
     def _kl_only(self, rollouts: Rollouts, rest: list[int]) -> list[torch.Tensor]:
         """log pi - log pi_ref of responses in no pair, without gradients."""
@@ -96,7 +99,8 @@ class PolicyUpdate:
             batch = self._pack(rollouts, group)
             ref = self._reference_logps(batch)
             with torch.no_grad():
-                parts.append(sequence_logprobs(self.accelerator.unwrap_model(self.policy), batch)[0] - ref)
+                policy = self.accelerator.unwrap_model(self.policy)
+                parts.append(sequence_logprobs(policy, batch, share_prompts=self.share_prompts)[0] - ref)
         return parts
 
     def __call__(self, rollouts: Rollouts, prefs: PreferenceBatch, global_pairs: int,
@@ -149,7 +153,7 @@ class PolicyUpdate:
             last = i == len(groups) - 1
             # only the micro-batch's last backward may all-reduce (the trainer's no_sync covers the others)
             with nullcontext() if last or not several else self.accelerator.no_sync(self.policy):
-                logps = sequence_logprobs(self.policy, batch)[0]
+                logps = sequence_logprobs(self.policy, batch, share_prompts=self.share_prompts)[0]
                 row = {f: j for j, f in enumerate(group)}
                 pairs = [j for j, f in enumerate(prefs.chosen) if f in row]
                 if pairs:
