@@ -78,6 +78,28 @@ def test_one_pass_per_prompt_equals_one_pass_for_all(collected):
         torch.testing.assert_close(many_grads[name], one_grads[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_shared_prompt_forwards_equal_full_rows_through_the_update(collected):
+    t, mb = collected
+    assert t.update.share_prompts  # the default
+    shared, shared_grads = _update_with(t, mb, 2)
+    t.update.share_prompts = False  # train.share_prompt_forward=false: one [prompt | response] row per response
+    try:
+        rows, rows_grads = _update_with(t, mb, 2)
+    finally:
+        t.update.share_prompts = True
+    torch.testing.assert_close(shared.loss.losses, rows.loss.losses, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(shared.chosen_logps, rows.chosen_logps, atol=1e-4, rtol=1e-6)
+    torch.testing.assert_close(shared.kl, rows.kl, atol=1e-5, rtol=0)
+    for name in rows_grads:
+        torch.testing.assert_close(shared_grads[name], rows_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_share_prompt_forward_is_a_config_key(tiny_model_dir, tmp_path):
+    t = Trainer(tiny_cfg(tiny_model_dir, tmp_path / "run", "train.share_prompt_forward=false"))
+    t.setup()
+    assert t.update.share_prompts is False
+
+
 def test_the_reference_forwards_before_the_policy_builds_its_graph(collected):
     t, mb = collected
     order = []

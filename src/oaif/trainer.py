@@ -80,7 +80,8 @@ class Trainer:
         self.optimizer, self.scheduler, self.stream, self.annotator, self.sampler = (
             parts.optimizer, parts.scheduler, parts.stream, parts.annotator, parts.sampler)
         self.update = PolicyUpdate(self.accelerator, self.policy, parts.reference, self.tokenizer.pad_token_id,
-                                   cfg.loss, kl=cfg.train.mode == "online", forward_batch_size=cfg.train.forward_batch_size)
+                                   cfg.loss, kl=cfg.train.mode == "online", forward_batch_size=cfg.train.forward_batch_size,
+                                   share_prompts=cfg.train.share_prompt_forward)
         self.checkpoints = RunCheckpoints(self.accelerator, cfg.train.output_dir, cfg.train.keep_last)
         if cfg.train.resume:
             self.step = self.checkpoints.restore(cfg.train.resume, self.unwrapped, self.optimizer, self.scheduler,

@@ -70,16 +70,16 @@ class PolicyUpdate:
     see :func:`forward_groups`). The reference forwards every pass first, so its activations are
     gone before the policy builds its graph; the policy then forwards and back-propagates one pass
     at a time, each with the loss of the pairs in it (the step's objective is a sum over pairs).
-    A pass forwards each prompt once for all its responses when the policy takes a KV cache in
-    training (:func:`oaif.logprobs.takes_kv_cache`); the reference then does the same.
+    With ``share_prompts`` a pass forwards each prompt once for all its responses when the policy
+    takes a KV cache in training (:func:`oaif.logprobs.takes_kv_cache`); the reference then does the same.
     """
 
     def __init__(self, accelerator, policy, reference, pad_id: int, loss_cfg, *, kl: bool,
-                 forward_batch_size: int = 0):
+                 forward_batch_size: int = 0, share_prompts: bool = True):
         self.accelerator, self.policy, self.reference = accelerator, policy, reference
         self.pad_id, self.loss_cfg, self.kl = pad_id, loss_cfg, kl
         self.forward_batch_size = forward_batch_size
-        self.share_prompts = takes_kv_cache(policy)
+        self.share_prompts = share_prompts and takes_kv_cache(policy)
 
     def _pack(self, rollouts: Rollouts, flat: list[int]) -> SequenceBatch:
         k = rollouts.k
