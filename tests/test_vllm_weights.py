@@ -5,6 +5,7 @@ Runs without vLLM (main environment)."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -31,7 +32,9 @@ def test_full_model_gives_its_own_tensors_without_the_tied_head(model):
 
 def lora_model(model, seed=0):
     peft = pytest.importorskip("peft")
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in lora.named_parameters():
