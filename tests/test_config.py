@@ -238,3 +238,14 @@ def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path):
     path.write_text("train:\n  max_steps: 3\n  output_dir: runs/a\n  max_steps: 300\n")
     with pytest.raises(ConfigError, match=f"^{path}: key 'max_steps' appears twice \\(line 4\\)"):
         load_config(path)
+
+
+def test_no_stays_a_string_where_a_key_takes_one_and_a_bool_where_it_takes_one(tmp_path):
+    # YAML 1.1 reads no/off/yes/on as booleans: the documented train.mixed_precision=no would be False
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["train.mixed_precision=no", "model.disable_dropout=off",
+                                                       "data.shuffle=yes"])
+    assert cfg.train.mixed_precision == "no" and cfg.model.disable_dropout is False and cfg.data.shuffle is True
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\nmodel:\n  disable_dropout: No\n")
+    cfg = load_config(path, [])
+    assert cfg.train.mixed_precision == "no" and cfg.model.disable_dropout is False

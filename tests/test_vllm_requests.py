@@ -120,3 +120,18 @@ def test_colocated_engines_on_several_gpus_are_refused():
     cfg = load_config(ROOT / "configs" / "vllm_demo.yaml")
     with pytest.raises(ConfigError, match="vllm.mode=colocated runs one process only on a GPU"):
         build_sampler(cfg, None, None, {2}, TwoGpus())
+
+
+@pytest.mark.parametrize("precision, weights, engine", [
+    ("train.mixed_precision=no", torch.float32, "float32"),
+    ("train.mixed_precision=bf16", torch.float32, "bfloat16"),  # the policy computes in bf16: so does the engine
+    ("train.mixed_precision=no", torch.bfloat16, "bfloat16"),
+])
+def test_an_auto_engine_samples_in_the_dtype_the_policy_computes_in(precision, weights, engine):
+    from oaif.generation.build import policy_compute_dtype
+    from oaif.generation.vllm_colocated import engine_dtype
+
+    cfg = load_config(ROOT / "configs" / "vllm_demo.yaml", [precision])
+    policy = torch.nn.Linear(2, 2).to(weights)
+    assert engine_dtype(cfg.vllm, policy_compute_dtype(cfg, policy)) == engine
+    assert engine_dtype(VllmConfig(dtype="float32"), policy_compute_dtype(cfg, policy)) == "float32"  # explicit wins

@@ -171,7 +171,7 @@ class VllmConfig:
     max_model_len: int = _f(0, "Colocated: longest prompt + response the engine accepts "
                                "(0: data.max_prompt_tokens + sampling.max_new_tokens).")
     max_num_seqs: int = _f(64, "Colocated: most sequences decoded together.")
-    dtype: str = _f("auto", "Colocated: engine weights dtype (auto: the policy's dtype; float32, bfloat16, float16).")
+    dtype: str = _f("auto", "Colocated: engine weights dtype (auto: the dtype the policy computes in, bfloat16 under train.mixed_precision=bf16, else its weights' dtype; float32, bfloat16, float16).")
     enforce_eager: bool = _f(True, "Colocated: run the model eagerly (no torch.compile; starts in seconds, the "
                                    "compile cache is not reused between runs).")
 
@@ -246,6 +246,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _WORD_BOOLS:
+            return _WORD_BOOLS[value.lower()]
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -291,13 +293,31 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
             setattr(obj, name, _coerce(key, value, hints[name]))
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2's booleans: only true/false. YAML 1.1 reads no/off/yes/on as booleans, which
+    would turn the documented ``train.mixed_precision=no`` into False; here they stay strings (and
+    bool keys accept them, :func:`_coerce`)."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_WORD_BOOLS = {"yes": True, "on": True, "no": False, "off": False}
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not of the form key.sub=value")
     key, raw = item.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -505,8 +525,8 @@ def _read_yaml(path: str | Path, what: str = "config") -> Any:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{what} file {p}: not UTF-8 text (byte {e.start})") from None
     try:
-        duplicate = _duplicate_key(yaml.compose(text, Loader=yaml.SafeLoader))
-        data = yaml.safe_load(text)
+        duplicate = _duplicate_key(yaml.compose(text, Loader=_Loader))
+        data = _yaml(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
     if duplicate:

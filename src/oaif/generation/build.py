@@ -34,6 +34,13 @@ def build_generator(settings: VllmConfig, *, model_path: str, eos_ids: set[int],
     return ColocatedVllm(model_path, stop, settings, max_model_len=max_model_len, policy_dtype=policy_dtype, seed=seed)
 
 
+def policy_compute_dtype(cfg: Config, policy) -> torch.dtype:
+    """The dtype the policy computes in: bfloat16/float16 under ``train.mixed_precision`` (autocast),
+    else its weights' dtype. A colocated engine with ``vllm.dtype=auto`` samples in it."""
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
+    return autocast or next(policy.parameters()).dtype
+
+
 def build_sampler(cfg: Config, policy, tokenizer, eos_ids: set[int], accelerator) -> Generator:
     """The sampler of ``sampling.backend`` for the unwrapped ``policy``.
 
@@ -53,7 +60,7 @@ def build_sampler(cfg: Config, policy, tokenizer, eos_ids: set[int], accelerator
                           "device); use vllm.mode=server, or a single process")
     generator = build_generator(cfg.vllm, model_path=resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir),
                                 eos_ids=eos_ids, max_model_len=cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
-                                policy_dtype=next(policy.parameters()).dtype, seed=cfg.train.seed,
+                                policy_dtype=policy_compute_dtype(cfg, policy), seed=cfg.train.seed,
                                 output_dir=cfg.train.output_dir)
     if cfg.vllm.mode == "server" and several:
         from oaif.generation.vllm_server import SharedServer

@@ -38,7 +38,8 @@ _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: 
 
 
 def engine_dtype(settings: VllmConfig, policy_dtype: torch.dtype | None) -> str:
-    """The engine's dtype: ``vllm.dtype``, or the policy's with ``auto``."""
+    """The engine's dtype: ``vllm.dtype``, or with ``auto`` the dtype the policy computes in
+    (:func:`oaif.generation.build.policy_compute_dtype`)."""
     if settings.dtype != "auto":
         return settings.dtype
     return _DTYPES.get(policy_dtype, "float32")
