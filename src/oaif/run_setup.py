@@ -26,6 +26,7 @@ import torch
 
 from oaif.config import Config, dump_yaml
 from oaif.errors import ConfigError, DataError
+from oaif.rounding_watch import watch_first_update
 
 log = logging.getLogger("oaif")
 
@@ -118,6 +119,7 @@ def build_run(cfg: Config, annotator=None, sampler=None) -> RunParts:
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.optim.scheduler, cfg.optim.warmup_steps, cfg.train.max_steps)
+    watch_first_update(optimizer, speak=accelerator.is_main_process)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     if reference is not None:
         reference = accelerator.prepare_model(reference, evaluation_mode=True)
