@@ -142,3 +142,35 @@ def test_resume_from_a_named_checkpoint_and_state_loads_weights_only(tiny_model_
 
     with pytest.raises(ConfigError, match="train.resume: .* is not a checkpoint directory"):
         train(load_config(cfg, args(tiny_model_dir, branch, f"train.resume={full}")))
+
+
+def _file_size_limit(limit: int):
+    """Writes beyond ``limit`` bytes per file fail with EFBIG (a real OS write failure, as on a full disk):
+    RLIMIT_FSIZE with SIGXFSZ ignored, for a subprocess's preexec_fn."""
+    def apply():
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last_complete_one(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "oaif.cli", "train", str(ROOT / "configs/demo.yaml"),
+            f"model.name_or_path={tiny_model_dir}", "annotator.type=callable",
+            "annotator.callable=oaif.annotators.rules:prefer_shorter", f"train.output_dir={out}", "train.batch_size=2",
+            "sampling.max_new_tokens=6", "optim.warmup_steps=0", "logging.progress_bar=false", "train.save_every=1"]
+    done = subprocess.run(base + ["train.max_steps=1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state_size = (out / "checkpoint-1/trainer_state.pt").stat().st_size
+    # the resumed run's next checkpoint fails at its trainer state, its largest file
+    proc = subprocess.run(base + ["train.max_steps=2", "train.resume=true"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, preexec_fn=_file_size_limit(state_size // 2))
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("oaif: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"cannot write {out / 'checkpoint-2'}" in errors[0] and "MiB free there" in errors[0]
+    assert "checkpoint-1 is kept as the last complete checkpoint" in errors[0]
+    assert (out / "latest").read_text().strip() == "checkpoint-1"
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]  # no partial copy

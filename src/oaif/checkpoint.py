@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from oaif.errors import CheckpointError, OaifError, one_line
+from oaif.errors import CheckpointError, CheckpointWriteError, OaifError, one_line
 
 log = logging.getLogger("oaif")
 
@@ -72,11 +72,34 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, state: dict[str, Any],
                     keep_last: int = 2) -> Path:
-    """Write ``checkpoint-<step>`` atomically and point ``latest`` at it. Returns its path."""
+    """Write ``checkpoint-<step>`` atomically and point ``latest`` at it. Returns its path.
+
+    A write that fails (a full disk: torch's writer reports it as a RuntimeError) removes the
+    partial copy and raises :class:`CheckpointWriteError`; ``latest`` still names the last complete one.
+    """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     final = out / f"checkpoint-{step}"
     tmp = out / f".tmp-checkpoint-{step}-{os.getpid()}"
+    try:
+        return _write_checkpoint(out, final, tmp, model, tokenizer, state, keep_last)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            free = f"{shutil.disk_usage(out).free / 2**20:.0f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        try:
+            kept = latest_checkpoint(out)
+        except CheckpointError:
+            kept = None
+        raise CheckpointWriteError(
+            f"cannot write {final} ({one_line(e)}; {free}); "
+            + (f"{kept.name} is kept as the last complete checkpoint" if kept else "no checkpoint of this run was saved")
+        ) from None
+
+
+def _write_checkpoint(out: Path, final: Path, tmp: Path, model, tokenizer, state: dict[str, Any], keep_last: int) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()

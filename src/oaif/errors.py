@@ -29,3 +29,7 @@ class AnnotatorError(OaifError):
 
 class CheckpointError(OaifError):
     """A checkpoint or run directory cannot be used: corrupt or truncated files, or a model that does not match it."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a file size limit, an I/O error); the last complete one stays."""

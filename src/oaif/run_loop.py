@@ -5,7 +5,7 @@ which leaves the progress saved (or, for a non-finite step, the last finite chec
 
 from __future__ import annotations
 
-from oaif.errors import AnnotatorError
+from oaif.errors import AnnotatorError, CheckpointWriteError
 from oaif.finite_guard import NonFiniteError, check_step
 from oaif.stop_signals import StopSignals, Stopped
 
@@ -38,7 +38,8 @@ def run_steps(t) -> dict:
             t.check_failures(end=True)
         final = t.save()
     except (KeyboardInterrupt, Stopped, Exception) as e:
-        if not isinstance(e, (AnnotatorError, NonFiniteError)):  # saved already / must not be saved
+        # saved already / must not be saved / cannot be written (the message names the checkpoint kept)
+        if not isinstance(e, (AnnotatorError, NonFiniteError, CheckpointWriteError)):
             t.checkpoints.save_after_error(t.step, t.unwrapped, t.tokenizer, t.state, e)
         raise
     finally:
