@@ -16,8 +16,8 @@ from oaif import models
 from oaif.config import LoraConfig, ModelConfig
 from oaif.data import messages_to_text
 from oaif.errors import ModelError
-from oaif.models import (EMBEDDED_MODELS, encode_prompt, end_of_turn_id, load_causal_lm, load_policy_and_reference,
-                         load_tokenizer, reference_context, resolve_model_path)
+from oaif.models import (EMBEDDED_MODELS, activation_checkpointing, encode_prompt, end_of_turn_id, load_causal_lm,
+                         load_policy_and_reference, load_tokenizer, reference_context, resolve_model_path)
 
 from helpers import EMBEDDED
 
@@ -372,12 +372,8 @@ def test_gradient_checkpointing_trains(tiny_model_dir, lora):
     cfg = ModelConfig(name_or_path=tiny_model_dir, gradient_checkpointing=True,
                       lora=LoraConfig(enabled=lora, r=2, alpha=4))
     policy, reference, tok = load_policy_and_reference(cfg)
-    def checkpointing(model) -> bool:  # transformers 5 renamed is_gradient_checkpointing
-        flag = getattr(model, "is_activation_checkpointing", None)
-        return bool(model.is_gradient_checkpointing if flag is None else flag)
-
-    assert checkpointing(policy.get_base_model() if lora else policy)
-    assert reference is None or not checkpointing(reference)
+    assert activation_checkpointing(policy)
+    assert reference is None or not activation_checkpointing(reference)
     ids = torch.tensor([_ids(tok)])
     loss = policy(ids, labels=ids).loss
     loss.backward()

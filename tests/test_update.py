@@ -100,6 +100,16 @@ def test_share_prompt_forward_is_a_config_key(tiny_model_dir, tmp_path):
     assert t.update.share_prompts is False
 
 
+def test_gradient_checkpointing_trains_on_full_rows(tiny_model_dir, tmp_path):
+    # checkpointing turns the KV cache off in training: the update forwards [prompt | response] rows
+    t = Trainer(tiny_cfg(tiny_model_dir, tmp_path / "run", "model.gradient_checkpointing=true")).setup()
+    assert t.update.share_prompts is False
+    before = {n: p.detach().clone() for n, p in t.unwrapped.named_parameters()}
+    record = t.run_step()
+    assert record["pairs_used"] > 0
+    assert any(not torch.equal(before[n], p) for n, p in t.unwrapped.named_parameters())
+
+
 def test_the_reference_forwards_before_the_policy_builds_its_graph(collected):
     t, mb = collected
     order = []

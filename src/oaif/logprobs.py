@@ -98,15 +98,11 @@ def takes_logits_to_keep(model: torch.nn.Module) -> bool:
 def takes_kv_cache(model: torch.nn.Module) -> bool:
     """Whether the transformers model inside ``model`` continues from a KV cache in training: its
     forward takes one, and gradient checkpointing (which turns the cache off) is off."""
-    from oaif.models import base_model, kv_cache_key
+    from oaif.models import activation_checkpointing, base_model, kv_cache_key
 
-    base = base_model(model)
-    checkpointing = getattr(base, "is_activation_checkpointing", None)  # transformers >= 5.x's name
-    if checkpointing is None:
-        checkpointing = getattr(base, "is_gradient_checkpointing", False)
-    if checkpointing:
+    if activation_checkpointing(model):
         return False
-    return kv_cache_key() in inspect.signature(type(base).forward).parameters
+    return kv_cache_key() in inspect.signature(type(base_model(model)).forward).parameters
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -504,6 +504,14 @@ def _is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
+def activation_checkpointing(model) -> bool:
+    """Whether gradient (activation) checkpointing is on in the transformers model inside ``model``
+    (transformers 5 names it ``is_activation_checkpointing``; older versions ``is_gradient_checkpointing``)."""
+    base = base_model(model)
+    flag = getattr(base, "is_activation_checkpointing", None)
+    return bool(getattr(base, "is_gradient_checkpointing", False) if flag is None else flag)
+
+
 def base_model(model):
     """The transformers model inside DDP/accelerate and peft wrappers."""
     inner = _unwrap(model)
