@@ -46,7 +46,7 @@ def run_one(args, dtype: str) -> dict:
     from oaif.generation.vllm_colocated import ColocatedVllm
     from oaif.generation.weights import policy_weights
     from oaif.models import encode_prompt, load_causal_lm, resolve_model_path
-    from oaif.sampling import sample_responses
+    from oaif.step.sampling import sample_responses
 
     path = resolve_model_path(args.model)
     model, tok = load_causal_lm(path, dtype)

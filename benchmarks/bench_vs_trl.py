@@ -120,9 +120,9 @@ def oaif_floors(t, args) -> dict:
     import torch
 
     from oaif.generation.base import StopRules
-    from oaif.logprobs import pad_rows
-    from oaif.metrics import StepMetrics
-    from oaif.sampling import sample_responses
+    from oaif.step.logprobs import pad_rows
+    from oaif.run.metrics import StepMetrics
+    from oaif.step.sampling import sample_responses
 
     mb = t.collect(t.next_prompts(), StepMetrics())
     r, pad = mb.rollouts, t.tokenizer.pad_token_id

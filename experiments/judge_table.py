@@ -12,7 +12,7 @@ Pairs: the first N usable pairs of Anthropic HH harmless-base test (``--hh``), i
 command through oaif's OpenAI-compatible annotator (printed, and kept in ``OUT/commands.log``).
 A chunk's judgments (``--out``) and report are files, so a stopped run resumes where it was and
 a larger ``--pairs`` only judges the new chunks. ``--train-rm`` adds a reward model trained by
-``oaif.reward_model_training.train_reward_model`` on HH pairs after the first ``--rm-skip`` (never the
+``oaif.annotators.reward_model_training.train_reward_model`` on HH pairs after the first ``--rm-skip`` (never the
 test pairs), judged on the same chunks (``annotator.type=reward_model``).
 
 Variants (``--variants``): ``harmless``, ``helpful``, ``helpful_very_short`` (shipped rubrics),
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -238,7 +237,7 @@ def train_rm(out: Path, hh: Path, skip: int, n: int, max_length: int, base: str,
     stats_file = rm / "oaif_reward_model.json"
     if (rm / "config.json").exists() and json.loads(stats_file.read_text()).get("hh_range") == hh_range:
         return rm
-    from oaif.reward_model_training import train_reward_model
+    from oaif.annotators.reward_model_training import train_reward_model
 
     seg_root = out / "reward_model_segments"
     previous, log = base, []

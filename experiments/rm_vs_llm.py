@@ -3,7 +3,7 @@
     python experiments/rm_vs_llm.py [--rm-pairs 128] [--steps 20] [--smoke]
 
 1. Train a reward model from the starting model on Anthropic HH harmless-base human labels
-   (`oaif.reward_model_training.train_reward_model`, Bradley-Terry loss) and measure its agreement with
+   (`oaif.annotators.reward_model_training.train_reward_model`, Bradley-Terry loss) and measure its agreement with
    the human labels on held-out HH pairs (`oaif annotate --against-labels`).
 2. Two online runs on HH harmless prompts that differ only in the annotator: the reward model
    (`annotator.type=reward_model`) and the in-process LLM judge with the `harmless` rubric.
@@ -42,7 +42,7 @@ def experiment(args, out: Path, log: Path) -> None:
     t0 = time.perf_counter()
 
     from oaif.data import load_hh_pairs, save_preferences
-    from oaif.reward_model_training import train_reward_model
+    from oaif.annotators.reward_model_training import train_reward_model
 
     pairs = load_hh_pairs(HH).records
     # the shipped prompt/preference files use the first 400 dialogues: train and test the RM after them

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from oaif.checkpoint import latest_checkpoint, load_trainer_state
+from oaif.run.checkpoint import latest_checkpoint, load_trainer_state
 from oaif.config import load_config
-from oaif.metrics import read_metrics
+from oaif.run.metrics import read_metrics
 from oaif.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,7 +96,7 @@ def test_lora_resume_matches_uninterrupted(tiny_model_dir, tmp_path):
 
 
 def test_lora_bf16_saves_leave_the_frozen_base_bit_identical(tiny_model_dir, tmp_path):
-    from oaif.checkpoint import save_checkpoint
+    from oaif.run.checkpoint import save_checkpoint
     from oaif.config import LoraConfig, ModelConfig
     from oaif.models import load_policy_and_reference
 

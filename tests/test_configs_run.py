@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from oaif.config import load_config
-from oaif.metrics import read_metrics
+from oaif.run.metrics import read_metrics
 from oaif.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent

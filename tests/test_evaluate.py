@@ -17,8 +17,8 @@ from oaif.commands import eval as eval_cmd
 from oaif.config import load_annotator_config
 from oaif.data import load_prompts
 from oaif.errors import ConfigError, DataError
-from oaif.evaluate import EvalSettings, evaluate_models, win_rate
-from oaif.report import fmt, fmt_ci
+from oaif.evaluation.evaluate import EvalSettings, evaluate_models, win_rate
+from oaif.evaluation.report import fmt, fmt_ci
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORTER = "oaif.annotators.rules:prefer_shorter"

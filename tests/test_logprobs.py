@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oaif.logprobs import _plain_output_head, pack_sequences, sequence_logprobs, takes_kv_cache, token_logprobs
+from oaif.step.logprobs import _plain_output_head, pack_sequences, sequence_logprobs, takes_kv_cache, token_logprobs
 from oaif.models import load_causal_lm
 
 

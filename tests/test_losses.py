@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from oaif.losses import margin_loss, preference_loss
+from oaif.step.losses import margin_loss, preference_loss
 
 BETA = 0.25
 # Three pairs with margins rho = 1, -2, 8:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import socket
 import subprocess
@@ -26,7 +25,7 @@ import pytest
 
 from oaif.annotators.base import Annotator, PairRequest
 from oaif.annotators.openai_judge import OpenAIJudge
-from oaif.annotators.rubrics import Rubric, load_rubric
+from oaif.annotators.rubrics import load_rubric
 
 pytestmark = pytest.mark.slow
 

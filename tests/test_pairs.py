@@ -7,8 +7,8 @@ import math
 import pytest
 
 from oaif.annotators.base import Judgment
-from oaif.pairs import build_pairs, pair_requests, penalize_unfinished
-from oaif.sampling import Rollouts
+from oaif.step.pairs import build_pairs, pair_requests, penalize_unfinished
+from oaif.step.records import Rollouts
 
 
 def rollouts(ended: list[list[bool]]) -> Rollouts:

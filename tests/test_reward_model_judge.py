@@ -194,8 +194,8 @@ def _agreement(judge: RewardModelJudge, pairs) -> float:
 
 
 def test_train_reward_model_learns_and_loads(tmp_path, tiny_model_dir):
-    from oaif.reward_model_training import load_reward_model_for_training, train_reward_model
-    from oaif.reward_scoring import STATS_FILE
+    from oaif.annotators.reward_model_training import load_reward_model_for_training, train_reward_model
+    from oaif.annotators.reward_scoring import STATS_FILE
 
     pairs = _synthetic_pairs()
     untrained, tok = load_reward_model_for_training(tiny_model_dir)
@@ -223,7 +223,7 @@ def test_reward_model_judge_from_config_drives_training(rm_dir, tiny_model_dir, 
     from pathlib import Path
 
     from oaif.config import load_config
-    from oaif.metrics import read_metrics
+    from oaif.run.metrics import read_metrics
     from oaif.trainer import train
 
     root = Path(__file__).resolve().parent.parent

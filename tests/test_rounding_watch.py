@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from oaif.rounding_watch import watch_first_update
+from oaif.run.rounding_watch import watch_first_update
 from oaif.trainer import Trainer
 
 from test_trainer import tiny_cfg

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from oaif.errors import ConfigError
-from oaif.run_dir import check_output_dir, check_output_file
+from oaif.run.run_dir import check_output_dir, check_output_file
 
 
 def test_a_new_or_existing_directory_passes_and_nothing_is_created(tmp_path):
@@ -48,7 +48,7 @@ def test_unwritable_directory_is_found_by_trying_to_write():
     # Permission bits would not stop root (who runs this project's CI); the check tries to create a
     # file instead. /proc refuses a file even to root, so the probe alone (without the path rule
     # above) must report it.
-    from oaif.run_dir import _probe_writable
+    from oaif.run.run_dir import _probe_writable
 
     with pytest.raises(ConfigError, match="^train.output_dir: cannot write in /proc .*needed for /proc/run$"):
         _probe_writable(Path("/proc"), "train.output_dir", "/proc/run")

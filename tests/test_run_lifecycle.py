@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import signal
@@ -24,7 +23,7 @@ from safetensors.torch import load_file
 
 from oaif.config import load_config
 from oaif.errors import AnnotatorError, CheckpointError, ConfigError, OaifError
-from oaif.metrics import read_metrics
+from oaif.run.metrics import read_metrics
 from oaif.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,9 +169,9 @@ def test_a_second_run_into_the_same_directory_is_refused_and_the_first_finishes_
 
 
 def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
-    from oaif.run_lock import LOCK_FILE, RunLock
+    from oaif.run.lock import LOCK_FILE, RunLock
 
-    code = (f"import os, signal; from oaif.run_lock import RunLock; lock = RunLock({str(tmp_path)!r}).acquire(); "
+    code = (f"import os, signal; from oaif.run.lock import RunLock; lock = RunLock({str(tmp_path)!r}).acquire(); "
             "os.kill(os.getpid(), signal.SIGKILL)")
     killed = subprocess.run([sys.executable, "-c", code], env=env(), timeout=60)
     assert killed.returncode == -9 and (tmp_path / LOCK_FILE).is_file()
@@ -181,9 +180,9 @@ def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
 
 
 def test_a_held_lock_names_its_holder(tmp_path):
-    from oaif.run_lock import RunLock
+    from oaif.run.lock import RunLock
 
-    code = (f"import sys, time; from oaif.run_lock import RunLock; lock = RunLock({str(tmp_path)!r}).acquire(); "
+    code = (f"import sys, time; from oaif.run.lock import RunLock; lock = RunLock({str(tmp_path)!r}).acquire(); "
             "print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], env=env(), stdout=subprocess.PIPE, text=True)
     try:
@@ -232,7 +231,7 @@ def test_overwrite_output_dir_replaces_the_old_run_so_eval_sees_only_the_new_one
     train(cfg(tiny_model_dir, out, "train.max_steps=1", "train.overwrite_output_dir=true"))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"] and steps(out) == [1]
     assert (out / "notes.txt").read_text() == "mine"
-    from oaif.evaluate import discover_checkpoints
+    from oaif.evaluation.evaluate import discover_checkpoints
 
     assert [p.name for _, p in discover_checkpoints(out)] == ["checkpoint-1"]
 
@@ -323,7 +322,7 @@ def test_a_resume_after_a_failure_stop_does_not_trip_on_the_past(tiny_model_dir,
 # --------------------------------------------------------------------------- settings refused up front
 
 def test_fp16_on_cpu_is_refused_not_silently_ignored(tiny_model_dir, tmp_path):
-    from oaif.run_setup import preflight
+    from oaif.run.build import preflight
 
     with pytest.raises(ConfigError, match="train.mixed_precision: fp16 needs a GPU"):
         preflight(cfg(tiny_model_dir, tmp_path / "run", "train.mixed_precision=fp16"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from oaif.models import encode_prompt, load_causal_lm
-from oaif.sampling import RowSampler, filter_top_p, row_seed, sample_responses, step_uniforms
+from oaif.step.sampling import RowSampler, filter_top_p, row_seed, sample_responses, step_uniforms
 
 PROMPTS = ["Name a fruit.", "Write one sentence about the sea, please, and make it calm and quiet."]
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from oaif.config import load_config
 from oaif.errors import AnnotatorError
-from oaif.metrics import METRICS, RECORD_KEYS, StepMetrics, read_metrics
-from oaif.pairs import build_pairs
+from oaif.run.metrics import METRICS, RECORD_KEYS, StepMetrics, read_metrics
+from oaif.step.pairs import build_pairs
 from oaif.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parent.parent

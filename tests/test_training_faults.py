@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from oaif.checkpoint import latest_checkpoint
-from oaif.metrics import read_metrics
+from oaif.run.checkpoint import latest_checkpoint
+from oaif.run.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from oaif.config import load_config
-from oaif.metrics import StepMetrics
-from oaif.sampling import Rollouts
+from oaif.run.metrics import StepMetrics
+from oaif.step.records import Rollouts
 from oaif.trainer import Trainer
-from oaif.update import forward_groups
+from oaif.step.update import forward_groups
 
 from test_trainer import ROOT, tiny_cfg
 

@@ -15,7 +15,7 @@ import torch
 from oaif.config import VllmConfig, load_config
 from oaif.errors import ConfigError
 from oaif.generation.base import GenerationError, StopRules, regroup, request_params, sample_rows
-from oaif.sampling import row_seed
+from oaif.step.sampling import row_seed
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ from oaif.generation.base import GenerationError, StopRules
 from oaif.generation.vllm_server import VllmServer
 from oaif.generation.weights import policy_weights
 from oaif.models import encode_prompt, load_causal_lm
-from oaif.sampling import eos_token_ids
+from oaif.step.sampling import eos_token_ids
 from llama_server import free_port
 from vllm_helpers import PROMPTS, copy_weights_, greedy_both
 

@@ -21,11 +21,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from oaif.checkpoint import latest_checkpoint
+from oaif.run.checkpoint import latest_checkpoint
 from oaif.config import VllmConfig, load_config
 from oaif.generation.base import GenerationError, StopRules
 from oaif.generation.vllm_server import VllmServer
-from oaif.metrics import read_metrics
+from oaif.run.metrics import read_metrics
 from oaif.models import encode_prompt, load_causal_lm
 from oaif.trainer import Trainer, train
 from vllm_helpers import PROMPTS, ROOT, greedy_both, require_vllm_python, train_overrides

@@ -88,7 +88,7 @@ def make_tiny_policies(root: Path) -> TinyPolicies:
     in some responses but not others, so stopping at an end-of-turn id and running to the length limit
     are both exercised."""
     from oaif.models import encode_prompt, load_causal_lm
-    from oaif.sampling import sample_responses
+    from oaif.step.sampling import sample_responses
 
     first = make_vllm_tiny_llama(root / "first", seed=0)
     second = make_vllm_tiny_llama(root / "second", seed=1)
@@ -175,7 +175,7 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 def greedy_both(model, tok, generator, prompts: list[list[int]], max_new_tokens: int = 16):
     """Greedy responses (k=2) of the transformers ``shared_prefill`` backend and of ``generator``."""
-    from oaif.sampling import sample_responses
+    from oaif.step.sampling import sample_responses
 
     positions = list(range(len(prompts)))
     hf = sample_responses(model, tok, prompts, positions, k=2, seed=0, temperature=1e-7, top_p=1.0,

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from oaif.stop_signals import stop_during_setup
+    from oaif.run.stop_signals import stop_during_setup
 
     stop_during_setup()  # a run's own handlers take over once it starts stepping
     try:
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         _say("oaif: interrupted")
         return 130
     except BaseException as e:
-        from oaif.stop_signals import Stopped
+        from oaif.run.stop_signals import Stopped
 
         if not isinstance(e, Stopped):
             raise

@@ -2,7 +2,7 @@
 
 :func:`training_prompts` is the one place where a run's records are chosen: loaded, filtered
 (empty, too long) and split into training and held-out prompts. The trainer and
-``oaif eval --run`` (:func:`oaif.evaluate.held_out_prompts`) both call it, so they cannot drift.
+``oaif eval --run`` (:func:`oaif.evaluation.evaluate.held_out_prompts`) both call it, so they cannot drift.
 
 Prompts come from JSONL (optionally gzipped), CSV, Parquet or a ``datasets`` ``save_to_disk``
 directory. A prompt is plain text or a list of chat messages (``{"role": ..., "content": ...}``).

@@ -3,23 +3,23 @@
 One optimizer step (:meth:`Trainer.run_step`) first collects each of its
 ``gradient_accumulation_steps`` micro-batches:
 
-1. :meth:`Trainer.sample`   K responses per prompt from the current policy (:mod:`oaif.sampling`,
+1. :meth:`Trainer.sample`   K responses per prompt from the current policy (:mod:`oaif.step.sampling`,
    through the sampler ``sampling.backend`` names, :mod:`oaif.generation`);
-2. :meth:`Trainer.annotate` the annotator's preference for each pair (:mod:`oaif.pairs`);
-3. :func:`oaif.pairs.build_pairs`  chosen/rejected pairs; identical, tied and failed pairs masked;
+2. :meth:`Trainer.annotate` the annotator's preference for each pair (:mod:`oaif.step.pairs`);
+3. :func:`oaif.step.pairs.build_pairs`  chosen/rejected pairs; identical, tied and failed pairs masked;
 
 then counts the step's valid pairs over every process and runs
 
-4. :class:`oaif.update.PolicyUpdate`  on each micro-batch: policy and reference log-probs, the loss
+4. :class:`oaif.step.update.PolicyUpdate`  on each micro-batch: policy and reference log-probs, the loss
    scaled so that the step's objective is the mean over all of the step's pairs, backward;
 
 and takes the optimizer step. The policy does not change while a step collects, so collecting
 first changes no sample. Once the step is complete, the sampler gets the new weights (a vLLM
 engine or server; the transformers backends sample the policy itself). Offline mode replaces
 steps 1-2 with pairs read from a preference file.
-Setup lives in :mod:`oaif.run_setup`, metric bookkeeping in :class:`oaif.metrics.StepMetrics`,
-the audit log in :mod:`oaif.audit`, checkpoint state in :mod:`oaif.checkpoint`, and the run
-around the steps (progress, saves, stops) in :mod:`oaif.run_loop`.
+Setup lives in :mod:`oaif.run.build`, metric bookkeeping in :class:`oaif.run.metrics.StepMetrics`,
+the audit log in :mod:`oaif.run.audit`, checkpoint state in :mod:`oaif.run.checkpoint`, and the run
+around the steps (progress, saves, stops) in :mod:`oaif.run.loop`.
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ from oaif.annotators.base import Judgment
 from oaif.config import Config
 from oaif.errors import AnnotatorError
 from oaif.generation.weights import policy_weights
-from oaif.metrics import FailureWindow, StepMetrics
-from oaif.pairs import PairPlan, PreferenceBatch, annotate_pairs, build_pairs, preference_rollouts
-from oaif.sampling import Rollouts, sample_rollouts
+from oaif.run.metrics import FailureWindow, StepMetrics
+from oaif.step.pairs import annotate_pairs, build_pairs, preference_rollouts
+from oaif.step.records import PairPlan, PreferenceBatch, Rollouts
+from oaif.step.sampling import sample_rollouts
 
 log = logging.getLogger("oaif")
 
@@ -61,7 +62,7 @@ def judge_agreement(annotator) -> dict:
 
 
 class Trainer:
-    """Owns one run's parts (:class:`oaif.run_setup.RunParts`) and its progress. ``train()`` runs it.
+    """Owns one run's parts (:class:`oaif.run.build.RunParts`) and its progress. ``train()`` runs it.
     ``annotator`` and ``sampler`` (a Generator) replace the configured ones; a sampler given here is not closed."""
 
     def __init__(self, cfg: Config, *, annotator=None, sampler=None):
@@ -70,9 +71,9 @@ class Trainer:
         self.failures = FailureWindow(cfg.annotator.failure_window)
 
     def setup(self) -> "Trainer":
-        from oaif.checkpoint import RunCheckpoints
-        from oaif.run_setup import build_run, claim_run_dir, open_run_dir
-        from oaif.update import PolicyUpdate
+        from oaif.run.checkpoint import RunCheckpoints
+        from oaif.run.build import build_run, claim_run_dir, open_run_dir
+        from oaif.step.update import PolicyUpdate
 
         cfg = self.cfg
         self.parts = parts = build_run(cfg, self._annotator_override, self._sampler_override)
@@ -178,12 +179,12 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------
     def save(self) -> Path:
-        """Write ``checkpoint-<step>`` (see :class:`oaif.checkpoint.RunCheckpoints`); every process calls it."""
+        """Write ``checkpoint-<step>`` (see :class:`oaif.run.checkpoint.RunCheckpoints`); every process calls it."""
         return self.checkpoints.save(self.step, self.unwrapped, self.tokenizer, self.state)
 
     def state(self) -> dict:
         """The trainer state a checkpoint holds (``trainer_state.pt``)."""
-        from oaif.checkpoint import trainer_state
+        from oaif.run.checkpoint import trainer_state
 
         # the stream as of the last finished step: an interrupted step's prompts are drawn again
         return trainer_state(self.step, self._committed_stream, self.optimizer, self.scheduler, self.failures,
@@ -208,8 +209,8 @@ class Trainer:
             self.sampler.close()
 
     def train(self) -> dict:
-        """Run steps until ``train.max_steps`` (:func:`oaif.run_loop.run_steps`) and return a summary."""
-        from oaif.run_loop import run_steps
+        """Run steps until ``train.max_steps`` (:func:`oaif.run.loop.run_steps`) and return a summary."""
+        from oaif.run.loop import run_steps
 
         return run_steps(self)
 

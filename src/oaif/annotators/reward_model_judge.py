@@ -6,8 +6,8 @@ Each response is scored once, as the conversation ``prompt`` (user turn) + ``res
 token. ``P(a better) = sigmoid(r_a - r_b)``; a pointwise scorer has no position bias, so
 ``prob_ab == prob_ba == prob`` (consistent by construction).
 
-Scores are batched with padding on either side (:func:`oaif.reward_scoring.sequence_rewards`, the
-same scoring that :mod:`oaif.reward_model_training` trains with); the judge sets the config's
+Scores are batched with padding on either side (:func:`oaif.annotators.reward_scoring.sequence_rewards`, the
+same scoring that :mod:`oaif.annotators.reward_model_training` trains with); the judge sets the config's
 ``pad_token_id`` when it lacks one. A response repeated within one call (same prompt) is scored once.
 
 Faults never become labels: a conversation over ``max_length`` tokens fails the pair as
@@ -25,7 +25,7 @@ import torch
 
 from oaif.annotators.base import Judgment, PairRequest, checked, eval_mode, frozen
 from oaif.errors import AnnotatorError, ModelError
-from oaif.reward_scoring import conversation_ids, sequence_rewards, text_config, trained_with_chat_template
+from oaif.annotators.reward_scoring import conversation_ids, sequence_rewards, text_config, trained_with_chat_template
 from oaif.stats import sigmoid
 
 log = logging.getLogger("oaif.annotators")
@@ -76,7 +76,7 @@ class RewardModelJudge:
         if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
             raise AnnotatorError(f"{name_or_path} is not a reward model (architectures {archs}, expected a "
                                  f"...ForSequenceClassification with num_labels=1); train one with "
-                                 f"oaif.reward_model_training.train_reward_model")
+                                 f"oaif.annotators.reward_model_training.train_reward_model")
         if config.num_labels != 1:
             raise AnnotatorError(f"reward model {name_or_path} has num_labels={config.num_labels}; "
                                  f"a reward model judge needs num_labels=1 (one scalar score)")

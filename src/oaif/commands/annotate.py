@@ -235,8 +235,8 @@ def sample_pairs(args, records, model, tok, skipped: Counter) -> list[Pair]:
 
     from oaif.data import filter_long
     from oaif.models import encode_prompt
-    from oaif.pairs import candidate_pairs
-    from oaif.sampling import sample_responses
+    from oaif.step.pairs import candidate_pairs
+    from oaif.step.sampling import sample_responses
 
     k = args.num_samples
     tokens = {r.id: encode_prompt(tok, r.prompt) for r in records}
@@ -317,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.against_labels and not args.out:
         raise ConfigError("--out is required (the preference file to write), except with --against-labels")
     cfg = load_annotator_config(args.annotator_config, args.sets)
-    from oaif.run_dir import check_output_file
+    from oaif.run.run_dir import check_output_file
 
     for flag, path in (("--out", args.out), ("--report", args.report)):
         if path is not None:  # checked now: the results must not be lost after the work is done
@@ -397,7 +397,7 @@ def _run(args: argparse.Namespace, cfg, t0: float) -> int:
     if args.against_labels and args.out:
         _write_judgments(args.out, pairs, judgments, swapped)
     if args.report:
-        from oaif.report import write_json
+        from oaif.evaluation.report import write_json
 
         write_json(args.report, report)
     _print_summary(report, args)
@@ -405,7 +405,7 @@ def _run(args: argparse.Namespace, cfg, t0: float) -> int:
 
 
 def _print_summary(r: dict, args) -> None:
-    from oaif.report import fmt, fmt_counts
+    from oaif.evaluation.report import fmt, fmt_counts
 
     lines = [f"judge            {r['judge']}",
              f"input            {r['input']} ({r['rows']} rows; skipped: {fmt_counts(r['skipped'])})",

@@ -103,7 +103,7 @@ def _parse_steps(text: str | None) -> list[int] | None:
 
 
 def settings_from(args: argparse.Namespace):
-    from oaif.evaluate import EvalSettings
+    from oaif.evaluation.evaluate import EvalSettings
 
     s = EvalSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                      seed=args.seed, batch_size=args.batch_size, chat_template=False if args.no_chat_template else None,
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         from oaif.errors import DataError
 
         raise DataError(f"run directory not found: {args.run}")
-    from oaif.run_dir import check_output_dir
+    from oaif.run.run_dir import check_output_dir
 
     # checked now: the results must not be lost after the work is done
     check_output_dir(args.out or (Path(args.run) / "eval" if args.run else "eval"), "--out")
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args, cfg, settings, steps) -> dict:
-    from oaif import evaluate
+    from oaif.evaluation import evaluate
     from oaif.data import load_prompts
 
     prompts = source = None
@@ -168,7 +168,7 @@ def _run(args, cfg, settings, steps) -> dict:
 
 
 def _print_summary(result: dict, args) -> None:
-    from oaif.report import fmt, fmt_ci
+    from oaif.evaluation.report import fmt, fmt_ci
 
     p = result["prompts"]
     lines = [f"judge      {result['judge']['name']} ({result['judge']['description']})"]

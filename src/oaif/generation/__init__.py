@@ -2,7 +2,7 @@
 
 Each implements :class:`~oaif.generation.base.Generator`: ``sample`` takes templated prompt token
 ids and returns K responses per prompt (token ids, EOS included when a response ended there) and
-whether each ended at EOS, exactly like :func:`oaif.sampling.sample_responses`; ``load_weights``
+whether each ended at EOS, exactly like :func:`oaif.step.sampling.sample_responses`; ``load_weights``
 takes the policy's current weights after an optimizer step.
 
 * :func:`~oaif.generation.build.build_sampler`: the backend ``sampling.backend`` names.

@@ -1,7 +1,7 @@
 """What every generation backend shares: the interface, the stop rule, and one request per sample.
 
 A backend receives B prompts and returns K responses for each. Internally each (prompt, k) is
-one request with its own seed, ``row_seed(seed, position, k)`` from :mod:`oaif.sampling`, so a
+one request with its own seed, ``row_seed(seed, position, k)`` from :mod:`oaif.step.sampling`, so a
 response depends only on the weights, the prompt, the run seed, the prompt's position in the
 prompt stream and k; not on which other prompts share the batch, the number of processes, or
 whether the run was resumed. The draws differ from the ``shared_prefill`` backend's (another
@@ -16,7 +16,7 @@ from typing import Iterable, Protocol
 import torch
 
 from oaif.errors import OaifError
-from oaif.sampling import row_seed
+from oaif.step.sampling import row_seed
 
 #: vLLM samples greedily below this temperature; oaif's own backends are greedy near 0 as well.
 GREEDY_BELOW = 1e-5
@@ -30,7 +30,7 @@ class GenerationError(OaifError):
 class StopRules:
     """When a response ends: at the first of ``eos_ids`` (kept in the response) or after ``max_new_tokens``.
 
-    ``eos_ids`` are the model's EOS and end-of-turn ids, :func:`oaif.sampling.eos_token_ids`;
+    ``eos_ids`` are the model's EOS and end-of-turn ids, :func:`oaif.step.sampling.eos_token_ids`;
     nothing else stops a response (a backend's own idea of EOS is switched off).
     """
 
@@ -92,7 +92,7 @@ def request_params(row_seed: int, temperature: float, top_p: float, max_new_toke
 
 
 class Generator(Protocol):
-    """A sampling backend the trainer calls instead of :func:`oaif.sampling.sample_responses`."""
+    """A sampling backend the trainer calls instead of :func:`oaif.step.sampling.sample_responses`."""
 
     def sample(self, prompt_tokens: list[list[int]], positions: list[int], *, k: int, seed: int,
                temperature: float, top_p: float, max_new_tokens: int

@@ -20,7 +20,7 @@ def build_generator(settings: VllmConfig, *, model_path: str, eos_ids: set[int],
     """A :class:`ColocatedVllm` over ``model_path`` or a :class:`VllmServer` client, per ``settings.mode``.
 
     ``model_path`` is the resolved policy (base model for LoRA) directory; ``eos_ids`` the ids that
-    end a response (:func:`oaif.sampling.eos_token_ids`). The caller pushes the policy's weights
+    end a response (:func:`oaif.step.sampling.eos_token_ids`). The caller pushes the policy's weights
     with ``load_weights`` after every optimizer step, and once before the first sample.
     """
     settings.validate()

@@ -11,11 +11,11 @@ from typing import Callable, Iterable
 
 import torch
 
-from oaif.sampling import sample_responses
+from oaif.step.sampling import sample_responses
 
 
 class LivePolicy:
-    """Samples ``model`` (the unwrapped policy) with :func:`oaif.sampling.sample_responses`.
+    """Samples ``model`` (the unwrapped policy) with :func:`oaif.step.sampling.sample_responses`.
 
     ``autocast`` (the run's mixed-precision context, e.g. ``accelerator.autocast``) wraps the whole
     decode in one region, so its cast cache converts each weight once per call, not once per token."""

@@ -1,5 +1,5 @@
 """The policy's weights as (transformers name, tensor) pairs: what a generation engine is given after
-each step, and what a LoRA run's checkpoint saves (:mod:`oaif.checkpoint`), so both are the same.
+each step, and what a LoRA run's checkpoint saves (:mod:`oaif.run.checkpoint`), so both are the same.
 
 A full model gives its own tensors (no copy). A peft LoRA model gives the base weights with each
 adapter's delta added *out of place* (``W + B @ A * scaling`` as a new tensor, summed in float32

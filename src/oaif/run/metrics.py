@@ -96,8 +96,8 @@ class StepMetrics:
             self.add(f"time_{phase}_s", time.perf_counter() - t0)
 
     def add_micro_batch(self, rollouts, plan, prefs, judgments=None, truncated: int = 0) -> None:
-        """One micro-batch's records: its :class:`~oaif.sampling.Rollouts`, :class:`~oaif.pairs.PairPlan`,
-        :class:`~oaif.pairs.PreferenceBatch` and the annotator's judgments (``None`` in offline mode,
+        """One micro-batch's records: its :class:`~oaif.step.records.Rollouts`, :class:`~oaif.step.records.PairPlan`,
+        :class:`~oaif.step.records.PreferenceBatch` and the annotator's judgments (``None`` in offline mode,
         where the responses come from a file and ``truncated`` of them were cut to the token limit)."""
         lengths = [len(r) for rs in rollouts.responses for r in rs]
         self.add("response_length", sum(lengths), len(lengths))
@@ -122,7 +122,7 @@ class StepMetrics:
         self.failed.update(prefs.failed)
 
     def add_update(self, stats) -> None:
-        """An :class:`oaif.update.UpdateStats`: per-pair and per-response values of one micro-batch."""
+        """An :class:`oaif.step.update.UpdateStats`: per-pair and per-response values of one micro-batch."""
         out = stats.loss
         if out is not None and out.losses.numel():
             for name, values in (("loss", out.losses), ("logratio_margin", out.margins),

@@ -13,36 +13,10 @@ whole response up front, with no random generator state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from oaif.logprobs import pad_rows, position_ids_from_mask
-
-
-@dataclass
-class Rollouts:
-    """What sampling hands to annotation: K responses for each of B prompts."""
-
-    positions: list[int]  # global stream position of each prompt (unique per consumption)
-    prompt_ids: list[str]  # the prompt records' ids
-    prompt_texts: list[str]  # prompts as plain text, for the judge
-    prompt_tokens: list[list[int]]  # templated prompt token ids
-    responses: list[list[list[int]]]  # [b][k] response token ids (EOS included when it ended)
-    texts: list[list[str]]  # [b][k] decoded responses
-    ended_eos: list[list[bool]]  # [b][k]
-
-    @property
-    def num_prompts(self) -> int:
-        return len(self.responses)
-
-    @property
-    def k(self) -> int:
-        return len(self.responses[0]) if self.responses else 0
-
-    def flat(self, b: int, k: int) -> int:
-        """Index of response (b, k) in row-major order."""
-        return b * self.k + k
+from oaif.step.logprobs import pad_rows, position_ids_from_mask
+from oaif.step.records import Rollouts
 
 
 def row_seed(seed: int, position: int, k: int) -> int:

@@ -284,9 +284,9 @@ def restore_trainer_state(checkpoint: Path, model, optimizer, scheduler, stream,
     """Load a checkpoint's weights and trainer state into the run's objects; return its step.
 
     With ``config`` (the new run's), first refuse a config that differs from the saved one in a
-    key a resume may not change (:func:`oaif.resume_check.check_resume_config`).
+    key a resume may not change (:func:`oaif.run.resume_check.check_resume_config`).
     """
-    from oaif.resume_check import check_resume_config, reschedule
+    from oaif.run.resume_check import check_resume_config, reschedule
 
     state = load_trainer_state(checkpoint)
     load_model_weights(model, checkpoint)  # first: its errors name an architecture or LoRA mismatch precisely
@@ -318,9 +318,9 @@ class RunCheckpoints:
         """Write ``checkpoint-<step>``; ``state()`` gives the trainer state (called on the main process only).
 
         Non-finite weights are never written: every process checks its copy first and all raise
-        :class:`~oaif.finite_guard.NonFiniteError` together.
+        :class:`~oaif.run.finite_guard.NonFiniteError` together.
         """
-        from oaif.finite_guard import check_weights
+        from oaif.run.finite_guard import check_weights
 
         check_weights(model, step, self.last_saved)
         if collective:

@@ -26,14 +26,14 @@ import torch
 
 from oaif.config import Config, dump_yaml
 from oaif.errors import ConfigError, DataError
-from oaif.rounding_watch import watch_first_update
+from oaif.run.rounding_watch import watch_first_update
 
 log = logging.getLogger("oaif")
 
 
 def preflight(cfg: Config) -> None:
     """Fail fast, before any model loads, on inputs that can be checked cheaply."""
-    from oaif.run_dir import check_fresh_run, check_output_dir, continues_run_dir
+    from oaif.run.run_dir import check_fresh_run, check_output_dir, continues_run_dir
 
     check_output_dir(cfg.train.output_dir, "train.output_dir")
     if isinstance(cfg.train.resume, str) and not (Path(cfg.train.resume) / "trainer_state.pt").is_file():
@@ -97,7 +97,7 @@ def build_run(cfg: Config, annotator=None, sampler=None) -> RunParts:
     from accelerate.utils import set_seed
 
     from oaif import data, models
-    from oaif.sampling import eos_token_ids
+    from oaif.step.sampling import eos_token_ids
 
     preflight(cfg)
     accelerator = Accelerator(cpu=cfg.train.device == "cpu", mixed_precision=cfg.train.mixed_precision)
@@ -140,12 +140,12 @@ def build_run(cfg: Config, annotator=None, sampler=None) -> RunParts:
 
 
 def claim_run_dir(cfg: Config, accelerator):
-    """Lock the run directory (:class:`oaif.run_lock.RunLock`, main process) and, for a fresh run with
+    """Lock the run directory (:class:`oaif.run.lock.RunLock`, main process) and, for a fresh run with
     ``train.overwrite_output_dir``, delete the earlier run there. Every process gets the lock's
     verdict, so all stop together when another run holds it. Returns the lock (release it at the end)."""
     from oaif.errors import CheckpointError
-    from oaif.run_dir import clear_previous_run, continues_run_dir
-    from oaif.run_lock import RunLock
+    from oaif.run.run_dir import clear_previous_run, continues_run_dir
+    from oaif.run.lock import RunLock
 
     lock, error = RunLock(cfg.train.output_dir), None
     if accelerator.is_main_process:
@@ -172,8 +172,8 @@ def open_run_dir(cfg: Config, is_main: bool, resume_step: int | None):
 
     ``resume_step=None`` starts both logs afresh; otherwise their lines after that step are cut.
     """
-    from oaif.audit import AuditLog
-    from oaif.metrics import MetricsWriter
+    from oaif.run.audit import AuditLog
+    from oaif.run.metrics import MetricsWriter
 
     out = Path(cfg.train.output_dir)
     metrics = None

@@ -6,7 +6,7 @@ and processes: each micro-batch back-propagates ``sum(pair losses) * num_process
 A pair weighs the same whichever micro-batch or process it landed in.
 
 The policy and the reference forward the *same* packed batch under the *same* precision
-context (accelerate's autocast wraps both forwards; see :mod:`oaif.run_setup`), so at step 0,
+context (accelerate's autocast wraps both forwards; see :mod:`oaif.run.build`), so at step 0,
 before any update, the log-ratio margin and the KL estimate are exactly 0.
 
 Responses that entered no pair (tied, failed, identical) carry no loss; in online mode they are
@@ -21,10 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from oaif.logprobs import SequenceBatch, pack_sequences, sequence_logprobs, takes_kv_cache
-from oaif.losses import PreferenceLossOutput, preference_loss
-from oaif.pairs import PreferenceBatch
-from oaif.sampling import Rollouts
+from oaif.step.logprobs import SequenceBatch, pack_sequences, sequence_logprobs, takes_kv_cache
+from oaif.step.losses import PreferenceLossOutput, preference_loss
+from oaif.step.records import PreferenceBatch, Rollouts
 
 
 @dataclass
@@ -71,7 +70,7 @@ class PolicyUpdate:
     gone before the policy builds its graph; the policy then forwards and back-propagates one pass
     at a time, each with the loss of the pairs in it (the step's objective is a sum over pairs).
     With ``share_prompts`` a pass forwards each prompt once for all its responses when the policy
-    takes a KV cache in training (:func:`oaif.logprobs.takes_kv_cache`); the reference then does the same.
+    takes a KV cache in training (:func:`oaif.step.logprobs.takes_kv_cache`); the reference then does the same.
     """
 
     def __init__(self, accelerator, policy, reference, pad_id: int, loss_cfg, *, kl: bool,

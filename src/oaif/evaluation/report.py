@@ -1,4 +1,4 @@
-"""The evaluation report: ``report.md`` (Markdown) and PNG plots, from :mod:`oaif.evaluate`'s result.
+"""The evaluation report: ``report.md`` (Markdown) and PNG plots, from :mod:`oaif.evaluation.evaluate`'s result.
 
 Plots (matplotlib, Agg canvas, imported only here and only when a report is written):
 

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from oaif.annotators.base import Judgment, PairRequest
 from oaif.errors import AnnotatorError
-from oaif.sampling import Rollouts
+from oaif.step.records import PairPlan, PreferenceBatch, Rollouts
 
 
 def candidate_pairs(k: int, pairing: str) -> list[tuple[int, int]]:
@@ -37,15 +36,6 @@ def candidate_pairs(k: int, pairing: str) -> list[tuple[int, int]]:
     if pairing == "all":
         return list(itertools.combinations(range(k), 2))
     raise ValueError(f"unknown pairing {pairing!r}")
-
-
-@dataclass
-class PairPlan:
-    """The pairs to judge, as (prompt row, k_a, k_b), and those masked before judging."""
-
-    pairs: list[tuple[int, int, int]]
-    requests: list[PairRequest]
-    identical: int = 0
 
 
 def pair_requests(rollouts: Rollouts, pairing: str = "disjoint") -> PairPlan:
@@ -69,25 +59,6 @@ def annotate_pairs(annotator, rollouts: Rollouts, pairing: str) -> tuple[PairPla
         raise AnnotatorError(f"annotator {getattr(annotator, 'name', '?')} returned {len(judgments)} "
                              f"judgments for {len(plan.requests)} pairs")
     return plan, judgments
-
-
-@dataclass
-class PreferenceBatch:
-    """Training pairs as flat response indices into the rollouts (row-major b * K + k)."""
-
-    chosen: list[int]
-    rejected: list[int]
-    label_probs: list[float]  # P(chosen better): 1.0 with hard labels
-    masked: Counter = field(default_factory=Counter)  # reason -> count (identical, tie)
-    failed: Counter = field(default_factory=Counter)  # failure reason -> count
-
-    @property
-    def size(self) -> int:
-        return len(self.chosen)
-
-    def responses_used(self) -> list[int]:
-        """Flat indices of every response that appears in a pair, each once, in order."""
-        return sorted(set(self.chosen) | set(self.rejected))
 
 
 def penalize_unfinished(p: float, a_ended: bool, b_ended: bool, penalty: float) -> float:

@@ -6,8 +6,8 @@ which leaves the progress saved (or, for a non-finite step, the last finite chec
 from __future__ import annotations
 
 from oaif.errors import AnnotatorError, CheckpointWriteError
-from oaif.finite_guard import NonFiniteError, check_step
-from oaif.stop_signals import StopSignals, Stopped
+from oaif.run.finite_guard import NonFiniteError, check_step
+from oaif.run.stop_signals import StopSignals, Stopped
 
 BAR_KEYS = ("loss", "reward_accuracy", "kl", "response_length", "judge_consistency")
 

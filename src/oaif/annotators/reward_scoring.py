@@ -8,7 +8,7 @@ rightmost token that is not ``config.pad_token_id``; :func:`sequence_rewards` pa
 position ids (so left padding changes nothing) and, in the rare batch where a sequence ends with
 the pad id itself, pools with a pad id that no sequence ends with.
 
-:mod:`oaif.reward_model_training` writes :data:`STATS_FILE` next to the weights; the judge reads
+:mod:`oaif.annotators.reward_model_training` writes :data:`STATS_FILE` next to the weights; the judge reads
 from it whether to use the chat template (:func:`trained_with_chat_template`).
 """
 

@@ -35,7 +35,7 @@ from typing import Sequence
 from oaif.errors import ConfigError, DataError
 from oaif.stats import CI_LEVEL, bootstrap_ci, histogram_edges, length_stats, mean, outcomes, score
 
-log = logging.getLogger("oaif.evaluate")
+log = logging.getLogger("oaif.evaluation.evaluate")
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def held_out_prompts(run_cfg, tokenizer=None) -> tuple[list, dict]:
 
 def discover_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """``(step, path)`` of every complete ``checkpoint-N`` directory of a run, by step."""
-    from oaif.checkpoint import _CKPT  # the trainer's checkpoint-name pattern
+    from oaif.run.checkpoint import _CKPT  # the trainer's checkpoint-name pattern
 
     out = []
     for p in Path(run_dir).iterdir():
@@ -268,7 +268,7 @@ def generate(model_path: str, records: Sequence, settings: EvalSettings, *, labe
     from tqdm.auto import tqdm
 
     from oaif.models import encode_prompt, load_causal_lm
-    from oaif.sampling import sample_responses
+    from oaif.step.sampling import sample_responses
 
     t0 = time.perf_counter()
     device = device if device is not None else _device(settings.device)
@@ -393,7 +393,7 @@ def _judge_info(annotator, annotator_cfg) -> dict:
 
 def _finish(result: dict, out_dir, metrics: list[dict] | None = None, n_samples: int = 3) -> dict:
     if out_dir is not None:
-        from oaif.report import write_json, write_report
+        from oaif.evaluation.report import write_json, write_report
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -518,7 +518,7 @@ def evaluate_run(run_dir: str | Path, annotator_cfg=None, *, settings: EvalSetti
     metrics_path = run / "metrics.jsonl"
     metrics = None
     if metrics_path.is_file():
-        from oaif.metrics import read_metrics
+        from oaif.run.metrics import read_metrics
 
         metrics = read_metrics(metrics_path)
     training_judge = describe_judge(run_cfg.annotator) if run_cfg.train.mode == "online" else "none (offline run)"

@@ -9,7 +9,7 @@ untrained model scores every response 0 (P = 0.5 for every pair). Plain PyTorch:
 rate, gradient clipping, a tqdm bar. A checkpoint that already is a one-logit sequence classifier
 is trained further.
 
-Each response is scored exactly as the judge scores it (:mod:`oaif.reward_scoring`): the prompt flattened to text as the judge receives it, as the user
+Each response is scored exactly as the judge scores it (:mod:`oaif.annotators.reward_scoring`): the prompt flattened to text as the judge receives it, as the user
 turn, the response as the assistant turn. Pairs over ``max_length`` tokens are skipped and
 counted (the judge fails them as ``too_long``).
 
@@ -94,7 +94,7 @@ def train_reward_model(base_model_path: str, pairs: Sequence, output_dir: str | 
     from tqdm.auto import tqdm
 
     from oaif.data import messages_to_text
-    from oaif.reward_scoring import STATS_FILE, conversation_ids, sequence_rewards
+    from oaif.annotators.reward_scoring import STATS_FILE, conversation_ids, sequence_rewards
 
     if epochs < 0 or batch_size < 1 or max_length < 1 or not lr > 0:
         raise ValueError("train_reward_model: epochs >= 0, batch_size >= 1, max_length >= 1 and lr > 0 are required")

@@ -16,9 +16,8 @@ import json
 from pathlib import Path
 
 from oaif.annotators.base import Judgment
-from oaif.metrics import open_step_log
-from oaif.pairs import PairPlan
-from oaif.sampling import Rollouts
+from oaif.run.metrics import open_step_log
+from oaif.step.records import PairPlan, Rollouts
 
 
 def _digest(text: str) -> str:
