@@ -89,7 +89,8 @@ def oaif(*argv: str, log: Path | None = None, env: dict[str, str] | None = None)
 
 def split_prompts(out: Path, n_eval: int, seed: int = 1234) -> tuple[Path, Path]:
     """Write a fixed train / held-out split of the shipped demo prompts into ``out``."""
-    from oaif.data import load_prompts, split_eval
+    from oaif.data.prompts import load_prompts
+    from oaif.data.split import split_eval
 
     records = load_prompts(PROMPTS).records
     train, held = split_eval(records, max(n_eval, 1) / len(records), seed)

@@ -5,7 +5,7 @@
     python experiments/judge_table.py --smoke               # SmolLM2 on 4 pairs, every variant (a test runs it)
 
 Pairs: the first N usable pairs of Anthropic HH harmless-base test (``--hh``), in file order, as
-``oaif annotate --limit N`` reads them (``oaif.data.load_hh_pairs``), cut into chunk files of
+``oaif annotate --limit N`` reads them (``oaif.data.hh.load_hh_pairs``), cut into chunk files of
 ``--chunk`` pairs under ``OUT/pairs``. Each judge is served by the llama.cpp server
 (``python -m llama_cpp.server``, started on loopback by ``tests/llama_server.py``; weights from
 ``scripts/fetch_judge.py``) and each chunk is judged by one ``oaif annotate --against-labels``
@@ -85,7 +85,7 @@ def sanity_records(records: list, seed: int, pairs: int = SANITY_PAIRS, donors_e
     the conversation, so a judge with any signal prefers ``chosen`` (under the ``helpful`` rubric)."""
     import random
 
-    from oaif.data import PreferenceRecord
+    from oaif.data.records import PreferenceRecord
 
     rng, donors, out = random.Random(seed), records[pairs:donors_end], []
     if not donors:
@@ -100,7 +100,8 @@ def sanity_records(records: list, seed: int, pairs: int = SANITY_PAIRS, donors_e
 
 def write_chunks(out: Path, hh: Path, n: int, chunk: int, pairset: str = "hh", seed: int = 0) -> list[Path]:
     """Chunk files holding the first ``n`` pairs of ``pairset`` (written once; the chunk size is fixed per OUT)."""
-    from oaif.data import load_hh_pairs, save_preferences
+    from oaif.data.hh import load_hh_pairs
+    from oaif.data.preferences import save_preferences
 
     if chunk < 2 or chunk % 2:
         raise SystemExit("judge_table: --chunk must be even (oaif annotate alternates which slot holds the human choice)")
@@ -230,7 +231,7 @@ def train_rm(out: Path, hh: Path, skip: int, n: int, max_length: int, base: str,
     import shutil
 
     rm = out / "reward_model"
-    from oaif.data import load_hh_pairs
+    from oaif.data.hh import load_hh_pairs
 
     pairs = load_hh_pairs(hh).records[skip:skip + n]
     hh_range = [skip, skip + len(pairs)]

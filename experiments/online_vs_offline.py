@@ -23,7 +23,8 @@ from served_judges import judge_lines, served_judges
 
 def offline_prompt_file(train_prompts: Path, n: int, out: Path, seed: int = 42) -> Path:
     """The first n prompts in the order the online run draws them (same stream, same seed)."""
-    from oaif.data import PromptStream, load_prompts
+    from oaif.data.prompts import load_prompts
+    from oaif.data.stream import PromptStream
 
     stream = PromptStream(load_prompts(train_prompts).records, seed=seed)
     rows = [rec for _, rec in stream.take(n)]

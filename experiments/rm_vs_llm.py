@@ -41,7 +41,8 @@ def main() -> None:
 def experiment(args, out: Path, log: Path) -> None:
     t0 = time.perf_counter()
 
-    from oaif.data import load_hh_pairs, save_preferences
+    from oaif.data.hh import load_hh_pairs
+    from oaif.data.preferences import save_preferences
     from oaif.annotators.reward_model_training import train_reward_model
 
     pairs = load_hh_pairs(HH).records
@@ -62,7 +63,8 @@ def experiment(args, out: Path, log: Path) -> None:
     rm_agree = json.loads((out / "rm_agreement.json").read_text())
     llm_agree = json.loads((out / "llm_agreement.json").read_text())
 
-    from oaif.data import load_prompts, split_eval
+    from oaif.data.prompts import load_prompts
+    from oaif.data.split import split_eval
 
     records = load_prompts(ROOT / "data/prompts/hh_harmless_prompts.jsonl").records
     train, held = split_eval(records, max(args.eval_prompts, 1) / len(records), 1234)

@@ -22,7 +22,8 @@ import json
 import shutil
 from pathlib import Path
 
-from oaif.data import load_hh_pairs, parse_hh_dialogue, save_preferences
+from oaif.data.hh import load_hh_pairs, parse_hh_dialogue
+from oaif.data.preferences import save_preferences
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import pytest
 
 from oaif.cli import main
 from oaif.config import load_annotator_config
-from oaif.data import load_preferences
+from oaif.data.preferences import load_preferences
 from oaif.errors import ConfigError
 
 HH_FILE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hh_harmless_test.jsonl.gz"

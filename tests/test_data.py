@@ -10,19 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from oaif.data import (
-    PreferenceRecord,
-    PromptRecord,
-    PromptStream,
-    filter_long,
-    load_hh_pairs,
-    load_preferences,
-    load_prompts,
-    parse_hh_dialogue,
-    save_preferences,
-    split_eval,
-    training_prompts,
-)
+from oaif.data.hh import load_hh_pairs, parse_hh_dialogue
+from oaif.data.preferences import load_preferences, save_preferences
+from oaif.data.prompts import load_prompts
+from oaif.data.records import PreferenceRecord, PromptRecord
+from oaif.data.split import filter_long, split_eval, training_prompts
+from oaif.data.stream import PromptStream
 from oaif.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]

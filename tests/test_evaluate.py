@@ -15,7 +15,7 @@ from helpers import make_tiny_llama
 from oaif.annotators.base import Judgment
 from oaif.commands import eval as eval_cmd
 from oaif.config import load_annotator_config
-from oaif.data import load_prompts
+from oaif.data.prompts import load_prompts
 from oaif.errors import ConfigError, DataError
 from oaif.evaluation.evaluate import EvalSettings, evaluate_models, win_rate
 from oaif.evaluation.report import fmt, fmt_ci
@@ -197,7 +197,7 @@ def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def test_eval_run_gives_a_curve_over_checkpoints(tiny_run, tiny_model_dir, tmp_path, capsys):
-    from oaif import data as data_mod
+    from oaif.data.split import split_eval
     from oaif.models import encode_prompt, load_tokenizer
 
     assert cli("--run", str(tiny_run), "--limit", "4", "--bootstrap", "200", "--no-progress", *JUDGE) == 0
@@ -214,9 +214,9 @@ def test_eval_run_gives_a_curve_over_checkpoints(tiny_run, tiny_model_dir, tmp_p
 
     # the held-out prompts are the trainer's eval split: filter by length, split_eval(kept, 0.1, seed 42)
     tok = load_tokenizer(tiny_model_dir)
-    records = data_mod.load_prompts(ROOT / "data/prompts/demo_prompts.jsonl").records
+    records = load_prompts(ROOT / "data/prompts/demo_prompts.jsonl").records
     kept = [r for r in records if len(encode_prompt(tok, r.prompt)) <= 256]
-    _, held = data_mod.split_eval(kept, 0.1, 42)
+    _, held = split_eval(kept, 0.1, 42)
     assert [s["id"] for s in result["samples"]] == [r.id for r in held[:4]]
     assert result["prompts"]["kind"] == "run eval split" and result["prompts"]["split_of"] == len(kept)
 

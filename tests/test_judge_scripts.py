@@ -158,7 +158,7 @@ def _judge_table():
 
 
 def test_sanity_set_pairs_each_chosen_reply_with_a_reply_from_another_dialogue(tmp_path):
-    from oaif.data import load_hh_pairs
+    from oaif.data.hh import load_hh_pairs
 
     jt = _judge_table()
     rows = [{"chosen": f"\n\nHuman: question {i}\n\nAssistant: answer {i % 5}",

@@ -14,7 +14,7 @@ import torch
 
 from oaif import models
 from oaif.config import LoraConfig, ModelConfig
-from oaif.data import messages_to_text
+from oaif.data.records import messages_to_text
 from oaif.errors import ModelError
 from oaif.models import (EMBEDDED_MODELS, activation_checkpointing, encode_prompt, end_of_turn_id, load_causal_lm,
                          load_policy_and_reference, load_tokenizer, reference_context, resolve_model_path)
@@ -278,7 +278,7 @@ def test_encode_prompt_plain_text(tiny_model_dir):
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
                 {"role": "user", "content": "Bye"}]
     assert tok.decode(encode_prompt(tok, messages)) == "User: Hi\n\nAssistant: Hello.\n\nUser: Bye\n\nAssistant:"
-    # one rendering of messages for judges and template-less tokenizers: oaif.data.messages_to_text
+    # one rendering of messages for judges and template-less tokenizers: oaif.data.records.messages_to_text
     assert tok.decode(encode_prompt(tok, messages[:1])) == messages_to_text(messages[:1]) + "\n\nAssistant:"
 
 

@@ -14,7 +14,7 @@ import torch
 from helpers import TINY_LLAMA
 from oaif.annotators.base import PairRequest
 from oaif.annotators.reward_model_judge import RewardModelJudge, sequence_rewards
-from oaif.data import PreferenceRecord
+from oaif.data.records import PreferenceRecord
 from oaif.errors import AnnotatorError, ModelError
 
 

@@ -45,7 +45,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-from oaif.data import messages_to_text
+from oaif.data.records import messages_to_text
 from oaif.errors import DataError, ModelError
 from oaif.errors import one_line as _one_line
 

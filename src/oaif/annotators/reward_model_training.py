@@ -83,7 +83,7 @@ def train_reward_model(base_model_path: str, pairs: Sequence, output_dir: str | 
                        weight_decay: float = 0.0, max_grad_norm: float = 1.0, use_chat_template: bool = True,
                        dtype: Any = "float32", device=None, cache_dir: str | None = None,
                        progress: bool = True) -> str:
-    """Train a reward model on ``pairs`` (:class:`oaif.data.PreferenceRecord`) and save it to ``output_dir``.
+    """Train a reward model on ``pairs`` (:class:`oaif.data.records.PreferenceRecord`) and save it to ``output_dir``.
 
     ``batch_size`` counts pairs (each step scores ``2 * batch_size`` sequences). ``epochs=0`` only
     converts and saves (a fresh score head). Seeded (head initialisation and pair order) by
@@ -93,7 +93,7 @@ def train_reward_model(base_model_path: str, pairs: Sequence, output_dir: str | 
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    from oaif.data import messages_to_text
+    from oaif.data.records import messages_to_text
     from oaif.annotators.reward_scoring import STATS_FILE, conversation_ids, sequence_rewards
 
     if epochs < 0 or batch_size < 1 or max_length < 1 or not lr > 0:

@@ -29,10 +29,10 @@ def conversation_text(tokenizer, prompt, response: str, use_chat_template: bool 
     """The scored text: prompt as the user turn and response as the assistant turn.
 
     ``prompt`` is plain text (a list of chat messages is flattened the way judges see it, by
-    :func:`oaif.data.messages_to_text`).
+    :func:`oaif.data.records.messages_to_text`).
     """
     if not isinstance(prompt, str):
-        from oaif.data import messages_to_text
+        from oaif.data.records import messages_to_text
 
         prompt = messages_to_text(prompt)
     if use_chat_template and getattr(tokenizer, "chat_template", None):
@@ -51,7 +51,7 @@ def conversation_ids(tokenizer, prompt, response: str, use_chat_template: bool =
     from oaif.annotators.untrusted import SlotEncoder, slot
 
     if not isinstance(prompt, str):
-        from oaif.data import messages_to_text
+        from oaif.data.records import messages_to_text
 
         prompt = messages_to_text(prompt)
     templated = use_chat_template and bool(getattr(tokenizer, "chat_template", None))

@@ -96,7 +96,7 @@ class Pair:
 
 
 def _first_row(path: Path) -> dict | None:
-    from oaif.data import _iter_jsonl
+    from oaif.data.rows import _iter_jsonl
 
     for _, obj in _iter_jsonl(path):
         return obj
@@ -108,9 +108,11 @@ def load_pairs(path: str | Path, labelled: bool = False):
     ``a``/``b`` (not with ``labelled``), or HH transcripts (``chosen``/``rejected`` without ``prompt``).
 
     Returns ``(pairs, rows, skipped)``: ``a`` is the ``chosen`` (or ``a``) response. Empty and
-    identical pairs are skipped and counted by the loaders of :mod:`oaif.data`.
+    identical pairs are skipped and counted by the loaders of :mod:`oaif.data.preferences` and
+    :mod:`oaif.data.hh`.
     """
-    from oaif.data import load_hh_pairs, load_preferences
+    from oaif.data.hh import load_hh_pairs
+    from oaif.data.preferences import load_preferences
     from oaif.errors import DataError
 
     p = Path(path)
@@ -200,7 +202,7 @@ def orient(pairs: list[Pair], judgments: list):
 
     Returns ``(records, ties)``; failed judgments and exact ties are left out.
     """
-    from oaif.data import PreferenceRecord
+    from oaif.data.records import PreferenceRecord
 
     records, ties = [], 0
     for pair, j in zip(pairs, judgments):
@@ -220,7 +222,7 @@ def orient(pairs: list[Pair], judgments: list):
 # --------------------------------------------------------------------------------------------
 def load_sample_prompts(args, skipped: Counter):
     """The prompts of ``args.input`` (first ``--limit``), with the row count; empty prompts counted."""
-    from oaif.data import load_prompts
+    from oaif.data.prompts import load_prompts
 
     prompts = load_prompts(args.input, field=args.prompt_field)
     skipped.update(prompts.skipped)
@@ -233,7 +235,7 @@ def sample_pairs(args, records, model, tok, skipped: Counter) -> list[Pair]:
     pairs and prompts over ``--max-prompt-tokens`` are skipped and counted."""
     from tqdm import tqdm
 
-    from oaif.data import filter_long
+    from oaif.data.split import filter_long
     from oaif.models import encode_prompt
     from oaif.step.pairs import candidate_pairs
     from oaif.step.sampling import sample_responses
@@ -329,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, cfg, t0: float) -> int:
     from oaif.annotators.base import PairRequest, annotate_all
     from oaif.annotators.build import build_annotator
-    from oaif.data import messages_to_text
+    from oaif.data.records import messages_to_text
 
     skipped: Counter = Counter()
     if args.sample_from:
@@ -384,7 +386,7 @@ def _run(args: argparse.Namespace, cfg, t0: float) -> int:
             report["sampled_from"] = args.sample_from
             report["sampling"] = {"num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens,
                                   "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
-        from oaif.data import save_preferences
+        from oaif.data.preferences import save_preferences
 
         report["written"] = save_preferences(args.out, records)
         report["ties"] = ties

@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args, cfg, settings, steps) -> dict:
     from oaif.evaluation import evaluate
-    from oaif.data import load_prompts
+    from oaif.data.prompts import load_prompts
 
     prompts = source = None
     if args.prompts:

@@ -202,12 +202,12 @@ def _filter_and_limit(records, tokenizers, settings: EvalSettings, limit: int | 
 
 def held_out_prompts(run_cfg, tokenizer=None) -> tuple[list, dict]:
     """The run's held-out prompts, exactly as :class:`oaif.trainer.Trainer` chose them: both call
-    :func:`oaif.data.training_prompts` (``data.eval_path`` when set; otherwise the ``data.eval_fraction``
+    :func:`oaif.data.split.training_prompts` (``data.eval_path`` when set; otherwise the ``data.eval_fraction``
     split, with ``train.seed``, of the prompts of ``data.path`` that fit in ``data.max_prompt_tokens``
     with the run's chat template and system prompt). Returns ``(records, source)`` where ``source``
     describes where they came from.
     """
-    from oaif import data as data_mod
+    from oaif.data.split import training_prompts
     from oaif.models import encode_prompt, load_tokenizer
 
     d = run_cfg.data
@@ -221,7 +221,7 @@ def held_out_prompts(run_cfg, tokenizer=None) -> tuple[list, dict]:
                         f"started in, or pass --prompts FILE)")
     if tokenizer is None:
         tokenizer = load_tokenizer(run_cfg.model.name_or_path, run_cfg.model.cache_dir, run_cfg.model.trust_remote_code)
-    split = data_mod.training_prompts(d, "online", run_cfg.train.seed, lambda prompt: encode_prompt(
+    split = training_prompts(d, "online", run_cfg.train.seed, lambda prompt: encode_prompt(
         tokenizer, prompt, run_cfg.model.chat_template, run_cfg.model.system_prompt))
     if d.eval_path:
         return split.held_out, {"kind": "run eval_path", "path": str(d.eval_path)}
@@ -409,7 +409,7 @@ def evaluate_models(model_a: str, model_b: str, prompts: Sequence, annotator_cfg
                     settings: EvalSettings | None = None, annotator=None, limit: int | None = None,
                     labels: tuple[str, str] = ("A", "B"), prompt_source: dict | None = None,
                     out_dir: str | Path | None = None, progress: bool = True, n_samples: int = 3) -> dict:
-    """Win rate of ``model_a`` against ``model_b`` on ``prompts`` (:class:`~oaif.data.PromptRecord`).
+    """Win rate of ``model_a`` against ``model_b`` on ``prompts`` (:class:`~oaif.data.records.PromptRecord`).
 
     Prompts too long for either tokenizer are skipped and counted; then the first ``limit`` are
     used. Each model answers each prompt once (same seed and settings); the judge built from

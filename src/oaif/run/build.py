@@ -1,7 +1,7 @@
 """Everything a training run needs, built from its config, before the loop starts.
 
 :func:`build_run` checks the inputs it can check cheaply (:func:`preflight`), then builds the
-accelerator, the policy and its reference, the records (:func:`oaif.data.training_prompts`), the
+accelerator, the policy and its reference, the records (:func:`oaif.data.split.training_prompts`), the
 prompt stream, the optimizer, the schedule, the annotator and the sampler
 (:func:`oaif.generation.build.build_sampler`). :func:`open_run_dir` is the one
 place the run directory is written before training: ``config.yaml``, ``metrics.jsonl`` and the
@@ -81,8 +81,8 @@ class RunParts:
     reference: Any  # prepared the same way without DDP; None with LoRA (the policy with its adapter off)
     tokenizer: Any
     encode: Callable[[Any], list[int]]  # prompt -> templated token ids
-    prompts: Any  # oaif.data.TrainingPrompts
-    stream: Any  # oaif.data.PromptStream over prompts.train
+    prompts: Any  # oaif.data.split.TrainingPrompts
+    stream: Any  # oaif.data.stream.PromptStream over prompts.train
     optimizer: Any
     scheduler: Any
     annotator: Any  # None in offline mode
@@ -96,7 +96,9 @@ def build_run(cfg: Config, annotator=None, sampler=None) -> RunParts:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from oaif import data, models
+    from oaif import models
+    from oaif.data.split import training_prompts
+    from oaif.data.stream import PromptStream
     from oaif.step.sampling import eos_token_ids
 
     preflight(cfg)
@@ -109,10 +111,10 @@ def build_run(cfg: Config, annotator=None, sampler=None) -> RunParts:
     def encode(prompt) -> list[int]:
         return models.encode_prompt(tokenizer, prompt, cfg.model.chat_template, cfg.model.system_prompt)
 
-    prompts = data.training_prompts(cfg.data, cfg.train.mode, cfg.train.seed, encode)
+    prompts = training_prompts(cfg.data, cfg.train.mode, cfg.train.seed, encode)
     if prompts.skipped:
         log.warning("skipped input rows: %s", dict(prompts.skipped))
-    stream = data.PromptStream(prompts.train, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+    stream = PromptStream(prompts.train, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
     stop_ids = eos_token_ids(policy, tokenizer)
 
     trainable = [p for p in policy.parameters() if p.requires_grad]
