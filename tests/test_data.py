@@ -342,6 +342,29 @@ def test_preference_errors(tmp_path):
         load_preferences(both)
 
 
+@pytest.mark.parametrize("rows,dup,first,second", [
+    # the same explicit id twice
+    ([{"id": "a", "prompt": "Q1", "chosen": "x", "rejected": "y"},
+      {"id": "a", "prompt": "Q2", "chosen": "x", "rejected": "y"}], "a", 1, 2),
+    # an explicit id equal to a later row's default id (its 0-based index)
+    ([{"id": "2", "prompt": "Q1", "chosen": "x", "rejected": "y"},
+      {"prompt": "Q2", "chosen": "x", "rejected": "y"},
+      {"prompt": "Q3", "chosen": "x", "rejected": "y"}], "2", 1, 3),
+    # a skipped row still holds its id
+    ([{"id": "s", "prompt": "Q1", "chosen": "same", "rejected": "same"},
+      {"id": "s", "prompt": "Q2", "chosen": "x", "rejected": "y"}], "s", 1, 2),
+])
+def test_preference_ids_must_be_unique_so_pairs_find_their_own_prompt(tmp_path, rows, dup, first, second):
+    """Offline pairs look their prompt tokens up by record id: a repeated id would train a pair on
+    another record's prompt, so the file is refused, naming the id and both lines."""
+    path = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        load_preferences(path)
+    assert f"line {second}: duplicate id '{dup}' (first at line {first})" in one_line(e)
+    with pytest.raises(DataError, match="duplicate id"):
+        training_prompts(data_cfg(preference_path=str(path), eval_fraction=0.0), "offline", 0, words)
+
+
 @pytest.mark.parametrize("name", ["out/prefs.jsonl", "prefs.jsonl.gz"])
 def test_save_preferences_roundtrip(tmp_path, name):
     recs = [PreferenceRecord("a", "Q?", "yes", "no", 0.75), PreferenceRecord("b", CHAT, "Red.", "Blue?", None)]

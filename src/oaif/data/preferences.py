@@ -35,7 +35,8 @@ def load_preferences(path: str | Path, fields: tuple[str, str] = ("chosen", "rej
 
     Skipped and counted: empty prompt (``empty_prompt``), empty chosen or rejected
     (``empty_response``), chosen equal to rejected (``identical``). Anything malformed is a
-    :class:`DataError` naming the line. ``fields`` names the two response columns (``("a", "b")``
+    :class:`DataError` naming the line, and so is an id that repeats (an explicit id equal to another
+    row's, or to another row's default index id): offline pairs find their prompt by id. ``fields`` names the two response columns (``("a", "b")``
     reads unlabelled pairs: the first goes to ``chosen``, the second to ``rejected``).
     """
     p = Path(path)
@@ -43,6 +44,7 @@ def load_preferences(path: str | Path, fields: tuple[str, str] = ("chosen", "rej
         raise DataError(f"preference file not found: {p}")
     first, second = fields
     out = PreferenceSet(records=[])
+    seen: dict[str, int] = {}
     for index, (line_no, obj) in enumerate(_iter_jsonl(p)):
         out.rows += 1
         where = f"{p} line {line_no}"
@@ -63,7 +65,11 @@ def load_preferences(path: str | Path, fields: tuple[str, str] = ("chosen", "rej
             prompt = _check_prompt(obj["prompt"])
         except DataError as e:
             raise DataError(f"{where}: 'prompt': {e}") from None
-        _add_preference(out, _row_id(obj, index), prompt, obj[first], obj[second], prob)
+        rid = _row_id(obj, index)
+        if rid in seen:
+            raise DataError(f"{where}: duplicate id '{rid}' (first at line {seen[rid]}); ids must be unique")
+        seen[rid] = line_no
+        _add_preference(out, rid, prompt, obj[first], obj[second], prob)
     return out
 
 
