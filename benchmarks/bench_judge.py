@@ -21,7 +21,7 @@ import torch
 from oaif.annotators.base import PairRequest
 from oaif.annotators.llm_judge import LLMJudge
 from oaif.annotators.rubrics import load_rubric
-from oaif.models import load_causal_lm
+from oaif.models.load import load_causal_lm
 
 ROOT = Path(__file__).resolve().parent.parent
 

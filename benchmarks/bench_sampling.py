@@ -45,7 +45,9 @@ def run_one(args, dtype: str) -> dict:
     from oaif.config import VllmConfig
     from oaif.generation.vllm_colocated import ColocatedVllm
     from oaif.generation.weights import policy_weights
-    from oaif.models import encode_prompt, load_causal_lm, resolve_model_path
+    from oaif.models.chat import encode_prompt
+    from oaif.models.load import load_causal_lm
+    from oaif.models.resolve import resolve_model_path
     from oaif.step.sampling import sample_responses
 
     path = resolve_model_path(args.model)

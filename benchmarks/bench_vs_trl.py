@@ -201,7 +201,7 @@ def run_trl(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-    from oaif.models import resolve_model_path
+    from oaif.models.resolve import resolve_model_path
 
     setup_threads(args.threads)
     path = resolve_model_path(MODEL)
@@ -263,7 +263,7 @@ def run_vllm(args) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from oaif.models import resolve_model_path
+    from oaif.models.resolve import resolve_model_path
 
     token_prompts = json.loads(Path(args.prompt_file).read_text())
     dtype = {"float32": "float32", "bf16": "bfloat16", "bf16-weights": "bfloat16"}[args.precision]

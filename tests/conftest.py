@@ -19,7 +19,7 @@ from helpers import EMBEDDED, make_tiny_gguf, make_tiny_llama
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     """Directory of the embedded SmolLM2-135M-Instruct, converted from GGUF once (cached across runs)."""
-    from oaif.models import resolve_model_path
+    from oaif.models.resolve import resolve_model_path
 
     return resolve_model_path(EMBEDDED)
 

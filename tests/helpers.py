@@ -27,7 +27,7 @@ TINY_LLAMA = dict(
 
 def smollm2_tokenizer_dir() -> str:
     """The converted embedded model's directory (converted once into the cache), for its tokenizer."""
-    from oaif.models import resolve_model_path
+    from oaif.models.resolve import resolve_model_path
 
     return resolve_model_path(EMBEDDED)
 
@@ -73,7 +73,7 @@ def make_tiny_gguf(path, seed: int = 0, hidden: int = 64, layers: int = 2, heads
     import gguf
     import numpy as np
 
-    from oaif.models import embedded_gguf_path
+    from oaif.models.resolve import embedded_gguf_path
 
     source = gguf.GGUFReader(source_gguf or embedded_gguf_path(EMBEDDED))
     fields = source.fields

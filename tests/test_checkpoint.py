@@ -98,7 +98,7 @@ def test_lora_resume_matches_uninterrupted(tiny_model_dir, tmp_path):
 def test_lora_bf16_saves_leave_the_frozen_base_bit_identical(tiny_model_dir, tmp_path):
     from oaif.run.checkpoint import save_checkpoint
     from oaif.config import LoraConfig, ModelConfig
-    from oaif.models import load_policy_and_reference
+    from oaif.models.load import load_policy_and_reference
 
     policy, _, tok = load_policy_and_reference(ModelConfig(name_or_path=tiny_model_dir, dtype="bfloat16",
                                                            lora=LoraConfig(enabled=True, r=4, alpha=8)))

@@ -198,7 +198,8 @@ def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
 
 def test_eval_run_gives_a_curve_over_checkpoints(tiny_run, tiny_model_dir, tmp_path, capsys):
     from oaif.data.split import split_eval
-    from oaif.models import encode_prompt, load_tokenizer
+    from oaif.models.chat import encode_prompt
+    from oaif.models.load import load_tokenizer
 
     assert cli("--run", str(tiny_run), "--limit", "4", "--bootstrap", "200", "--no-progress", *JUDGE) == 0
     printed = capsys.readouterr().out

@@ -26,7 +26,7 @@ TEMPLATE_STRINGS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>",
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_path):
-    from oaif.models import load_tokenizer
+    from oaif.models.load import load_tokenizer
 
     return load_tokenizer(smollm2_path)
 
@@ -35,7 +35,7 @@ def tokenizer(smollm2_path):
 def llm_judge(tiny_model_dir):
     """The LLM judge on a tiny model with the real SmolLM2 tokenizer (the prompt is what matters here)."""
     from oaif.annotators.llm_judge import LLMJudge
-    from oaif.models import load_causal_lm
+    from oaif.models.load import load_causal_lm
 
     model, tok = load_causal_lm(tiny_model_dir)
     return LLMJudge(model, tok, RUBRIC)

@@ -12,7 +12,7 @@ from oaif.annotators.callable_judge import CallableJudge
 from oaif.annotators.llm_judge import LLMJudge, label_token_ids
 from oaif.annotators.rubrics import Rubric, load_rubric
 from oaif.errors import AnnotatorError
-from oaif.models import load_causal_lm
+from oaif.models.load import load_causal_lm
 
 PAIRS = [
     PairRequest("What is the capital of France?", "The capital of France is Paris.", "I like turtles.", "p0"),

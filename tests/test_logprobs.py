@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from oaif.step.logprobs import _plain_output_head, pack_sequences, sequence_logprobs, takes_kv_cache, token_logprobs
-from oaif.models import load_causal_lm
+from oaif.models.load import load_causal_lm
 
 
 def test_packed_logprobs_equal_unpadded_forward(tiny_model_dir):

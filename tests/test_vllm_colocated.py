@@ -16,7 +16,8 @@ import torch  # noqa: E402
 
 from oaif.generation.base import GenerationError  # noqa: E402
 from oaif.generation.weights import policy_weights  # noqa: E402
-from oaif.models import encode_prompt, load_causal_lm  # noqa: E402
+from oaif.models.chat import encode_prompt  # noqa: E402
+from oaif.models.load import load_causal_lm  # noqa: E402
 from oaif.step.sampling import eos_token_ids, filter_top_p  # noqa: E402
 from vllm_helpers import ENGINE_MAX_LEN, PROMPTS, copy_weights_, greedy_both  # noqa: E402
 

@@ -18,7 +18,8 @@ import torch  # noqa: E402
 
 from oaif.config import load_config  # noqa: E402
 from oaif.generation.weights import policy_weights  # noqa: E402
-from oaif.models import encode_prompt, load_causal_lm  # noqa: E402
+from oaif.models.chat import encode_prompt  # noqa: E402
+from oaif.models.load import load_causal_lm  # noqa: E402
 from oaif.trainer import Trainer, train  # noqa: E402
 from vllm_helpers import PROMPTS, ROOT, greedy_both, train_overrides  # noqa: E402
 

@@ -12,7 +12,8 @@ from oaif.config import VllmConfig
 from oaif.generation.base import GenerationError, StopRules
 from oaif.generation.vllm_server import VllmServer
 from oaif.generation.weights import policy_weights
-from oaif.models import encode_prompt, load_causal_lm
+from oaif.models.chat import encode_prompt
+from oaif.models.load import load_causal_lm
 from oaif.step.sampling import eos_token_ids
 from llama_server import free_port
 from vllm_helpers import PROMPTS, copy_weights_, greedy_both

@@ -26,7 +26,8 @@ from oaif.config import VllmConfig, load_config
 from oaif.generation.base import GenerationError, StopRules
 from oaif.generation.vllm_server import VllmServer
 from oaif.run.metrics import read_metrics
-from oaif.models import encode_prompt, load_causal_lm
+from oaif.models.chat import encode_prompt
+from oaif.models.load import load_causal_lm
 from oaif.trainer import Trainer, train
 from vllm_helpers import PROMPTS, ROOT, greedy_both, require_vllm_python, train_overrides
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from oaif.generation.base import GenerationError
 from oaif.generation.weights import WEIGHTS_FILE, policy_weights, save_weights
-from oaif.models import load_causal_lm
+from oaif.models.load import load_causal_lm
 
 
 @pytest.fixture

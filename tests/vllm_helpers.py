@@ -87,7 +87,8 @@ def make_tiny_policies(root: Path) -> TinyPolicies:
     """Two tiny models (seeds 0 and 1) whose EOS ids include a token the first emits greedily at step 3
     in some responses but not others, so stopping at an end-of-turn id and running to the length limit
     are both exercised."""
-    from oaif.models import encode_prompt, load_causal_lm
+    from oaif.models.chat import encode_prompt
+    from oaif.models.load import load_causal_lm
     from oaif.step.sampling import sample_responses
 
     first = make_vllm_tiny_llama(root / "first", seed=0)

@@ -26,7 +26,7 @@ def build_annotator(cfg: AnnotatorConfig, *, policy_path: str | None = None, ref
         if reference is not None and cfg.model == policy_path and tokenizer is not None:
             model, tok = reference, tokenizer
         else:
-            from oaif.models import load_causal_lm
+            from oaif.models.load import load_causal_lm
 
             model, tok = load_causal_lm(cfg.model, dtype=cfg.dtype, cache_dir=cache_dir)
             frozen(model, device)

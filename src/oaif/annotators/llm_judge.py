@@ -26,7 +26,7 @@ from oaif.annotators.base import Judgment, PairRequest, checked, combine_orders,
 from oaif.annotators.rubrics import REQUIRED_VARIABLES, Rubric
 from oaif.annotators.untrusted import SlotEncoder
 from oaif.errors import AnnotatorError
-from oaif.models import kv_cache_key
+from oaif.models.modules import kv_cache_key
 from oaif.stats import sigmoid
 
 log = logging.getLogger("oaif.annotators")

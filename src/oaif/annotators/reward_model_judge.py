@@ -61,7 +61,7 @@ class RewardModelJudge:
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: Any = "float32", device=None, *, cache_dir: str | None = None,
                         trust_remote_code: bool = False, **kw) -> "RewardModelJudge":
-        """Load a reward model named in any form :func:`oaif.models.resolve_model_path` accepts.
+        """Load a reward model named in any form :func:`oaif.models.resolve.resolve_model_path` accepts.
 
         Raises :class:`ModelError` when the path does not resolve or load, and
         :class:`AnnotatorError` when it is not a sequence classifier with ``num_labels=1``.
@@ -69,7 +69,8 @@ class RewardModelJudge:
         """
         from transformers import AutoModelForSequenceClassification
 
-        from oaif.models import _hub_note, _torch_dtype, describe_load_error, load_errors, load_model_config, load_tokenizer
+        from oaif.models.load import (_hub_note, _torch_dtype, describe_load_error, load_errors, load_model_config,
+                                      load_tokenizer)
 
         path, config = load_model_config(name_or_path, cache_dir, trust_remote_code)
         archs = list(getattr(config, "architectures", None) or [])

@@ -1,6 +1,6 @@
 """Train a Bradley-Terry reward model for the RLAIF-style baseline (:class:`RewardModelJudge`).
 
-:func:`train_reward_model` turns a causal LM checkpoint (any form :func:`oaif.models.resolve_model_path`
+:func:`train_reward_model` turns a causal LM checkpoint (any form :func:`oaif.models.resolve.resolve_model_path`
 accepts: the embedded ``smollm2-135m-instruct``, a ``.gguf`` file, a model directory, a cached hub
 id) into an ``AutoModelForSequenceClassification`` with ``num_labels=1`` (the transformer is the
 LM's, the one-logit score head is new), and trains it on ``(prompt, chosen, rejected)`` records
@@ -46,7 +46,8 @@ def load_reward_model_for_training(base_model_path: str, dtype: Any = "float32",
     """``(model, tokenizer)``: the checkpoint as a one-logit sequence classifier with ``pad_token_id`` set."""
     from transformers import AutoModelForSequenceClassification
 
-    from oaif.models import _one_line, _torch_dtype, load_model_config, load_tokenizer
+    from oaif.errors import one_line as _one_line
+    from oaif.models.load import _torch_dtype, load_model_config, load_tokenizer
 
     path, config = load_model_config(base_model_path, cache_dir, trust_remote_code)
     tokenizer = load_tokenizer(path, cache_dir, trust_remote_code)

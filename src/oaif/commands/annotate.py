@@ -236,7 +236,7 @@ def sample_pairs(args, records, model, tok, skipped: Counter) -> list[Pair]:
     from tqdm import tqdm
 
     from oaif.data.split import filter_long
-    from oaif.models import encode_prompt
+    from oaif.models.chat import encode_prompt
     from oaif.step.pairs import candidate_pairs
     from oaif.step.sampling import sample_responses
 
@@ -337,7 +337,7 @@ def _run(args: argparse.Namespace, cfg, t0: float) -> int:
     if args.sample_from:
         _check_sampling_args(args)
         records, rows = load_sample_prompts(args, skipped)
-        from oaif.models import load_causal_lm
+        from oaif.models.load import load_causal_lm
 
         model, tok = load_causal_lm(args.sample_from)
         # built before sampling, so a bad annotator fails fast; a judge named like the sampled

@@ -186,7 +186,7 @@ def _device(name: str):
 def _filter_and_limit(records, tokenizers, settings: EvalSettings, limit: int | None, skipped: Counter) -> list:
     """Drop (and count as ``too_long``) prompts over ``max_prompt_tokens`` for any of the
     tokenizers, then keep the first ``limit``."""
-    from oaif.models import encode_prompt
+    from oaif.models.chat import encode_prompt
 
     kept = []
     for rec in records:
@@ -208,7 +208,8 @@ def held_out_prompts(run_cfg, tokenizer=None) -> tuple[list, dict]:
     describes where they came from.
     """
     from oaif.data.split import training_prompts
-    from oaif.models import encode_prompt, load_tokenizer
+    from oaif.models.chat import encode_prompt
+    from oaif.models.load import load_tokenizer
 
     d = run_cfg.data
     if d.eval_path and not Path(d.eval_path).exists():
@@ -267,7 +268,8 @@ def generate(model_path: str, records: Sequence, settings: EvalSettings, *, labe
     import torch
     from tqdm.auto import tqdm
 
-    from oaif.models import encode_prompt, load_causal_lm
+    from oaif.models.chat import encode_prompt
+    from oaif.models.load import load_causal_lm
     from oaif.step.sampling import sample_responses
 
     t0 = time.perf_counter()
@@ -416,7 +418,7 @@ def evaluate_models(model_a: str, model_b: str, prompts: Sequence, annotator_cfg
     ``annotator_cfg`` (or the given ``annotator`` object) compares the pair. Returns every
     number and the samples; with ``out_dir``, writes ``eval.json``, ``report.md`` and plots there.
     """
-    from oaif.models import load_tokenizer
+    from oaif.models.load import load_tokenizer
 
     t0 = time.perf_counter()
     annotator_cfg = _default_cfg(annotator_cfg, annotator)
@@ -467,7 +469,7 @@ def evaluate_run(run_dir: str | Path, annotator_cfg=None, *, settings: EvalSetti
     curves of the run's ``metrics.jsonl``) there.
     """
     from oaif.config import load_config
-    from oaif.models import load_tokenizer
+    from oaif.models.load import load_tokenizer
 
     t0 = time.perf_counter()
     run = Path(run_dir)

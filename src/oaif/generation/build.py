@@ -52,7 +52,7 @@ def build_sampler(cfg: Config, policy, tokenizer, eos_ids: set[int], accelerator
         from oaif.generation.live_policy import LivePolicy
 
         return LivePolicy(policy, tokenizer, cfg.sampling.backend, cfg.sampling.batch_size, autocast=accelerator.autocast)
-    from oaif.models import resolve_model_path
+    from oaif.models.resolve import resolve_model_path
 
     several = accelerator.num_processes > 1
     if cfg.vllm.mode == "colocated" and several and accelerator.device.type != "cpu":

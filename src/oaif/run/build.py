@@ -96,9 +96,10 @@ def build_run(cfg: Config, annotator=None, sampler=None) -> RunParts:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from oaif import models
     from oaif.data.split import training_prompts
     from oaif.data.stream import PromptStream
+    from oaif.models.chat import encode_prompt, end_of_turn_id
+    from oaif.models.load import load_policy_and_reference
     from oaif.step.sampling import eos_token_ids
 
     preflight(cfg)
@@ -106,10 +107,10 @@ def build_run(cfg: Config, annotator=None, sampler=None) -> RunParts:
     if cfg.train.device == "cuda" and accelerator.device.type != "cuda":
         raise DataError("train.device=cuda but no CUDA device is available")
     set_seed(cfg.train.seed)
-    policy, reference, tokenizer = models.load_policy_and_reference(cfg.model)
+    policy, reference, tokenizer = load_policy_and_reference(cfg.model)
 
     def encode(prompt) -> list[int]:
-        return models.encode_prompt(tokenizer, prompt, cfg.model.chat_template, cfg.model.system_prompt)
+        return encode_prompt(tokenizer, prompt, cfg.model.chat_template, cfg.model.system_prompt)
 
     prompts = training_prompts(cfg.data, cfg.train.mode, cfg.train.seed, encode)
     if prompts.skipped:
@@ -138,7 +139,7 @@ def build_run(cfg: Config, annotator=None, sampler=None) -> RunParts:
 
             sampler = build_sampler(cfg, accelerator.unwrap_model(policy), tokenizer, stop_ids, accelerator)
     return RunParts(accelerator, policy, reference, tokenizer, encode, prompts, stream, optimizer, scheduler,
-                    annotator, sampler, stop_ids, models.end_of_turn_id(tokenizer, stop_ids))
+                    annotator, sampler, stop_ids, end_of_turn_id(tokenizer, stop_ids))
 
 
 def claim_run_dir(cfg: Config, accelerator):

@@ -90,7 +90,7 @@ def _forward_takes_logits_to_keep(model_type: type) -> bool:
 
 def takes_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the transformers model inside ``model`` (DDP, accelerate, peft wrappers) accepts ``logits_to_keep``."""
-    from oaif.models import base_model
+    from oaif.models.modules import base_model
 
     return _forward_takes_logits_to_keep(type(base_model(model)))
 
@@ -98,7 +98,7 @@ def takes_logits_to_keep(model: torch.nn.Module) -> bool:
 def takes_kv_cache(model: torch.nn.Module) -> bool:
     """Whether the transformers model inside ``model`` continues from a KV cache in training: its
     forward takes one, and gradient checkpointing (which turns the cache off) is off."""
-    from oaif.models import activation_checkpointing, base_model, kv_cache_key
+    from oaif.models.modules import activation_checkpointing, base_model, kv_cache_key
 
     if activation_checkpointing(model):
         return False
@@ -121,7 +121,7 @@ CHUNK_TOKENS = 256  # response tokens per output-head chunk: a (256, vocab) floa
 
 def _plain_output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The transformers model's output head when its logits are exactly ``hidden @ weight.T``, else None."""
-    from oaif.models import base_model
+    from oaif.models.modules import base_model
 
     base = base_model(model)
     get = getattr(base, "get_output_embeddings", None)
@@ -219,7 +219,7 @@ def _predicting_states(model: torch.nn.Module, batch: SequenceBatch, head: torch
         states, dtype, _ = _last_states(model, head, width + 1, input_ids=ids, attention_mask=mask,
                                         position_ids=pos, use_cache=False)
         return states[:, :-1], dtype
-    from oaif.models import kv_cache_key
+    from oaif.models.modules import kv_cache_key
 
     key, owner = kv_cache_key(), batch.owner
     first, dtype, out = _last_states(model, head, 1, input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,

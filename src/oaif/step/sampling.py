@@ -110,7 +110,7 @@ def _first_eos(tokens: torch.Tensor, eos: set[int]) -> tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def _sample_shared_prefill(model, prompts, seeds, k, temperature, top_p, max_new_tokens, eos, pad_id):
-    from oaif.models import kv_cache_key
+    from oaif.models.modules import kv_cache_key
 
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in pad_rows(prompts, pad_id, side="left"))

@@ -86,7 +86,7 @@ class PolicyUpdate:
                               [rollouts.responses[f // k][f % k] for f in flat], self.pad_id).to(self.accelerator.device)
 
     def _reference_logps(self, batch: SequenceBatch) -> torch.Tensor:
-        from oaif.models import reference_context
+        from oaif.models.modules import reference_context
 
         with torch.no_grad(), reference_context(self.accelerator.unwrap_model(self.policy), self.reference) as ref:
             return sequence_logprobs(ref, batch, share_prompts=self.share_prompts)[0]

@@ -1,0 +1,124 @@
+"""The loaded models as torch modules: the model inside the wrappers, dropout off, gradient
+checkpointing, the KV-cache argument name, and the reference context.
+
+The reference for the KL-anchored losses is either a frozen copy of the starting policy or, with
+LoRA, the policy itself with its adapter disabled. :func:`reference_context` hides the
+difference, so callers write the same code in both cases::
+
+    with reference_context(policy, reference) as ref_model:
+        ref_logits = ref_model(input_ids, attention_mask=mask).logits
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+from oaif.errors import ModelError
+
+_DROPOUT_MODULES = ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout")
+
+
+def disable_dropout(model) -> None:
+    """Turn every dropout of ``model`` off, as TRL's ``disable_dropout`` does for its policy and reference.
+
+    A policy in train mode with dropout and a reference in eval mode would disagree on identical
+    weights, which biases the log-ratio margin and the KL estimate. Sets ``p = 0`` on every torch
+    dropout module, 0 on every float attribute of a module named ``*dropout*`` (attention
+    implementations read e.g. ``self.attention_dropout``), and 0 on the config's ``*dropout*`` fields.
+    """
+    import torch
+
+    kinds = tuple(getattr(torch.nn, name) for name in _DROPOUT_MODULES if hasattr(torch.nn, name))
+    for module in model.modules():
+        if isinstance(module, kinds):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, (int, float)) and not isinstance(value, bool) and value:
+                setattr(module, name, 0.0)
+    config = getattr(base_model(model), "config", None)
+    configs = [config, config.get_text_config()] if hasattr(config, "get_text_config") else [config]
+    for c in configs:
+        for name, value in (c.to_dict() if c is not None else {}).items():
+            if "dropout" in name and isinstance(value, (int, float)) and not isinstance(value, bool) and value:
+                setattr(c, name, 0.0)
+
+
+def _enable_gradient_checkpointing(model) -> None:
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ModelError(f"model.gradient_checkpointing: {type(model).__name__} does not support it")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _unwrap(model):
+    """The model inside DDP/accelerate wrappers (anything with ``.module``)."""
+    while hasattr(model, "module") and not _is_peft(model):
+        inner = model.module
+        if inner is model:
+            break
+        model = inner
+    return model
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def activation_checkpointing(model) -> bool:
+    """Whether gradient (activation) checkpointing is on in the transformers model inside ``model``
+    (transformers 5 names it ``is_activation_checkpointing``; older versions ``is_gradient_checkpointing``)."""
+    base = base_model(model)
+    flag = getattr(base, "is_activation_checkpointing", None)
+    return bool(getattr(base, "is_gradient_checkpointing", False) if flag is None else flag)
+
+
+def base_model(model):
+    """The transformers model inside DDP/accelerate and peft wrappers."""
+    inner = _unwrap(model)
+    return inner.get_base_model() if _is_peft(inner) else inner
+
+
+@functools.lru_cache(maxsize=1)
+def kv_cache_key() -> str:
+    """The name under which the installed transformers passes and returns a KV cache: ``cache`` (5.x;
+    ``past_key_values`` is deprecated there) or ``past_key_values`` (older versions)."""
+    import dataclasses
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    names = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    return "cache" if "cache" in names else "past_key_values"
+
+
+@contextlib.contextmanager
+def reference_context(policy, reference=None):
+    """Yield the model that computes reference log-probs, under ``torch.no_grad()``.
+
+    With a separate ``reference`` model, that model. With ``reference=None`` and a LoRA (peft)
+    policy, the policy with its adapter disabled and in eval mode for the duration of the block;
+    its adapter and train/eval mode are restored on exit.
+    """
+    import torch
+
+    if reference is not None:
+        with torch.no_grad():
+            yield reference
+        return
+    inner = _unwrap(policy)
+    if not _is_peft(inner):
+        raise ValueError("reference_context: no reference model and the policy has no LoRA adapter to disable")
+    was_training = inner.training
+    inner.eval()
+    try:
+        with torch.no_grad(), inner.disable_adapter():
+            yield inner
+    finally:
+        inner.train(was_training)
