@@ -41,14 +41,14 @@ def build_annotator(cfg: AnnotatorConfig, *, policy_path: str | None = None, ref
         import dataclasses
 
         from oaif.annotators.ensemble import EnsembleJudge
-        from oaif.config import _apply
+        from oaif.config.overrides import apply_mapping
 
         members = []
         for i, spec in enumerate(cfg.members):
             member = dataclasses.replace(cfg, members=[])
             if not isinstance(spec, dict) or spec.get("type") == "ensemble":
                 raise AnnotatorError(f"annotator.members[{i}]: expected a mapping of annotator keys (not an ensemble)")
-            _apply(member, spec, f"annotator.members[{i}].")
+            apply_mapping(member, spec, f"annotator.members[{i}].")
             members.append(build_annotator(member, policy_path=policy_path, reference=reference, tokenizer=tokenizer,
                                            cache_dir=cache_dir, device=device))
         return EnsembleJudge(members, mode=cfg.ensemble_mode)
