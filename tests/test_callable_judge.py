@@ -28,3 +28,27 @@ def test_pointwise_probability_is_the_logistic_of_the_gap():
     assert j_ab.prob == pytest.approx(0.8807970779778823)  # 1 / (1 + e^-2)
     assert j_ba.prob == pytest.approx(1 - 0.8807970779778823)
     assert j_nan.failure == "nan" and j_nan.prob is None
+
+
+def test_an_unknown_judge_type_is_one_line():
+    from oaif.annotators.build import build_annotator
+    from oaif.config import AnnotatorConfig
+    from oaif.errors import AnnotatorError
+
+    with pytest.raises(AnnotatorError) as e:
+        build_annotator(AnnotatorConfig(type="oracle"))  # built in code, so not refused when the config loads
+    assert str(e.value) == "annotator.type='oracle' is not available yet in this build"
+
+
+def test_a_callable_with_the_wrong_arguments_is_refused_by_the_run_s_preflight(tmp_path):
+    from pathlib import Path
+
+    from oaif.config import load_config
+    from oaif.errors import AnnotatorError
+    from oaif.run.build import preflight
+
+    prompts = Path(__file__).resolve().parent.parent / "data/prompts/demo_prompts.jsonl"
+    cfg = load_config(None, [f"data.path={prompts}", f"train.output_dir={tmp_path / 'run'}", "annotator.type=callable",
+                             "annotator.callable=os.path:basename"])  # takes one argument, not (prompt, a, b)
+    with pytest.raises(AnnotatorError, match="must take \\(prompt, a, b\\) or \\(prompt, response\\), it takes 1"):
+        preflight(cfg)

@@ -102,3 +102,39 @@ def test_ensemble_built_from_config():
     assert j.prob == 0.0 and set(j.extra["members"]) == {"callable:prefer_shorter", "callable:prefer_no_digits"}
     with pytest.raises(ConfigError, match=r"annotator.members\[0\].rubrik"):  # found when the config loads
         load_config(None, ["annotator.type=ensemble", "annotator.members=[{rubrik: helpful}]"])
+
+
+def _preflight_cfg(tmp_path, *overrides):
+    from pathlib import Path
+
+    from oaif.config import load_config
+
+    prompts = Path(__file__).resolve().parent.parent / "data/prompts/demo_prompts.jsonl"
+    return load_config(None, [f"data.path={prompts}", f"train.output_dir={tmp_path / 'run'}", *overrides])
+
+
+def test_ensemble_members_are_checked_before_any_member_loads(tmp_path):
+    """A member's bad rubric is found by the run's preflight, and by a build before an earlier member's model loads."""
+    from oaif.annotators.build import build_annotator
+    from oaif.config import AnnotatorConfig
+    from oaif.run.build import preflight
+
+    bad_member = "{type: llm, rubric: no_such_rubric}"
+    with pytest.raises(AnnotatorError, match="unknown rubric 'no_such_rubric'"):
+        preflight(_preflight_cfg(tmp_path, "annotator.type=ensemble",
+                                 f"annotator.members=[{{type: callable, callable: 'oaif.annotators.rules:prefer_shorter'}}, {bad_member}]"))
+    cfg = AnnotatorConfig(type="ensemble", members=[{"type": "llm", "model": str(tmp_path / "no_such_model")},
+                                                    {"type": "llm", "rubric": "no_such_rubric"}])
+    with pytest.raises(AnnotatorError, match="unknown rubric 'no_such_rubric'"):  # not member 0's missing model
+        build_annotator(cfg)
+
+
+def test_ensemble_members_naming_one_judge_model_share_one_copy(tiny_model_dir):
+    from oaif.annotators.build import build_annotator
+    from oaif.config import AnnotatorConfig
+
+    cfg = AnnotatorConfig(type="ensemble", members=[{"type": "llm", "model": tiny_model_dir, "rubric": "helpful"},
+                                                    {"type": "llm", "model": tiny_model_dir, "rubric": "harmless"}])
+    helpful, harmless = build_annotator(cfg).judges
+    assert helpful.rubric.name != harmless.rubric.name
+    assert helpful.model is harmless.model and not any(p.requires_grad for p in helpful.model.parameters())

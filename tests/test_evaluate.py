@@ -17,8 +17,10 @@ from oaif.commands import eval as eval_cmd
 from oaif.config import load_annotator_config
 from oaif.data.prompts import load_prompts
 from oaif.errors import ConfigError, DataError
-from oaif.evaluation.evaluate import EvalSettings, evaluate_models, win_rate
+from oaif.evaluation.evaluate import evaluate_models
+from oaif.evaluation.judging import win_rate
 from oaif.evaluation.report import fmt, fmt_ci
+from oaif.evaluation.responses import EvalSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORTER = "oaif.annotators.rules:prefer_shorter"

@@ -149,3 +149,15 @@ def test_a_rubric_file_that_is_not_utf8_is_one_line(tmp_path):
     bad.write_bytes(b"template: '\xe9 {context} {response_1} {response_2}'\n")
     with pytest.raises(AnnotatorError, match=f"^rubric {bad}: cannot read it as UTF-8 text"):
         load_rubric(str(bad))
+
+
+def test_the_llm_judge_reuses_the_reference_when_it_names_the_policy_model(tiny_model_dir):
+    from oaif.annotators.build import build_annotator
+    from oaif.config import AnnotatorConfig
+
+    reference, tok = load_causal_lm(tiny_model_dir)
+    cfg = AnnotatorConfig(type="llm", model=tiny_model_dir)
+    same = build_annotator(cfg, policy_path=tiny_model_dir, reference=reference, tokenizer=tok)
+    assert same.model is reference and same.tokenizer is tok
+    other = build_annotator(cfg, policy_path="another-policy", reference=reference, tokenizer=tok)
+    assert other.model is not reference and not any(p.requires_grad for p in other.model.parameters())

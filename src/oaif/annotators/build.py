@@ -1,65 +1,154 @@
-"""Build the configured annotator. Heavy parts (judge models, the openai SDK) load only here."""
+"""Build the configured annotator: one builder per ``annotator.type`` (:data:`JUDGE_TYPES`).
+
+Building is two steps. :func:`plan_annotator` runs the type's builder, which does now what is
+cheap and can fail (the rubric read, the callable imported and its signature checked, every
+ensemble member planned) and returns a plan; calling the plan with a :class:`JudgeContext` loads
+what the judge needs (a model, the openai SDK: heavy parts load only there), once.
+``run.build.preflight`` plans before any model loads and ``run.build.build_run`` builds from that
+plan; :func:`build_annotator` plans and builds in one call (``oaif annotate``, ``oaif eval``).
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from oaif.annotators.base import frozen
 from oaif.config import AnnotatorConfig
 from oaif.errors import AnnotatorError
 
 
-def build_annotator(cfg: AnnotatorConfig, *, policy_path: str | None = None, reference=None, tokenizer=None,
-                    cache_dir: str | None = None, device=None):
-    """Return an object that satisfies :class:`oaif.annotators.base.Annotator`.
+@dataclass
+class JudgeContext:
+    """What the caller already holds, and where a judge's model goes.
 
-    When ``annotator.model`` names the same model as the policy, the LLM judge reuses the frozen
-    reference model (the starting policy) instead of loading a second copy.
+    ``reference`` and ``tokenizer`` (the frozen starting policy, loaded from ``policy_path``) serve an
+    in-process judge whose ``annotator.model`` names the policy's model instead of a second copy.
+    Judge models that one build loads are kept in ``loaded``, so ensemble members that name the same
+    model (and dtype) share one copy.
     """
-    if cfg.type == "callable":
-        from oaif.annotators.callable_judge import CallableJudge
 
-        return CallableJudge(cfg.callable, both_orders=cfg.both_orders)
-    if cfg.type == "llm":
-        from oaif.annotators.llm_judge import LLMJudge
-        from oaif.annotators.rubrics import load_rubric
+    policy_path: str | None = None
+    reference: Any = None
+    tokenizer: Any = None
+    cache_dir: str | None = None
+    device: Any = None
+    loaded: dict = field(default_factory=dict)
 
-        rubric = load_rubric(cfg.rubric)
-        if reference is not None and cfg.model == policy_path and tokenizer is not None:
-            model, tok = reference, tokenizer
-        else:
+    def causal_lm(self, name: str, dtype: str) -> tuple[Any, Any]:
+        """``(model, tokenizer)`` of the judge model ``name``: the reference when it is the policy's model,
+        else loaded (frozen, on ``device``) the first time this build asks for it."""
+        if self.reference is not None and self.tokenizer is not None and name == self.policy_path:
+            return self.reference, self.tokenizer
+        if (name, dtype) not in self.loaded:
             from oaif.models.load import load_causal_lm
 
-            model, tok = load_causal_lm(cfg.model, dtype=cfg.dtype, cache_dir=cache_dir)
-            frozen(model, device)
+            model, tok = load_causal_lm(name, dtype=dtype, cache_dir=self.cache_dir)
+            self.loaded[name, dtype] = frozen(model, self.device), tok
+        return self.loaded[name, dtype]
+
+
+#: A planned judge: called with a :class:`JudgeContext`, it loads what it needs and returns the annotator.
+JudgePlan = Callable[[JudgeContext], Any]
+
+
+def _callable(cfg: AnnotatorConfig) -> JudgePlan:
+    from oaif.annotators.callable_judge import CallableJudge
+
+    judge = CallableJudge(cfg.callable, both_orders=cfg.both_orders)  # imported, its arguments checked
+    return lambda ctx: judge
+
+
+def _llm(cfg: AnnotatorConfig) -> JudgePlan:
+    from oaif.annotators.rubrics import load_rubric
+
+    rubric = load_rubric(cfg.rubric)
+
+    def build(ctx: JudgeContext):
+        from oaif.annotators.llm_judge import LLMJudge
+
+        model, tok = ctx.causal_lm(cfg.model, cfg.dtype)
         return LLMJudge(model, tok, rubric, both_orders=cfg.both_orders, batch_size=cfg.batch_size,
                         max_length=cfg.max_length, name=f"llm:{cfg.model}:{rubric.name}")
-    if cfg.type == "reward_model":
+
+    return build
+
+
+def _reward_model(cfg: AnnotatorConfig) -> JudgePlan:
+    def build(ctx: JudgeContext):
         from oaif.annotators.reward_model_judge import RewardModelJudge
 
-        return RewardModelJudge.from_pretrained(cfg.model, dtype=cfg.dtype, device=device, cache_dir=cache_dir,
+        return RewardModelJudge.from_pretrained(cfg.model, dtype=cfg.dtype, device=ctx.device, cache_dir=ctx.cache_dir,
                                                 batch_size=cfg.batch_size, max_length=cfg.max_length)
-    if cfg.type == "ensemble":
-        import dataclasses
 
-        from oaif.annotators.ensemble import EnsembleJudge
-        from oaif.config import _apply
+    return build
 
-        members = []
-        for i, spec in enumerate(cfg.members):
-            member = dataclasses.replace(cfg, members=[])
-            if not isinstance(spec, dict) or spec.get("type") == "ensemble":
-                raise AnnotatorError(f"annotator.members[{i}]: expected a mapping of annotator keys (not an ensemble)")
-            _apply(member, spec, f"annotator.members[{i}].")
-            members.append(build_annotator(member, policy_path=policy_path, reference=reference, tokenizer=tokenizer,
-                                           cache_dir=cache_dir, device=device))
-        return EnsembleJudge(members, mode=cfg.ensemble_mode)
-    if cfg.type == "openai":
+
+def _openai(cfg: AnnotatorConfig) -> JudgePlan:
+    from oaif.annotators.rubrics import load_rubric
+
+    rubric = load_rubric(cfg.rubric)
+
+    def build(ctx: JudgeContext):
         from oaif.annotators.openai_judge import OpenAIJudge
-        from oaif.annotators.rubrics import load_rubric
 
         try:
-            return OpenAIJudge(cfg.base_url, cfg.model, load_rubric(cfg.rubric), api_key_env=cfg.api_key_env,
+            return OpenAIJudge(cfg.base_url, cfg.model, rubric, api_key_env=cfg.api_key_env,
                                timeout=cfg.request_timeout, max_retries=cfg.max_retries, concurrency=cfg.concurrency,
                                both_orders=cfg.both_orders, top_logprobs=cfg.top_logprobs)
         except ImportError:
             raise AnnotatorError("annotator.type=openai needs the openai package: pip install 'oaif[openai]'") from None
-    raise AnnotatorError(f"annotator.type={cfg.type!r} is not available yet in this build")
+
+    return build
+
+
+def _ensemble(cfg: AnnotatorConfig) -> JudgePlan:
+    members = [plan_annotator(_member(cfg, i, spec)) for i, spec in enumerate(cfg.members)]
+
+    def build(ctx: JudgeContext):
+        from oaif.annotators.ensemble import EnsembleJudge
+
+        return EnsembleJudge([member(ctx) for member in members], mode=cfg.ensemble_mode)
+
+    return build
+
+
+def _member(cfg: AnnotatorConfig, i: int, spec: Any) -> AnnotatorConfig:
+    """Ensemble member ``i``: the ensemble's keys with the member's mapping over them."""
+    from oaif.config.overrides import apply_mapping
+
+    if not isinstance(spec, dict) or spec.get("type") == "ensemble":
+        raise AnnotatorError(f"annotator.members[{i}]: expected a mapping of annotator keys (not an ensemble)")
+    member = dataclasses.replace(cfg, members=[])
+    apply_mapping(member, spec, f"annotator.members[{i}].")
+    return member
+
+
+#: ``annotator.type`` -> its builder: checks and reads what is cheap now, returns the plan that loads the rest.
+JUDGE_TYPES: dict[str, Callable[[AnnotatorConfig], JudgePlan]] = {
+    "llm": _llm,
+    "openai": _openai,
+    "reward_model": _reward_model,
+    "callable": _callable,
+    "ensemble": _ensemble,
+}
+
+
+def plan_annotator(cfg: AnnotatorConfig) -> JudgePlan:
+    """The judge ``cfg`` configures, planned: everything cheap checked, no model loaded yet."""
+    builder = JUDGE_TYPES.get(cfg.type)
+    if builder is None:
+        raise AnnotatorError(f"annotator.type={cfg.type!r} is not available yet in this build")
+    return builder(cfg)
+
+
+def build_annotator(cfg: AnnotatorConfig, *, policy_path: str | None = None, reference=None, tokenizer=None,
+                    cache_dir: str | None = None, device=None):
+    """Return an object that satisfies :class:`oaif.annotators.base.Annotator`.
+
+    When ``annotator.model`` names the same model as the policy (``policy_path``), the LLM judge
+    reuses the frozen ``reference`` model (the starting policy) instead of loading a second copy.
+    """
+    return plan_annotator(cfg)(JudgeContext(policy_path, reference, tokenizer, cache_dir, device))

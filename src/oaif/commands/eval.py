@@ -103,7 +103,7 @@ def _parse_steps(text: str | None) -> list[int] | None:
 
 
 def settings_from(args: argparse.Namespace):
-    from oaif.evaluation.evaluate import EvalSettings
+    from oaif.evaluation.responses import EvalSettings
 
     s = EvalSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                      seed=args.seed, batch_size=args.batch_size, chat_template=False if args.no_chat_template else None,

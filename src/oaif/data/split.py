@@ -1,7 +1,7 @@
 """A run's records: loaded, filtered (empty, too long) and split into training and held-out prompts.
 
 :func:`training_prompts` is the one place where a run's records are chosen. The trainer and
-``oaif eval --run`` (:func:`oaif.evaluation.evaluate.held_out_prompts`) both call it, so they
+``oaif eval --run`` (:func:`oaif.evaluation.responses.held_out_prompts`) both call it, so they
 cannot drift.
 """
 

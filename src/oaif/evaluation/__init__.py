@@ -1,3 +1,4 @@
-"""Head-to-head evaluation: generate with two models (or a run's checkpoints), judge the pairs,
-win rates with intervals (:mod:`~oaif.evaluation.evaluate`), and the report with its plots
-(:mod:`~oaif.evaluation.report`)."""
+"""Head-to-head evaluation: generate with two models (or a run's checkpoints) with the same settings
+(:mod:`~oaif.evaluation.responses`), judge the pairs and compute win rates with intervals
+(:mod:`~oaif.evaluation.judging`), both modes run by :mod:`~oaif.evaluation.evaluate`, and the
+report with its plots (:mod:`~oaif.evaluation.report`)."""

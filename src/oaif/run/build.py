@@ -31,8 +31,12 @@ from oaif.run.rounding_watch import watch_first_update
 log = logging.getLogger("oaif")
 
 
-def preflight(cfg: Config) -> None:
-    """Fail fast, before any model loads, on inputs that can be checked cheaply."""
+def preflight(cfg: Config):
+    """Fail fast, before any model loads, on inputs that can be checked cheaply.
+
+    Online, returns the annotator's plan (:func:`oaif.annotators.build.plan_annotator`: rubrics read,
+    callables imported and checked, ensemble members planned), which :func:`build_run` builds; offline, None.
+    """
     from oaif.run.run_dir import check_fresh_run, check_output_dir, continues_run_dir
 
     check_output_dir(cfg.train.output_dir, "train.output_dir")
@@ -50,14 +54,11 @@ def preflight(cfg: Config) -> None:
     if not Path(path).exists():
         kind = "prompt" if cfg.train.mode == "online" else "preference"
         raise DataError(f"{kind} file not found: {path} (data.{'path' if kind == 'prompt' else 'preference_path'})")
-    if cfg.train.mode == "online" and cfg.annotator.type in ("llm", "openai"):
-        from oaif.annotators.rubrics import load_rubric
+    if cfg.train.mode != "online":
+        return None
+    from oaif.annotators.build import plan_annotator
 
-        load_rubric(cfg.annotator.rubric)
-    if cfg.train.mode == "online" and cfg.annotator.type == "callable":
-        from oaif.annotators.callable_judge import resolve_callable
-
-        resolve_callable(cfg.annotator.callable)
+    return plan_annotator(cfg.annotator)
 
 
 def make_scheduler(optimizer, name: str, warmup: int, total: int):
@@ -102,7 +103,7 @@ def build_run(cfg: Config, annotator=None, sampler=None) -> RunParts:
     from oaif.models.load import load_policy_and_reference
     from oaif.step.sampling import eos_token_ids
 
-    preflight(cfg)
+    judge_plan = preflight(cfg)
     accelerator = Accelerator(cpu=cfg.train.device == "cpu", mixed_precision=cfg.train.mixed_precision)
     if cfg.train.device == "cuda" and accelerator.device.type != "cuda":
         raise DataError("train.device=cuda but no CUDA device is available")
@@ -130,10 +131,11 @@ def build_run(cfg: Config, annotator=None, sampler=None) -> RunParts:
         annotator = sampler = None
     else:
         if annotator is None:
-            from oaif.annotators.build import build_annotator
+            from oaif.annotators.build import JudgeContext
 
-            annotator = build_annotator(cfg.annotator, policy_path=cfg.model.name_or_path, reference=reference,
-                                        tokenizer=tokenizer, cache_dir=cfg.model.cache_dir, device=accelerator.device)
+            annotator = judge_plan(JudgeContext(policy_path=cfg.model.name_or_path, reference=reference,
+                                                tokenizer=tokenizer, cache_dir=cfg.model.cache_dir,
+                                                device=accelerator.device))
         if sampler is None:
             from oaif.generation.build import build_sampler
 

@@ -1,0 +1,175 @@
+"""The checks that types alone don't capture: choices, ranges, finite numbers, and the annotator
+group (ensemble members under their own key). The first problem is a :class:`ConfigError` naming its key."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+from oaif.config.overrides import apply_mapping, flatten, short
+from oaif.config.schema import AnnotatorConfig, Config
+from oaif.errors import ConfigError
+
+
+_CHOICES = {
+    "model.dtype": {"float32", "bfloat16", "float16", "auto"},
+    "data.format": {"auto", "jsonl", "csv", "parquet", "hf_disk"},
+    "sampling.pairing": {"disjoint", "all"},
+    "sampling.backend": {"shared_prefill", "hf", "vllm"},
+    "annotator.type": {"llm", "callable", "openai", "reward_model", "ensemble"},
+    "annotator.ensemble_mode": {"mean", "majority"},
+    "annotator.dtype": {"float32", "bfloat16", "float16", "auto"},
+    "loss.type": {"dpo", "ipo", "slic"},
+    "optim.scheduler": {"constant", "linear", "cosine"},
+    "train.mode": {"online", "offline"},
+    "train.device": {"auto", "cpu", "cuda"},
+    "train.mixed_precision": {"no", "bf16", "fp16"},
+}
+
+
+def validate(cfg: Config) -> Config:
+    """Check the choice fields and value ranges that types alone don't capture.
+
+    Every number must be finite; every key has a range (see the checks below). The first
+    problem found raises a :class:`ConfigError` naming its key.
+    """
+    _check_finite(cfg)
+    flat = flatten(cfg.to_dict())
+    for key, choices in _CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(sorted(choices))}, got {flat[key]!r}")
+    checks = [
+        ("model.name_or_path", cfg.model.name_or_path.strip(), "must name a model"),
+        ("model.dtype", cfg.model.dtype != "float16" or cfg.model.lora.enabled,
+         "float16 with full fine-tuning is refused: AdamW keeps its state in the weights' dtype, where "
+         "optim.eps rounds to 0 and small squared gradients underflow, so the weights turn non-finite after a "
+         "step; use model.dtype=bfloat16, or float32 weights with train.mixed_precision=fp16 (GPU), or "
+         "model.lora.enabled=true"),
+        ("model.lora.r", cfg.model.lora.r >= 1, "must be >= 1"),
+        ("model.lora.alpha", cfg.model.lora.alpha > 0, "must be > 0"),
+        ("model.lora.dropout", 0 <= cfg.model.lora.dropout < 1, "must be in [0, 1)"),
+        ("model.lora.target_modules", len(cfg.model.lora.target_modules) >= 1 and all(
+            isinstance(m, str) and m.strip() for m in cfg.model.lora.target_modules),
+         "must be a non-empty list of module names"),
+        ("data.path", cfg.train.mode != "online" or cfg.data.path.strip(), "must name a prompt file"),
+        ("data.field", cfg.data.field.strip(), "must name a column"),
+        ("data.max_prompt_tokens", cfg.data.max_prompt_tokens >= 1, "must be >= 1"),
+        ("data.eval_path", cfg.data.eval_path is None or cfg.data.eval_path.strip(), "is empty (use null for none)"),
+        ("sampling.num_samples", cfg.sampling.num_samples >= 2, "must be >= 2"),
+        ("sampling.num_samples", cfg.sampling.pairing != "disjoint" or cfg.sampling.num_samples % 2 == 0,
+         "must be even with sampling.pairing=disjoint"),
+        ("sampling.temperature", cfg.sampling.temperature > 0, "must be > 0"),
+        ("sampling.top_p", 0 < cfg.sampling.top_p <= 1, "must be in (0, 1]"),
+        ("sampling.max_new_tokens", cfg.sampling.max_new_tokens >= 1, "must be >= 1"),
+        ("sampling.batch_size", cfg.sampling.batch_size >= 0, "must be >= 0 (0: all prompts of a step at once)"),
+        ("loss.beta", cfg.loss.beta > 0, "must be > 0"),
+        ("loss.min_confidence", 0 <= cfg.loss.min_confidence < 0.5, "must be in [0, 0.5)"),
+        ("optim.lr", 0 <= cfg.optim.lr <= 1e30, "must be in [0, 1e30] (a larger step overflows float32 in AdamW)"),
+        ("optim.weight_decay", cfg.optim.weight_decay >= 0, "must be >= 0"),
+        ("optim.betas", _is_betas(cfg.optim.betas), f"must be two numbers in [0, 1), got {cfg.optim.betas!r}"),
+        ("optim.eps", cfg.optim.eps > 0, "must be > 0"),
+        ("optim.warmup_steps", cfg.optim.warmup_steps >= 0, "must be >= 0"),
+        ("optim.max_grad_norm", cfg.optim.max_grad_norm >= 0, "must be >= 0 (0 disables clipping)"),
+        ("train.max_steps", cfg.train.max_steps >= 1, "must be >= 1"),
+        ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
+        ("train.gradient_accumulation_steps", cfg.train.gradient_accumulation_steps >= 1, "must be >= 1"),
+        ("train.seed", 0 <= cfg.train.seed < 2**32, "must be in [0, 2**32 - 1]"),
+        ("train.output_dir", cfg.train.output_dir.strip(), "must name a directory (an empty value would write "
+                                                           "into the current directory)"),
+        ("train.save_every", cfg.train.save_every >= 0, "must be >= 0 (0: only at the end)"),
+        ("train.keep_last", cfg.train.keep_last >= 0, "must be >= 0 (0: keep all)"),
+        ("train.forward_batch_size", cfg.train.forward_batch_size >= 0, "must be >= 0"),
+        ("data.eval_fraction", 0 <= cfg.data.eval_fraction < 1, "must be in [0, 1)"),
+        ("train.mode", cfg.train.mode != "offline" or cfg.data.preference_path,
+         "offline mode needs data.preference_path"),
+        ("loss.missing_eos_penalty", cfg.loss.missing_eos_penalty >= 0, "must be >= 0 (.inf: an unfinished response loses)"),
+        ("model.lora.dropout", not (cfg.model.lora.enabled and cfg.model.disable_dropout and cfg.model.lora.dropout > 0),
+         "has no effect with model.disable_dropout=true (set model.disable_dropout=false to use it)"),
+        ("train.resume", not isinstance(cfg.train.resume, str) or bool(cfg.train.resume.strip()),
+         "must be true, false or a checkpoint directory"),
+        ("logging.run_name", cfg.logging.run_name is None or cfg.logging.run_name.strip(), "is empty (use null for the default)"),
+    ]
+    _raise_first(checks)
+    known = set(flat)
+    for key in cfg.train.resume_allow_changes:
+        if not isinstance(key, str) or key not in known:
+            raise ConfigError(f"train.resume_allow_changes: {short(key)} is not a config key (see `oaif config keys`)")
+    cfg.vllm.validate()
+    for tracker in cfg.logging.report_to:
+        if tracker not in ("tensorboard", "wandb"):
+            raise ConfigError(f"logging.report_to: unknown tracker {tracker!r} (tensorboard, wandb)")
+    _validate_annotator(cfg.annotator, "annotator.")
+    return cfg
+
+
+def _raise_first(checks: list) -> None:
+    for key, ok, msg in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+
+
+def _is_betas(betas: list) -> bool:
+    return (len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)
+            and all(0 <= b < 1 for b in betas))
+
+
+#: Keys where +inf is a meaningful setting (NaN never is).
+_INFINITY_ALLOWED = {"loss.missing_eos_penalty": ".inf: an unfinished response loses"}
+
+
+def _check_finite(obj: Any, prefix: str = "") -> None:
+    """Every float of a config group (and every number in a list of numbers) must be finite,
+    except +inf where :data:`_INFINITY_ALLOWED` gives it a meaning."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key + ".")
+        elif isinstance(value, float) and key in _INFINITY_ALLOWED and not math.isfinite(value):
+            if value == math.inf:
+                continue
+            raise ConfigError(f"{key}: must be a number or .inf, got {value} ({_INFINITY_ALLOWED[key]})")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, float) and not math.isfinite(item):
+                    raise ConfigError(f"{key}: must hold finite numbers, got {value!r}")
+
+
+def _validate_annotator(a: AnnotatorConfig, prefix: str) -> None:
+    """Ranges of the annotator group; ensemble members are checked the same way, under their own key."""
+    k = prefix
+    _raise_first([
+        (k + "model", a.type not in ("llm", "reward_model", "openai") or a.model.strip(), "must name a model"),
+        (k + "rubric", a.type not in ("llm", "openai") or a.rubric.strip(), "must name a rubric"),
+        (k + "members", a.type != "ensemble" or len(a.members) >= 1,
+         "annotator.type=ensemble needs at least one member"),
+        (k + "base_url", a.type != "openai" or a.base_url, "annotator.type=openai needs annotator.base_url"),
+        (k + "base_url", a.type != "openai" or re.match(r"https?://[^\s/]+", a.base_url.strip()),
+         f"must be an http:// or https:// URL, got {short(a.base_url)}"),
+        (k + "callable", a.type != "callable" or a.callable,
+         "annotator.type=callable needs annotator.callable='module:function'"),
+        (k + "api_key_env", a.type != "openai" or a.api_key_env.strip(), "must name an environment variable"),
+        (k + "batch_size", a.batch_size >= 1, "must be >= 1"),
+        (k + "max_length", a.max_length >= 1, "must be >= 1"),
+        (k + "request_timeout", a.request_timeout > 0, "must be > 0"),
+        (k + "max_retries", a.max_retries >= 0, "must be >= 0"),
+        (k + "concurrency", a.concurrency >= 1, "must be >= 1"),
+        (k + "top_logprobs", 1 <= a.top_logprobs <= 20, "must be in [1, 20]"),
+        (k + "max_failure_rate", 0 < a.max_failure_rate <= 1, "must be in (0, 1]"),
+        (k + "failure_window", a.failure_window >= 1, "must be >= 1"),
+    ])
+    for i, spec in enumerate(a.members):
+        where = f"{prefix}members[{i}]"
+        if not isinstance(spec, dict) or spec.get("type") == "ensemble":
+            raise ConfigError(f"{where}: expected a mapping of annotator keys (not an ensemble), got {short(spec)}")
+        member = dataclasses.replace(a, members=[])
+        apply_mapping(member, spec, where + ".")
+        _check_finite(member, where + ".")
+        for key in ("type", "ensemble_mode", "dtype"):
+            choices = _CHOICES[f"annotator.{key}"]
+            if getattr(member, key) not in choices:
+                raise ConfigError(f"{where}.{key}: must be one of {', '.join(sorted(choices))}, got {getattr(member, key)!r}")
+        _validate_annotator(member, where + ".")
