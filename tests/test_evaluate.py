@@ -19,7 +19,7 @@ from oaif.data.prompts import load_prompts
 from oaif.errors import ConfigError, DataError
 from oaif.evaluation.evaluate import evaluate_models
 from oaif.evaluation.judging import win_rate
-from oaif.evaluation.report import fmt, fmt_ci
+from oaif.evaluation.formats import fmt, fmt_ci
 from oaif.evaluation.responses import EvalSettings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -125,6 +125,12 @@ def test_few_modules_sit_directly_in_the_package():
     assert len(flat) <= 8, flat
 
 
+def test_no_module_is_over_450_lines():
+    """A module that grows past this holds more than one job: split it by job (DEVELOPERS.md's table)."""
+    sizes = {str(p.relative_to(PACKAGE)): len(p.read_text(encoding="utf-8").splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert {m: n for m, n in sizes.items() if n > 450} == {}
+
+
 def test_developers_layout_table_names_every_module():
     text = (ROOT / "DEVELOPERS.md").read_text(encoding="utf-8")
     table = set(re.findall(r"^\| (?:\*\*)?`([\w./]+)`(?:\*\*)? \|", text, flags=re.MULTILINE))

@@ -399,7 +399,7 @@ def _run(args: argparse.Namespace, cfg, t0: float) -> int:
     if args.against_labels and args.out:
         _write_judgments(args.out, pairs, judgments, swapped)
     if args.report:
-        from oaif.evaluation.report import write_json
+        from oaif.evaluation.formats import write_json
 
         write_json(args.report, report)
     _print_summary(report, args)
@@ -407,7 +407,7 @@ def _run(args: argparse.Namespace, cfg, t0: float) -> int:
 
 
 def _print_summary(r: dict, args) -> None:
-    from oaif.evaluation.report import fmt, fmt_counts
+    from oaif.evaluation.formats import fmt, fmt_counts
 
     lines = [f"judge            {r['judge']}",
              f"input            {r['input']} ({r['rows']} rows; skipped: {fmt_counts(r['skipped'])})",

@@ -168,7 +168,7 @@ def _run(args, cfg, settings, steps) -> dict:
 
 
 def _print_summary(result: dict, args) -> None:
-    from oaif.evaluation.report import fmt, fmt_ci
+    from oaif.evaluation.formats import fmt, fmt_ci
 
     p = result["prompts"]
     lines = [f"judge      {result['judge']['name']} ({result['judge']['description']})"]

@@ -56,7 +56,8 @@ def _length_edges(gens: Sequence[Generation], settings: EvalSettings) -> tuple[l
 
 def _finish(result: dict, out_dir, metrics: list[dict] | None = None, n_samples: int = 3) -> dict:
     if out_dir is not None:
-        from oaif.evaluation.report import write_json, write_report
+        from oaif.evaluation.formats import write_json
+        from oaif.evaluation.report import write_report
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
