@@ -236,6 +236,35 @@ def test_overwrite_output_dir_replaces_the_old_run_so_eval_sees_only_the_new_one
     assert [p.name for _, p in discover_checkpoints(out)] == ["checkpoint-1"]
 
 
+def test_resume_without_a_checkpoint_keeps_an_earlier_runs_logs(tiny_model_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    train(cfg(tiny_model_dir, out, "train.max_steps=2", "train.save_every=0"))
+    shutil.rmtree(out / "checkpoint-2")  # as if killed (SIGKILL, OOM) before its first save: logs, no checkpoint
+    (out / "latest").unlink()
+    before = tree_hashes(out)
+    with pytest.raises(ConfigError, match=r"^train.resume=true: .*run has no checkpoint, but holds an earlier run's "
+                                          r"metrics.jsonl, annotations.jsonl .*train.overwrite_output_dir=true"):
+        train(cfg(tiny_model_dir, out, "train.resume=true"))
+    assert tree_hashes(out) == before
+    # where there is nothing to lose, train.resume=true starts from step 0 (as requeue scripts pass it)
+    train(cfg(tiny_model_dir, tmp_path / "new", "train.resume=true", "train.max_steps=1"))
+    assert steps(tmp_path / "new") == [1]
+    train(cfg(tiny_model_dir, out, "train.overwrite_output_dir=true", "train.max_steps=1"))
+    assert steps(out) == [1]
+
+
+def test_a_latest_that_is_a_directory_is_refused_before_any_step(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    (out / "latest").mkdir(parents=True)
+    for extra in ((), ("train.resume=true",), ("train.overwrite_output_dir=true",)):
+        with pytest.raises(ConfigError, match=rf"^train.output_dir: {out / 'latest'} is a directory; oaif keeps the "
+                                              r"name of the newest checkpoint there"):
+            train(cfg(tiny_model_dir, out, *extra))
+    assert sorted(p.name for p in out.iterdir()) == ["latest"]
+
+
 # --------------------------------------------------------------------------- non-finite training
 
 def test_a_diverging_run_stops_naming_the_step_and_keeps_its_last_finite_checkpoint(tiny_model_dir, tmp_path):
@@ -276,6 +305,26 @@ def test_resume_refuses_another_experiment_naming_the_keys(tiny_model_dir, tmp_p
     assert summary["steps"] == 3
     with pytest.raises(ConfigError, match="train.resume_allow_changes: 'loss.typo' is not a config key"):
         cfg(tiny_model_dir, out, "train.resume_allow_changes=[loss.typo]")
+
+
+def test_allowed_optimizer_changes_take_effect_on_resume(tiny_model_dir, tmp_path):
+    from oaif.trainer import Trainer
+
+    out = tmp_path / "run"
+    train(cfg(tiny_model_dir, out, "train.max_steps=2"))  # lr 1e-3, linear, betas (0.9, 0.999), eps 1e-8, no decay
+    changes = ("optim.lr=5e-4", "optim.betas=[0.8,0.95]", "optim.eps=1e-6", "optim.weight_decay=0.1",
+               "optim.scheduler=constant")
+    t = Trainer(cfg(tiny_model_dir, out, "train.resume=true", "train.max_steps=4", *changes,
+                    "train.resume_allow_changes=[optim.lr,optim.betas,optim.eps,optim.weight_decay,optim.scheduler]"))
+    t.setup()
+    [group] = t.optimizer.param_groups
+    assert (group["lr"], group["initial_lr"], tuple(group["betas"]), group["eps"], group["weight_decay"]) == \
+        (pytest.approx(5e-4), pytest.approx(5e-4), (0.8, 0.95), 1e-6, 0.1)
+    assert t.scheduler.base_lrs == [pytest.approx(5e-4)] and t.scheduler.get_last_lr() == [pytest.approx(5e-4)]
+    assert len(t.optimizer.state) > 0  # the moments were restored, only the settings are the new config's
+    t.train()
+    assert [r["lr"] for r in read_metrics(out / "metrics.jsonl")] == [pytest.approx(1e-3), pytest.approx(5e-4),
+                                                                      pytest.approx(5e-4), pytest.approx(5e-4)]
 
 
 def test_raising_max_steps_on_resume_continues_the_schedule_above_zero(tiny_model_dir, tmp_path):

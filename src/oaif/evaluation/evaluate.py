@@ -468,6 +468,7 @@ def evaluate_run(run_dir: str | Path, annotator_cfg=None, *, settings: EvalSetti
     """
     from oaif.config import load_config
     from oaif.models import load_tokenizer
+    from oaif.run.checkpoint import reading_checkpoint
 
     t0 = time.perf_counter()
     run = Path(run_dir)
@@ -504,8 +505,13 @@ def evaluate_run(run_dir: str | Path, annotator_cfg=None, *, settings: EvalSetti
     samples = _new_samples(records)
     _add_generation(samples, start)
     gens, curve = [start], []
-    for step, path in ckpts:
-        gen = generate(str(path), records, settings, label=path.name, device=device, progress=progress)
+    for step, path in list(ckpts):
+        with reading_checkpoint(path) as present:  # a training run's rotation (train.keep_last) waits, or was first
+            gen = present and generate(str(path), records, settings, label=path.name, device=device, progress=progress)
+        if not gen:
+            log.warning("%s was removed (train.keep_last) before it could be evaluated: skipped", path)
+            ckpts.remove((step, path))
+            continue
         _add_generation(samples, gen)
         gens.append(gen)
         curve.append(_compare(judge_obj, records, gen, start, settings, progress, samples, step=step,
