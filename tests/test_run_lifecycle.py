@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from oaif.config import load_config
-from oaif.errors import AnnotatorError, CheckpointError, ConfigError, OaifError
+from oaif.errors import AnnotatorError, CheckpointError, ConfigError, OaifError, TrainingError
 from oaif.run.metrics import read_metrics
 from oaif.trainer import train
 
@@ -347,11 +347,31 @@ def test_a_run_shorter_than_the_failure_window_whose_judgments_all_failed_is_not
     assert (out / "latest").read_text().strip() == "checkpoint-2"
 
 
-def test_a_run_that_used_none_of_its_judged_pairs_says_so(tiny_model_dir, tmp_path, caplog):
-    prompts = tmp_path / "ties.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"TIE question {i}"}) + "\n" for i in range(8)))
-    train(cfg(tiny_model_dir, tmp_path / "run", f"data.path={prompts}", "train.max_steps=2"))
-    assert "no pair was usable in this run: 4 judged, none kept" in caplog.text
+def test_a_run_that_trained_on_no_pair_ends_with_an_error(tiny_model_dir, tmp_path):
+    def prompts(name: str, *texts: str) -> Path:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"prompt": f"{t} question {i}"}) + "\n" for i, t in enumerate(texts)))
+        return path
+
+    ties = prompts("ties.jsonl", *["TIE"] * 8)
+    out = tmp_path / "ties"
+    run = cli(args(tiny_model_dir, out, f"data.path={ties}", "train.max_steps=2"))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert errors(run.stderr) == [f"oaif: error: no pair was usable in the 2 steps of this run, so the policy did not "
+                                  f"change: 4 tied (or under loss.min_confidence); saved {out / 'checkpoint-2'}"]
+    assert (out / "latest").read_text().strip() == "checkpoint-2" and steps(out) == [1, 2]
+    # a judge that fails on some pairs (under annotator.max_failure_rate) and ties on the others
+    mixed = prompts("mixed.jsonl", *["FAIL", "TIE"] * 4)
+    with pytest.raises(TrainingError, match=r"2 steps .*: 2 tied .*, 2 failed \(nan: 2\); saved .*checkpoint-2"):
+        train(cfg(tiny_model_dir, tmp_path / "mixed", f"data.path={mixed}", "data.shuffle=false",
+                  "data.eval_fraction=0", "annotator.max_failure_rate=0.9", "train.max_steps=2"))
+    # offline: a preference file of ties
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"Q {i}?", "chosen": "Yes.", "rejected": "No.", "prob": 0.5}) + "\n"
+                             for i in range(8)))
+    with pytest.raises(TrainingError, match=r"no pair was usable in the 2 steps of this run.*: 4 tied"):
+        train(cfg(tiny_model_dir, tmp_path / "offline", "train.mode=offline", f"data.preference_path={prefs}",
+                  "data.eval_fraction=0", "train.max_steps=2"))
 
 
 def test_a_resume_after_a_failure_stop_does_not_trip_on_the_past(tiny_model_dir, tmp_path, monkeypatch):
