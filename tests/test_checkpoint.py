@@ -164,13 +164,99 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last_comp
             "sampling.max_new_tokens=6", "optim.warmup_steps=0", "logging.progress_bar=false", "train.save_every=1"]
     done = subprocess.run(base + ["train.max_steps=1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    weights_size = (out / "checkpoint-1/model.safetensors").stat().st_size
     state_size = (out / "checkpoint-1/trainer_state.pt").stat().st_size
-    # the resumed run's next checkpoint fails at its trainer state, its largest file
-    proc = subprocess.run(base + ["train.max_steps=2", "train.resume=true"], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300, preexec_fn=_file_size_limit(state_size // 2))
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("oaif: error:")]
-    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert f"cannot write {out / 'checkpoint-2'}" in errors[0] and "MiB free there" in errors[0]
-    assert "checkpoint-1 is kept as the last complete checkpoint" in errors[0]
-    assert (out / "latest").read_text().strip() == "checkpoint-1"
-    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]  # no partial copy
+    assert state_size // 2 > weights_size  # AdamW's two moments: the state is the largest file
+    # the resumed run's next checkpoint fails at its weights (safetensors' writer), then at its trainer state (torch's)
+    for limit in (weights_size // 2, state_size // 2):
+        proc = subprocess.run(base + ["train.max_steps=2", "train.resume=true"], capture_output=True, text=True,
+                              cwd=ROOT, timeout=300, preexec_fn=_file_size_limit(limit))
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("oaif: error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert f"cannot write {out / 'checkpoint-2'}" in errors[0] and "MiB free there" in errors[0]
+        assert "checkpoint-1 is kept as the last complete checkpoint" in errors[0]
+        assert (out / "latest").read_text().strip() == "checkpoint-1"
+        assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]  # no partial copy
+
+
+def test_saving_a_step_again_replaces_its_checkpoint(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from oaif.errors import CheckpointWriteError
+    from oaif.run.checkpoint import save_checkpoint
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    save_checkpoint(tmp_path, 1, model, tok, {"step": 1, "mark": "first"})
+    save_checkpoint(tmp_path, 1, model, tok, {"step": 1, "mark": "again"})
+    assert torch.load(tmp_path / "checkpoint-1/trainer_state.pt", weights_only=True)["mark"] == "again"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "latest"]  # no .tmp- or .old- copy left
+    (tmp_path / "checkpoint-2").write_text("not a checkpoint")  # appeared while the run went on
+    with pytest.raises(CheckpointWriteError, match=r"cannot write .*checkpoint-2: it exists and is not a checkpoint "
+                                                   r"directory.*checkpoint-1 is kept as the last complete checkpoint"):
+        save_checkpoint(tmp_path, 2, model, tok, {"step": 2})
+    assert (tmp_path / "checkpoint-2").read_text() == "not a checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-2", "latest"]
+
+
+def test_runs_that_meet_a_checkpoint_of_their_own_step(tiny_model_dir, tmp_path):
+    """A requeued finished run, a lower max_steps, a rewind to an older checkpoint, a file in the way."""
+    from oaif.errors import ConfigError
+
+    cfg, out = ROOT / "configs/demo.yaml", tmp_path / "run"
+
+    def leftovers() -> list[str]:
+        return sorted(p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".old-")))
+
+    train(load_config(cfg, args(tiny_model_dir, out, "train.max_steps=3", "train.save_every=1", "train.keep_last=0")))
+    final = load_file(str(out / "checkpoint-3" / "model.safetensors"))
+    written = (out / "checkpoint-3" / "model.safetensors").stat().st_mtime_ns
+    # resumed after its final save (a requeue): nothing to train, done, the checkpoint left as it is
+    summary = train(load_config(cfg, args(tiny_model_dir, out, "train.max_steps=3", "train.resume=true")))
+    assert summary["steps"] == 3 and summary["final_checkpoint"] == str(out / "checkpoint-3") and leftovers() == []
+    assert (out / "checkpoint-3" / "model.safetensors").stat().st_mtime_ns == written
+    with pytest.raises(ConfigError, match=r"train.max_steps=2 is below the step of .*checkpoint-3 \(3\)"):
+        train(load_config(cfg, args(tiny_model_dir, out, "train.max_steps=2", "train.resume=true")))
+    # back to checkpoint-1, saving every step: checkpoint-2 and -3 are written again, as they were
+    train(load_config(cfg, args(tiny_model_dir, out, "train.max_steps=3", "train.save_every=1", "train.keep_last=0",
+                                f"train.resume={out / 'checkpoint-1'}")))
+    assert leftovers() == [] and (out / "latest").read_text().strip() == "checkpoint-3"
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+    again = load_file(str(out / "checkpoint-3" / "model.safetensors"))
+    for k in final:
+        torch.testing.assert_close(again[k], final[k], atol=1e-6, rtol=0)
+    # a file where the run would write a checkpoint: refused before any work
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-3")
+    (out / "checkpoint-3").write_text("mine")
+    (out / "latest").write_text("checkpoint-2\n")
+    with pytest.raises(ConfigError, match=r"checkpoint-3 exists and is not a checkpoint directory"):
+        train(load_config(cfg, args(tiny_model_dir, out, "train.max_steps=3", "train.resume=true")))
+    assert (out / "checkpoint-3").read_text() == "mine" and leftovers() == []
+
+
+def test_rotation_spares_a_checkpoint_being_evaluated_and_eval_skips_one_it_removed(tiny_model_dir, tmp_path, caplog):
+    from oaif.annotators.callable_judge import CallableJudge
+    from oaif.evaluation.evaluate import EvalSettings, evaluate_run
+    from oaif.run.checkpoint import _rotate, reading_checkpoint
+
+    out = tmp_path / "run"
+    train(load_config(ROOT / "configs/demo.yaml", args(tiny_model_dir, out, "train.max_steps=4", "train.save_every=1",
+                                                       "train.keep_last=0")))
+    with reading_checkpoint(out / "checkpoint-1") as present:
+        assert present
+        _rotate(out, 3, protect="checkpoint-4")  # as the trainer's save of checkpoint-4 with train.keep_last=3
+        assert (out / "checkpoint-1" / "model.safetensors").is_file()  # being read: left for a later rotation
+    _rotate(out, 3, protect="checkpoint-4")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    with reading_checkpoint(out / "checkpoint-1") as present:
+        assert not present
+
+    def judge_while_training(prompt, a, b):  # the run saves on meanwhile: rotation removes checkpoint-3 before its turn
+        _rotate(out, 1, protect="checkpoint-4")
+        return float(len(a) < len(b))
+
+    result = evaluate_run(out, annotator=CallableJudge(judge_while_training), limit=2, progress=False,
+                          settings=EvalSettings(bootstrap=50))
+    assert [c["step"] for c in result["comparisons"]] == [2, 4]
+    assert "checkpoint-3 was removed (train.keep_last) before it could be evaluated: skipped" in caplog.text

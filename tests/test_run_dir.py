@@ -67,3 +67,18 @@ def test_output_files(tmp_path):
         check_output_file(blocker / "out.jsonl", "--out")
     with pytest.raises(ConfigError, match="^--out: /dev/null is under /dev"):
         check_output_file("/dev/null", "--out")
+
+
+def test_names_a_run_writes_must_be_free(tmp_path):
+    from oaif.run.run_dir import check_run_entries
+
+    check_run_entries(tmp_path / "new", overwrite=False)  # nothing there yet
+    os.mkfifo(tmp_path / "latest")
+    with pytest.raises(ConfigError, match=f"^train.output_dir: {tmp_path / 'latest'} is a special file; oaif keeps"):
+        check_run_entries(tmp_path, overwrite=True)
+    (tmp_path / "latest").unlink()
+    (tmp_path / "checkpoint-2").write_text("x")
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'checkpoint-2'} exists and is not a checkpoint directory"):
+        check_run_entries(tmp_path, overwrite=False)
+    check_run_entries(tmp_path, overwrite=True)  # train.overwrite_output_dir deletes it with the earlier run
+    assert (tmp_path / "checkpoint-2").read_text() == "x"  # checking changes nothing

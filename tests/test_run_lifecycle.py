@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from oaif.config import load_config
-from oaif.errors import AnnotatorError, CheckpointError, ConfigError, OaifError
+from oaif.errors import AnnotatorError, CheckpointError, ConfigError, OaifError, TrainingError
 from oaif.run.metrics import read_metrics
 from oaif.trainer import train
 
@@ -236,6 +236,35 @@ def test_overwrite_output_dir_replaces_the_old_run_so_eval_sees_only_the_new_one
     assert [p.name for _, p in discover_checkpoints(out)] == ["checkpoint-1"]
 
 
+def test_resume_without_a_checkpoint_keeps_an_earlier_runs_logs(tiny_model_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    train(cfg(tiny_model_dir, out, "train.max_steps=2", "train.save_every=0"))
+    shutil.rmtree(out / "checkpoint-2")  # as if killed (SIGKILL, OOM) before its first save: logs, no checkpoint
+    (out / "latest").unlink()
+    before = tree_hashes(out)
+    with pytest.raises(ConfigError, match=r"^train.resume=true: .*run has no checkpoint, but holds an earlier run's "
+                                          r"metrics.jsonl, annotations.jsonl .*train.overwrite_output_dir=true"):
+        train(cfg(tiny_model_dir, out, "train.resume=true"))
+    assert tree_hashes(out) == before
+    # where there is nothing to lose, train.resume=true starts from step 0 (as requeue scripts pass it)
+    train(cfg(tiny_model_dir, tmp_path / "new", "train.resume=true", "train.max_steps=1"))
+    assert steps(tmp_path / "new") == [1]
+    train(cfg(tiny_model_dir, out, "train.overwrite_output_dir=true", "train.max_steps=1"))
+    assert steps(out) == [1]
+
+
+def test_a_latest_that_is_a_directory_is_refused_before_any_step(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    (out / "latest").mkdir(parents=True)
+    for extra in ((), ("train.resume=true",), ("train.overwrite_output_dir=true",)):
+        with pytest.raises(ConfigError, match=rf"^train.output_dir: {out / 'latest'} is a directory; oaif keeps the "
+                                              r"name of the newest checkpoint there"):
+            train(cfg(tiny_model_dir, out, *extra))
+    assert sorted(p.name for p in out.iterdir()) == ["latest"]
+
+
 # --------------------------------------------------------------------------- non-finite training
 
 def test_a_diverging_run_stops_naming_the_step_and_keeps_its_last_finite_checkpoint(tiny_model_dir, tmp_path):
@@ -278,6 +307,26 @@ def test_resume_refuses_another_experiment_naming_the_keys(tiny_model_dir, tmp_p
         cfg(tiny_model_dir, out, "train.resume_allow_changes=[loss.typo]")
 
 
+def test_allowed_optimizer_changes_take_effect_on_resume(tiny_model_dir, tmp_path):
+    from oaif.trainer import Trainer
+
+    out = tmp_path / "run"
+    train(cfg(tiny_model_dir, out, "train.max_steps=2"))  # lr 1e-3, linear, betas (0.9, 0.999), eps 1e-8, no decay
+    changes = ("optim.lr=5e-4", "optim.betas=[0.8,0.95]", "optim.eps=1e-6", "optim.weight_decay=0.1",
+               "optim.scheduler=constant")
+    t = Trainer(cfg(tiny_model_dir, out, "train.resume=true", "train.max_steps=4", *changes,
+                    "train.resume_allow_changes=[optim.lr,optim.betas,optim.eps,optim.weight_decay,optim.scheduler]"))
+    t.setup()
+    [group] = t.optimizer.param_groups
+    assert (group["lr"], group["initial_lr"], tuple(group["betas"]), group["eps"], group["weight_decay"]) == \
+        (pytest.approx(5e-4), pytest.approx(5e-4), (0.8, 0.95), 1e-6, 0.1)
+    assert t.scheduler.base_lrs == [pytest.approx(5e-4)] and t.scheduler.get_last_lr() == [pytest.approx(5e-4)]
+    assert len(t.optimizer.state) > 0  # the moments were restored, only the settings are the new config's
+    t.train()
+    assert [r["lr"] for r in read_metrics(out / "metrics.jsonl")] == [pytest.approx(1e-3), pytest.approx(5e-4),
+                                                                      pytest.approx(5e-4), pytest.approx(5e-4)]
+
+
 def test_raising_max_steps_on_resume_continues_the_schedule_above_zero(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     train(cfg(tiny_model_dir, out, "train.max_steps=2", "optim.scheduler=linear"))
@@ -298,11 +347,31 @@ def test_a_run_shorter_than_the_failure_window_whose_judgments_all_failed_is_not
     assert (out / "latest").read_text().strip() == "checkpoint-2"
 
 
-def test_a_run_that_used_none_of_its_judged_pairs_says_so(tiny_model_dir, tmp_path, caplog):
-    prompts = tmp_path / "ties.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"TIE question {i}"}) + "\n" for i in range(8)))
-    train(cfg(tiny_model_dir, tmp_path / "run", f"data.path={prompts}", "train.max_steps=2"))
-    assert "no pair was usable in this run: 4 judged, none kept" in caplog.text
+def test_a_run_that_trained_on_no_pair_ends_with_an_error(tiny_model_dir, tmp_path):
+    def prompts(name: str, *texts: str) -> Path:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"prompt": f"{t} question {i}"}) + "\n" for i, t in enumerate(texts)))
+        return path
+
+    ties = prompts("ties.jsonl", *["TIE"] * 8)
+    out = tmp_path / "ties"
+    run = cli(args(tiny_model_dir, out, f"data.path={ties}", "train.max_steps=2"))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert errors(run.stderr) == [f"oaif: error: no pair was usable in the 2 steps of this run, so the policy did not "
+                                  f"change: 4 tied (or under loss.min_confidence); saved {out / 'checkpoint-2'}"]
+    assert (out / "latest").read_text().strip() == "checkpoint-2" and steps(out) == [1, 2]
+    # a judge that fails on some pairs (under annotator.max_failure_rate) and ties on the others
+    mixed = prompts("mixed.jsonl", *["FAIL", "TIE"] * 4)
+    with pytest.raises(TrainingError, match=r"2 steps .*: 2 tied .*, 2 failed \(nan: 2\); saved .*checkpoint-2"):
+        train(cfg(tiny_model_dir, tmp_path / "mixed", f"data.path={mixed}", "data.shuffle=false",
+                  "data.eval_fraction=0", "annotator.max_failure_rate=0.9", "train.max_steps=2"))
+    # offline: a preference file of ties
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"Q {i}?", "chosen": "Yes.", "rejected": "No.", "prob": 0.5}) + "\n"
+                             for i in range(8)))
+    with pytest.raises(TrainingError, match=r"no pair was usable in the 2 steps of this run.*: 4 tied"):
+        train(cfg(tiny_model_dir, tmp_path / "offline", "train.mode=offline", f"data.preference_path={prefs}",
+                  "data.eval_fraction=0", "train.max_steps=2"))
 
 
 def test_a_resume_after_a_failure_stop_does_not_trip_on_the_past(tiny_model_dir, tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from oaif.config import load_config
-from oaif.errors import AnnotatorError
+from oaif.errors import AnnotatorError, TrainingError
 from oaif.run.metrics import METRICS, RECORD_KEYS, StepMetrics, read_metrics
 from oaif.step.pairs import build_pairs
 from oaif.trainer import Trainer, train
@@ -88,8 +88,10 @@ def test_online_training_changes_parameters_and_logs_correct_metrics(tiny_model_
 
 def test_identical_pairs_are_masked_and_never_trained_on(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    # a near-zero temperature makes both samples the greedy response: every pair is identical
-    train(tiny_cfg(tiny_model_dir, out, "sampling.temperature=1.0e-6", "train.max_steps=2"))
+    # a near-zero temperature makes both samples the greedy response: every pair is identical, and a run
+    # that trained on nothing ends with an error (its checkpoint saved)
+    with pytest.raises(TrainingError, match=r"no pair was usable .*: 8 pairs of identical responses; saved "):
+        train(tiny_cfg(tiny_model_dir, out, "sampling.temperature=1.0e-6", "train.max_steps=2"))
     records = read_metrics(out / "metrics.jsonl")
     assert all(r["masked/identical"] == 4 and r["pairs_used"] == 0 and r["pairs_judged"] == 0 for r in records)
     before, after = weights(tiny_model_dir), weights(out / "checkpoint-2")

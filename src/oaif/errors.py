@@ -33,3 +33,7 @@ class CheckpointError(OaifError):
 
 class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (a full disk, a file size limit, an I/O error); the last complete one stays."""
+
+
+class TrainingError(OaifError):
+    """A run took its steps but trained on nothing: every pair was identical, tied or failed."""

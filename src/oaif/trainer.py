@@ -24,7 +24,6 @@ around the steps (progress, saves, stops) in :mod:`oaif.run.loop`.
 
 from __future__ import annotations
 
-import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -34,14 +33,13 @@ import torch
 
 from oaif.annotators.base import Judgment
 from oaif.config import Config
-from oaif.errors import AnnotatorError
+from oaif.errors import AnnotatorError, TrainingError
 from oaif.generation.weights import policy_weights
 from oaif.run.metrics import FailureWindow, StepMetrics
 from oaif.step.pairs import annotate_pairs, build_pairs, preference_rollouts
 from oaif.step.records import PairPlan, PreferenceBatch, Rollouts
 from oaif.step.sampling import sample_rollouts
 
-log = logging.getLogger("oaif")
 
 @dataclass
 class MicroBatch:
@@ -192,12 +190,14 @@ class Trainer:
 
     def check_failures(self, end: bool = False) -> None:
         """Stop when the annotator failed too often: over the last full window, or (``end``) over
-        the pairs this process saw when fewer than a window. At the end, warn when no pair was usable."""
-        if end and self.is_main and (warning := self.failures.unused()):
-            log.warning(warning)
+        the pairs this process saw when fewer than a window. At the end, a run that used no pair
+        at all is an error too (:class:`TrainingError`), so that it never looks like success."""
+        # every process sees the same summed counts: they stop (and save) together
         if problem := self.failures.exceeded(self.cfg.annotator.max_failure_rate, partial=end):
-            path = self.save()  # every process sees the same summed counts: they stop together
+            path = self.save()
             raise AnnotatorError(f"{problem}; saved {path}, fix the annotator and rerun with train.resume=true")
+        if end and (problem := self.failures.unused()):
+            raise TrainingError(f"{problem}; saved {self.save()}")
 
     def close(self) -> None:
         """Release the run directory and close the logs and the sampler (one this trainer built)."""

@@ -12,6 +12,7 @@ Orchestration (models load lazily, inside the functions); the responses are
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,6 +23,8 @@ from oaif.evaluation.judging import build_judge, compare, default_judge_cfg, des
 from oaif.evaluation.responses import (EvalSettings, Generation, filter_and_limit, generate, held_out_prompts,
                                        pick_device)
 from oaif.stats import CI_LEVEL, histogram_edges
+
+log = logging.getLogger("oaif.evaluation.evaluate")
 
 
 def discover_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -122,6 +125,7 @@ def evaluate_run(run_dir: str | Path, annotator_cfg=None, *, settings: EvalSetti
     curves of the run's ``metrics.jsonl``) there.
     """
     from oaif.models.load import load_tokenizer
+    from oaif.run.checkpoint import reading_checkpoint
 
     t0 = time.perf_counter()
     run = Path(run_dir)
@@ -141,8 +145,13 @@ def evaluate_run(run_dir: str | Path, annotator_cfg=None, *, settings: EvalSetti
     samples = _new_samples(records)
     _add_generation(samples, start)
     gens, curve = [start], []
-    for step, path in ckpts:
-        gen = generate(str(path), records, settings, label=path.name, device=device, progress=progress)
+    for step, path in list(ckpts):
+        with reading_checkpoint(path) as present:  # a training run's rotation (train.keep_last) waits, or was first
+            gen = present and generate(str(path), records, settings, label=path.name, device=device, progress=progress)
+        if not gen:
+            log.warning("%s was removed (train.keep_last) before it could be evaluated: skipped", path)
+            ckpts.remove((step, path))
+            continue
         _add_generation(samples, gen)
         gens.append(gen)
         curve.append(compare(judge_obj, records, gen, start, settings, progress, samples, step=step,

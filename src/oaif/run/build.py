@@ -37,7 +37,8 @@ def preflight(cfg: Config):
     Online, returns the annotator's plan (:func:`oaif.annotators.build.plan_annotator`: rubrics read,
     callables imported and checked, ensemble members planned), which :func:`build_run` builds; offline, None.
     """
-    from oaif.run.run_dir import check_fresh_run, check_output_dir, continues_run_dir
+    from oaif.run.run_dir import (check_fresh_run, check_output_dir, check_resumable, check_run_entries,
+                                  continues_run_dir)
 
     check_output_dir(cfg.train.output_dir, "train.output_dir")
     if isinstance(cfg.train.resume, str) and not (Path(cfg.train.resume) / "trainer_state.pt").is_file():
@@ -47,6 +48,9 @@ def preflight(cfg: Config):
     elif cfg.train.overwrite_output_dir:
         raise ConfigError("train.overwrite_output_dir: true would delete the run that train.resume continues; "
                           "set one of them to false")
+    check_run_entries(cfg.train.output_dir, cfg.train.overwrite_output_dir)
+    if cfg.train.resume is True:
+        check_resumable(cfg.train.output_dir)
     if cfg.train.mixed_precision == "fp16" and (cfg.train.device == "cpu" or not torch.cuda.is_available()):
         raise ConfigError("train.mixed_precision: fp16 needs a GPU; on CPU accelerate would silently train in "
                           "float32 (use no, or bf16)")

@@ -11,7 +11,8 @@ Layout of ``<output_dir>/checkpoint-<step>/``::
 
 A checkpoint is written into a temporary directory and renamed into place, then the
 ``<output_dir>/latest`` file is replaced atomically to name it. A kill at any moment leaves
-``latest`` pointing at a complete checkpoint.
+``latest`` pointing at a complete checkpoint. Rotation (``train.keep_last``) removes older ones,
+except one that a reader such as ``oaif eval --run`` holds (:func:`reading_checkpoint`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,32 +77,57 @@ def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, state: 
                     keep_last: int = 2) -> Path:
     """Write ``checkpoint-<step>`` atomically and point ``latest`` at it. Returns its path.
 
-    A write that fails (a full disk: torch's writer reports it as a RuntimeError) removes the
-    partial copy and raises :class:`CheckpointWriteError`; ``latest`` still names the last complete one.
+    A write that fails (a full disk or a file size limit: torch's writer reports it as a
+    RuntimeError, safetensors' as a SafetensorError) removes the partial copy and raises
+    :class:`CheckpointWriteError`; ``latest`` still names the last complete one. So does a file
+    in the checkpoint's place. A checkpoint of the same step is replaced (a rewound run saving again).
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     final = out / f"checkpoint-{step}"
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise CheckpointWriteError(f"cannot write {final}: it exists and is not a checkpoint directory (move it "
+                                   f"away); {_kept(out)}")
     tmp = out / f".tmp-checkpoint-{step}-{os.getpid()}"
     try:
-        return _write_checkpoint(out, final, tmp, model, tokenizer, state, keep_last)
-    except (OSError, RuntimeError) as e:
+        _write_files(tmp, model, tokenizer, state)
+        _put_in_place(tmp, final)
+    except BaseException as e:  # also a second signal or Ctrl-C: no partial copy stays behind
         shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            free = f"{shutil.disk_usage(out).free / 2**20:.0f} MiB free there"
-        except OSError:
-            free = "free space unknown"
-        try:
-            kept = latest_checkpoint(out)
-        except CheckpointError:
-            kept = None
-        raise CheckpointWriteError(
-            f"cannot write {final} ({one_line(e)}; {free}); "
-            + (f"{kept.name} is kept as the last complete checkpoint" if kept else "no checkpoint of this run was saved")
-        ) from None
+        if not _is_write_failure(e):
+            raise
+        raise CheckpointWriteError(f"cannot write {final} ({one_line(e)}; {_free(out)}); {_kept(out)}") from None
+    try:
+        _atomic_write_text(out / LATEST, final.name + "\n")
+    except OSError as e:
+        raise CheckpointWriteError(f"wrote {final}, but cannot point {out / LATEST} at it ({one_line(e)}; "
+                                   f"{_free(out)}); resume from it with train.resume={final}") from None
+    _rotate(out, keep_last, protect=final.name)
+    return final
 
 
-def _write_checkpoint(out: Path, final: Path, tmp: Path, model, tokenizer, state: dict[str, Any], keep_last: int) -> Path:
+def _is_write_failure(e: BaseException) -> bool:
+    """An error writing the files (the OS's, torch's writer's RuntimeError, safetensors' SafetensorError)."""
+    return isinstance(e, (OSError, RuntimeError)) or type(e).__name__ == "SafetensorError"
+
+
+def _free(out: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(out).free / 2**20:.0f} MiB free there"
+    except OSError:
+        return "free space unknown"
+
+
+def _kept(out: Path) -> str:
+    """What a failed write leaves: the name of the last complete checkpoint, in words."""
+    try:
+        kept = latest_checkpoint(out)
+    except CheckpointError:
+        kept = None
+    return f"{kept.name} is kept as the last complete checkpoint" if kept else "no checkpoint of this run was saved"
+
+
+def _write_files(tmp: Path, model, tokenizer, state: dict[str, Any]) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -115,25 +143,74 @@ def _write_checkpoint(out: Path, final: Path, tmp: Path, model, tokenizer, state
     torch.save(state, tmp / "trainer_state.pt")
     human = {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool, list, dict)) and k not in ("optimizer", "scheduler", "rng")}
     (tmp / "trainer_state.json").write_text(json.dumps(human, indent=2, default=str))
-    if final.exists():  # re-saving a step (e.g. the final save after a periodic one)
-        old = out / f".old-checkpoint-{step}-{os.getpid()}"
-        os.replace(final, old)
+
+
+def _put_in_place(tmp: Path, final: Path) -> None:
+    """Rename the written ``tmp`` to ``final``; a checkpoint already there (the same step saved again) is replaced."""
+    if not final.exists():
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+        return
+    old = final.with_name(f".old-{final.name}-{os.getpid()}")
+    os.replace(final, old)
+    try:
         os.replace(tmp, final)
-    _atomic_write_text(out / LATEST, final.name + "\n")
-    _rotate(out, keep_last, protect=final.name)
-    return final
+    except BaseException:
+        os.replace(old, final)  # the one there stays
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _rotate(out: Path, keep_last: int, protect: str) -> None:
+    """Remove all but the newest ``keep_last`` checkpoints (never ``protect``); one that a reader holds
+    (:func:`reading_checkpoint`, ``oaif eval --run`` during training) is left for a later rotation."""
     if keep_last <= 0:
         return
     ckpts = sorted((int(m.group(1)), p) for p in out.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir())
     for _, p in ckpts[:-keep_last]:
         if p.name != protect:
-            shutil.rmtree(p, ignore_errors=True)
+            _remove_unless_read(p)
+
+
+def _remove_unless_read(path: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no readers' locks
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return  # gone already
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        log.info("%s is being read (oaif eval?): left for a later rotation", path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)  # readers that wait for it see it gone
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def reading_checkpoint(path: str | Path) -> Iterator[bool]:
+    """Hold the checkpoint directory ``path`` against rotation while reading it (a shared ``flock`` on
+    the directory); yields whether it is still there (False: rotation removed it first)."""
+    path = Path(path)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield path.is_dir()
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a rotation removes it
+        yield (path / "config.json").is_file()
+    finally:
+        os.close(fd)
 
 
 def _pointer_target(pointer: Path) -> str:
@@ -286,15 +363,17 @@ def restore_trainer_state(checkpoint: Path, model, optimizer, scheduler, stream,
     With ``config`` (the new run's), first refuse a config that differs from the saved one in a
     key a resume may not change (:func:`oaif.run.resume_check.check_resume_config`).
     """
-    from oaif.run.resume_check import check_resume_config, reschedule
+    from oaif.run.resume_check import check_resume_config, check_resume_step, optimizer_settings, reapply
 
     state = load_trainer_state(checkpoint)
     load_model_weights(model, checkpoint)  # first: its errors name an architecture or LoRA mismatch precisely
     if config is not None:
         check_resume_config(state["config"], config, checkpoint)
+        check_resume_step(int(state["step"]), config["train"]["max_steps"], checkpoint)
+    built = optimizer_settings(optimizer, scheduler)  # the new config's (an allowed change differs from the saved)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    reschedule(optimizer, scheduler)  # the lr of this step under the new run's schedule length
+    reapply(optimizer, scheduler, built)  # and the lr of this step under the new run's schedule
     stream.load_state_dict(state["stream"])
     set_rng_state(state["rng"])
     failures.load_state_dict(state["failures"])
@@ -323,15 +402,23 @@ class RunCheckpoints:
         from oaif.run.finite_guard import check_weights
 
         check_weights(model, step, self.last_saved)
+        path = self.out / f"checkpoint-{step}"
+        if step == self.last_saved and self._is_latest(path):  # resumed at its last step: nothing new to write
+            return path
         if collective:
             self.accelerator.wait_for_everyone()
-        path = self.out / f"checkpoint-{step}"
         if self.accelerator.is_main_process:
             path = save_checkpoint(self.out, step, model, tokenizer, state(), keep_last=self.keep_last)
         self.last_saved = step
         if collective:
             self.accelerator.wait_for_everyone()
         return path
+
+    def _is_latest(self, path: Path) -> bool:
+        try:
+            return latest_checkpoint(self.out) == path
+        except CheckpointError:
+            return False
 
     def save_after_error(self, step: int, model, tokenizer, state, error: BaseException) -> None:
         alone = self.accelerator.num_processes == 1

@@ -5,7 +5,7 @@ which leaves the progress saved (or, for a non-finite step, the last finite chec
 
 from __future__ import annotations
 
-from oaif.errors import AnnotatorError, CheckpointWriteError
+from oaif.errors import AnnotatorError, CheckpointWriteError, TrainingError
 from oaif.run.finite_guard import NonFiniteError, check_step
 from oaif.run.stop_signals import StopSignals, Stopped
 
@@ -39,7 +39,7 @@ def run_steps(t) -> dict:
         final = t.save()
     except (KeyboardInterrupt, Stopped, Exception) as e:
         # saved already / must not be saved / cannot be written (the message names the checkpoint kept)
-        if not isinstance(e, (AnnotatorError, NonFiniteError, CheckpointWriteError)):
+        if not isinstance(e, (AnnotatorError, TrainingError, NonFiniteError, CheckpointWriteError)):
             t.checkpoints.save_after_error(t.step, t.unwrapped, t.tokenizer, t.state, e)
         raise
     finally:

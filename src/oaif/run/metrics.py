@@ -187,14 +187,19 @@ class FailureWindow:
     def __init__(self, size: int):
         self.window: deque[bool] = deque(maxlen=size)
         self.reasons: Counter = Counter()
-        self.used = self.judged = 0  # pairs that entered the loss / were judged in this process's steps
+        # this process's steps, and their pairs: used (entered the loss), and not, by why (all processes summed)
+        self.steps = self.used = 0
+        self.unusable: Counter = Counter()  # identical, tie, failed; failed/<reason> by reason
 
     def add(self, step: StepMetrics) -> None:
         failed, judged = int(step.total("pairs_failed")), int(step.total("pairs_judged"))
         self.window.extend([True] * failed + [False] * (judged - failed))
         self.reasons.update(step.failed)
+        self.steps += 1
         self.used += int(step.total("pairs_used"))
-        self.judged += judged
+        self.unusable.update({"identical": int(step.total("masked/identical")), "tie": int(step.total("masked/tie")),
+                              "failed": failed})
+        self.unusable.update({f"failed/{k}": v for k, v in step.failed.items()})
 
     def exceeded(self, limit: float, partial: bool = False) -> str | None:
         """What went wrong, in words, when more than ``limit`` of the last full window failed; else None.
@@ -209,12 +214,17 @@ class FailureWindow:
         return None
 
     def unused(self) -> str | None:
-        """A warning when this process's steps judged pairs but used none of them (the policy did not
-        change); None otherwise. (Pairs that were all identical are not judged: ``masked/identical``.)"""
-        if self.judged and not self.used:
-            return (f"no pair was usable in this run: {self.judged} judged, none kept (failed, tied or under "
-                    f"loss.min_confidence; see masked/* in metrics.jsonl), so the policy did not change")
-        return None
+        """What happened to the pairs, in words, when this process's steps trained on none of them (the
+        policy did not change: every pair identical, tied or failed); None when a pair was used."""
+        if not self.steps or self.used:
+            return None
+        n = self.unusable
+        failed = ", ".join(f"{k.split('/', 1)[1]}: {v}" for k, v in sorted(n.items()) if k.startswith("failed/"))
+        parts = [f"{n['identical']} pairs of identical responses" if n["identical"] else "",
+                 f"{n['tie']} tied (or under loss.min_confidence)" if n["tie"] else "",
+                 f"{n['failed']} failed ({failed})" if n["failed"] else ""]
+        return (f"no pair was usable in the {self.steps} step{'s' if self.steps > 1 else ''} of this run, so the "
+                f"policy did not change: {', '.join(p for p in parts if p) or 'no pairs'}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"window": list(self.window), "reasons": dict(self.reasons)}

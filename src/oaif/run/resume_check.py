@@ -8,7 +8,9 @@ how often and how much to save, where the run lives, logging, and how to reach t
 server (its timeout, retries, concurrency, URL and key variable), and the update's forward batch
 size (speed and memory only), none of which changes what a
 step computes. (``train.max_steps`` changes the length of a decaying schedule; the step's lr is
-then recomputed for the new length, see :func:`reschedule`.)
+then recomputed for the new length, see :func:`reschedule`; it may not fall below the checkpoint's
+step.) An allowed change of ``optim.*`` takes effect: the restored optimizer and schedule get the
+new config's lr, betas, eps and weight decay back (:func:`reapply`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,36 @@ def check_resume_config(saved: dict, current: dict, checkpoint) -> None:
         raise ConfigError(f"train.resume: {checkpoint} was trained with another config: {listed}; that would be "
                           f"another experiment. Resume with the saved values, start a new run in another "
                           f"train.output_dir, or allow the change with train.resume_allow_changes=[{','.join(refused)}]")
+
+
+def check_resume_step(step: int, max_steps: int, checkpoint) -> None:
+    """Refuse a ``train.max_steps`` below the checkpoint's step (there is nothing to train up to it)."""
+    if max_steps < step:
+        raise ConfigError(f"train.max_steps={max_steps} is below the step of {checkpoint} ({step}): nothing is left "
+                          f"to train; raise train.max_steps, or resume from an earlier checkpoint with "
+                          f"train.resume=<run>/checkpoint-N")
+
+
+#: The settings of each optimizer group that come from the config (``optim.*``); the lr comes from the schedule.
+GROUP_SETTINGS = ("betas", "eps", "weight_decay")
+
+
+def optimizer_settings(optimizer, scheduler) -> dict:
+    """The optimizer's and schedule's settings as this run built them from its config (before a resume loads
+    the saved state, which brings back the saved run's): each group's betas, eps, weight decay, and base lr."""
+    return {"groups": [{k: group[k] for k in GROUP_SETTINGS if k in group} for group in optimizer.param_groups],
+            "base_lrs": list(scheduler.base_lrs)}
+
+
+def reapply(optimizer, scheduler, settings: dict) -> None:
+    """After loading a saved optimizer and schedule, put back the new config's ``settings``
+    (:func:`optimizer_settings`), so that an allowed change of ``optim.*`` takes effect; the
+    moments and the step count stay restored. Then set this step's lr (:func:`reschedule`)."""
+    for group, values, base in zip(optimizer.param_groups, settings["groups"], settings["base_lrs"]):
+        group.update(values)
+        group["initial_lr"] = base
+    scheduler.base_lrs = list(settings["base_lrs"])
+    reschedule(optimizer, scheduler)
 
 
 def reschedule(optimizer, scheduler) -> None:

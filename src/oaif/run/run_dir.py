@@ -146,6 +146,43 @@ def check_fresh_run(path: str | os.PathLike, overwrite: bool) -> None:
                           f"train.overwrite_output_dir=true")
 
 
+def check_run_entries(path: str | os.PathLike, overwrite: bool) -> None:
+    """Names the run writes must be free for it: ``latest`` a file (or absent), each ``checkpoint-N``
+    a directory (or absent; ``overwrite`` deletes other ones). Raises :class:`ConfigError`; changes nothing."""
+    import re
+
+    out = Path(path)
+    latest = out / "latest"
+    if latest.is_dir() or (os.path.lexists(latest) and not latest.is_file()):
+        raise ConfigError(f"train.output_dir: {latest} is a {'directory' if latest.is_dir() else 'special file'}; oaif "
+                          f"keeps the name of the newest checkpoint there: move it away")
+    if overwrite or not out.is_dir():
+        return
+    for p in sorted(out.iterdir()):
+        if re.match(r"^checkpoint-\d+$", p.name) and (p.is_symlink() or not p.is_dir()):
+            raise ConfigError(f"train.output_dir: {p} exists and is not a checkpoint directory, where the run "
+                              f"would write one: move it away")
+
+
+#: The logs of a run, which hold its paid judgments even before its first checkpoint.
+RUN_LOGS = ("metrics.jsonl", "annotations.jsonl")
+
+
+def check_resumable(path: str | os.PathLike) -> None:
+    """``train.resume=true`` where there is no checkpoint starts from step 0, unless an earlier run left
+    its logs there (one stopped before its first save): starting them over would lose them, so it is
+    refused as a fresh run over an earlier one is. Raises :class:`ConfigError`; changes nothing."""
+    from oaif.run.checkpoint import latest_checkpoint
+
+    out = Path(path)
+    logs = [name for name in RUN_LOGS if (out / name).is_file() and (out / name).stat().st_size > 0]
+    if logs and latest_checkpoint(out) is None:
+        raise ConfigError(f"train.resume=true: {path} has no checkpoint, but holds an earlier run's {', '.join(logs)} "
+                          f"(a run stopped before its first save), which a start from step 0 would replace; to "
+                          f"start over, rerun with train.resume=false and train.overwrite_output_dir=true, or "
+                          f"choose another train.output_dir")
+
+
 def clear_previous_run(path: str | os.PathLike) -> list[Path]:
     """Delete what :func:`previous_run` finds (checkpoints, ``latest``, metrics, audit log, config); return it.
 
