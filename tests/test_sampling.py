@@ -77,6 +77,41 @@ def test_hf_backend_samples_depend_on_prompt_position_not_on_batch(smol):
             == sample_responses(model, tok, prompts, [0, 1], backend="shared_prefill", **greedy))
 
 
+@pytest.fixture(scope="module")
+def opinionated(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a generation_config.json that sets what instruct models ship: a repetition
+    penalty, a minimum length (which suppresses EOS), n-gram and bad-word bans, suppressed tokens.
+    Half the vocabulary is listed as EOS ids, so an untouched policy ends most responses within a few tokens."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    path = tmp_path_factory.mktemp("opinionated") / "model"
+    shutil.copytree(tiny_model_dir, path)
+    model, tok = load_causal_lm(str(path))
+    eos = list(range(1000, 1000 + len(tok) // 2))
+    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                     repetition_penalty=1.8, min_new_tokens=6, no_repeat_ngram_size=1, bad_words_ids=[[1001], [1002]],
+                     suppress_tokens=list(range(1003, 1500)), begin_suppress_tokens=list(range(1500, 9000))
+                     ).save_pretrained(path)
+    model, tok = load_causal_lm(str(path))
+    assert model.generation_config.min_new_tokens == 6 and model.generation_config.repetition_penalty == 1.8
+    return model, tok, [encode_prompt(tok, p) for p in PROMPTS], set(eos)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.8, 0.9)])
+def test_hf_backend_ignores_the_models_generation_config(opinionated, temperature, top_p):
+    model, tok, prompts, eos = opinionated
+    kw = dict(k=4, seed=2, temperature=temperature, top_p=top_p, max_new_tokens=10)
+    hf, hf_ended = sample_responses(model, tok, prompts, [3, 4], backend="hf", **kw)
+    shared, shared_ended = sample_responses(model, tok, prompts, [3, 4], backend="shared_prefill", **kw)
+    assert hf == shared and hf_ended == shared_ended  # the policy's own distribution, in both backends
+    lengths = [len(r) for rs in hf for r in rs]
+    assert min(lengths) < 6, f"EOS never came before min_new_tokens=6: {lengths}"  # not suppressed
+    assert all(r[-1] in eos for rs, es in zip(hf, hf_ended) for r, e in zip(rs, es) if e)
+    assert model.generation_config.min_new_tokens == 6  # the model's own config is left as it was
+
+
 def test_sampling_passes_the_kv_cache_the_installed_transformers_way(smol):
     model, tok, prompts = smol
     with warnings.catch_warnings(record=True) as caught:

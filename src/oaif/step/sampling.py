@@ -13,6 +13,8 @@ whole response up front, with no random generator state.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from oaif.step.logprobs import pad_rows, position_ids_from_mask
@@ -144,18 +146,39 @@ def _sample_shared_prefill(model, prompts, seeds, k, temperature, top_p, max_new
     return tokens.cpu(), lengths.cpu(), ended.cpu()
 
 
+@contextmanager
+def _own_generation_config(model):
+    """Hide the model's ``generation_config`` from ``generate`` while it runs.
+
+    ``generate`` fills every field its config leaves unset from ``model.generation_config``, so a
+    model that ships ``repetition_penalty``, ``min_new_tokens`` (which suppresses EOS),
+    ``no_repeat_ngram_size``, ``bad_words_ids``, ... would be sampled from another distribution
+    than the policy's. An empty config in its place leaves only transformers' neutral defaults.
+    """
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model generates with its base
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
+
+
 @torch.no_grad()
 def _sample_hf(model, prompts, seeds, k, temperature, top_p, max_new_tokens, eos, pad_id):
     from transformers import GenerationConfig, LogitsProcessorList
 
     device = next(model.parameters()).device
     ids, mask = (t.repeat_interleave(k, dim=0).to(device) for t in pad_rows(prompts, pad_id, side="left"))
-    # greedy decoding of the draws: a fresh config, so no setting of the model's own generation config applies
+    # greedy decoding of the draws, under a config that sets nothing else (see _own_generation_config)
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                               eos_token_id=sorted(eos))
     draws = _RowDraws(RowSampler(seeds, device, max_new_tokens), temperature, top_p)
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                         logits_processor=LogitsProcessorList([draws]))
+    with _own_generation_config(model):
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                             logits_processor=LogitsProcessorList([draws]))
     gen = out[:, ids.shape[1]:].cpu()
     tokens = torch.full((gen.shape[0], max_new_tokens), pad_id, dtype=torch.long)
     tokens[:, :gen.shape[1]] = gen
