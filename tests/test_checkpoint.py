@@ -124,6 +124,49 @@ def test_lora_bf16_saves_leave_the_frozen_base_bit_identical(tiny_model_dir, tmp
     assert torch.equal(saved["model.layers.0.mlp.up_proj.weight"], before["base_model.model.model.layers.0.mlp.up_proj.weight"])
 
 
+@pytest.mark.parametrize("targets, tied", [
+    (["embed_tokens"], True), (["lm_head"], True), (["embed_tokens", "lm_head", "q_proj", "down_proj"], True),
+    (["embed_tokens", "lm_head", "gate_proj"], False),
+], ids=["tied_embed", "tied_head", "tied_all", "untied"])
+def test_a_lora_checkpoint_is_the_live_policy_on_any_module(tiny_model_dir, tmp_path, targets, tied):
+    """After a real update, AutoModelForCausalLM on the checkpoint computes the logits of the live peft policy:
+    on a tied model an adapter on the embedding or the head unties them (the live model adds each delta on one side)."""
+    from helpers import make_tiny_llama
+    from oaif.trainer import Trainer
+
+    model_dir = tiny_model_dir if tied else make_tiny_llama(tmp_path / "untied", tie_word_embeddings=False,
+                                                            tokenizer_source=tiny_model_dir)
+    cfg = load_config(ROOT / "configs/lora_demo.yaml", args(model_dir, tmp_path / "run", "optim.lr=1.0e-2",
+                                                            f"model.lora.target_modules=[{', '.join(targets)}]"))
+    t = Trainer(cfg).setup()
+    assert t.run_step()["pairs_used"] > 0
+    ckpt = t.save()
+    live = t.unwrapped.eval()
+    ids = torch.tensor([t.tokenizer.encode("The sea is calm tonight, and the boats are home.")])
+    saved = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    with torch.no_grad():
+        want, got = live(input_ids=ids).logits, saved(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(model_dir).eval()(input_ids=ids).logits
+    assert (want - base).abs().max() > 1e-3  # the update moved the policy
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert saved.config.tie_word_embeddings is False
+
+
+def test_vllm_refuses_a_lora_adapter_on_tied_embeddings(tiny_model_dir):
+    from oaif.config import LoraConfig, ModelConfig
+    from oaif.errors import ConfigError
+    from oaif.generation.build import build_sampler
+    from oaif.models import load_policy_and_reference
+
+    cfg = load_config(ROOT / "configs/vllm_demo.yaml", [f"model.name_or_path={tiny_model_dir}", "model.lora.enabled=true",
+                                                        "model.lora.target_modules=[q_proj, lm_head]"])
+    policy, _, tok = load_policy_and_reference(ModelConfig(name_or_path=tiny_model_dir, lora=LoraConfig(
+        enabled=True, target_modules=["q_proj", "lm_head"])))
+    with pytest.raises(ConfigError, match=r"model\.lora\.target_modules=\['q_proj', 'lm_head'\] puts an adapter on the "
+                                          r"tied embeddings of .*sampling\.backend=shared_prefill"):
+        build_sampler(cfg, policy, tok, {tok.eos_token_id}, None)
+
+
 def test_resume_from_a_named_checkpoint_and_state_loads_weights_only(tiny_model_dir, tmp_path):
     cfg = ROOT / "configs/demo.yaml"
     full = tmp_path / "full"

@@ -52,8 +52,14 @@ def build_sampler(cfg: Config, policy, tokenizer, eos_ids: set[int], accelerator
         from oaif.generation.live_policy import LivePolicy
 
         return LivePolicy(policy, tokenizer, cfg.sampling.backend, cfg.sampling.batch_size, autocast=accelerator.autocast)
+    from oaif.generation.weights import untied_lora
     from oaif.models import resolve_model_path
 
+    if untied_lora(policy):
+        raise ConfigError(f"model.lora.target_modules={list(cfg.model.lora.target_modules)} puts an adapter on the tied "
+                          f"embeddings of {cfg.model.name_or_path}, which makes them differ, but a vLLM engine holds them "
+                          f"tied: leave embed_tokens and lm_head out of model.lora.target_modules, or use "
+                          f"sampling.backend=shared_prefill")
     several = accelerator.num_processes > 1
     if cfg.vllm.mode == "colocated" and several and accelerator.device.type != "cpu":
         raise ConfigError("vllm.mode=colocated runs one process only on a GPU (every engine would take the first "

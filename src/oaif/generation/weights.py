@@ -6,7 +6,9 @@ adapter's delta added *out of place* (``W + B @ A * scaling`` as a new tensor, s
 and rounded once to ``W``'s dtype), under the base model's names (``.base_layer.`` removed,
 adapter tensors left out). The live model is never merged and unmerged, so its frozen base (which
 is also the reference) stays bit-identical; in bfloat16 ``(W + delta) - delta`` is not ``W``.
-Tied output embeddings are left out, as ``save_pretrained`` does.
+Tied output embeddings are left out, as ``save_pretrained`` does, except under a LoRA adapter on
+the input or output embedding (:func:`untied_lora`): the live peft model adds the embedding's delta
+to its inputs only and the output head's delta to its logits only, so the merged model is untied.
 """
 
 from __future__ import annotations
@@ -30,14 +32,28 @@ def _tied(model) -> bool:
     return bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
 
 
+def untied_lora(model) -> bool:
+    """Whether ``model`` is a peft model over tied embeddings with an adapter on the input or the output
+    embedding. Its two sides then differ (each has its own delta, or only one has one), so its merged
+    weights hold both, and a checkpoint of it is saved as an untied model (``tie_word_embeddings=false``)."""
+    if not _is_peft(model):
+        return False
+    base = model.get_base_model()
+    if not _tied(base):
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in (base.get_input_embeddings(), base.get_output_embeddings()))
+
+
 def _lora_delta(module, key: str) -> torch.Tensor | None:
     """The sum of the active adapters' deltas of one LoRA layer, in float32 (None when nothing is to add)."""
     if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
         return None  # merged: the delta is already in the base weight; disabled: the base is the model
     delta = None
     for name in module.active_adapters:
-        if name not in getattr(module, "lora_A", {}):
-            continue
+        if name not in getattr(module, "lora_A", {}) and name not in getattr(module, "lora_embedding_A", {}):
+            continue  # not an adapter of this layer (an embedding keeps its adapters in lora_embedding_A/B)
         if getattr(module, "use_dora", {}).get(name, False):
             raise GenerationError(f"{key}: DoRA adapters cannot be merged out of place yet")
         d = module.get_delta_weight(name).float()
@@ -48,7 +64,7 @@ def _lora_delta(module, key: str) -> torch.Tensor | None:
 def _lora_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     base = model.get_base_model()
     modules = dict(base.named_modules())
-    tied = _tied(base)
+    tied = _tied(base) and not untied_lora(model)
     for key, value in base.state_dict().items():
         if "lora_" in key:
             continue

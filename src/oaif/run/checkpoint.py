@@ -104,10 +104,7 @@ def _write_checkpoint(out: Path, final: Path, tmp: Path, model, tokenizer, state
         shutil.rmtree(tmp)
     tmp.mkdir()
     if _is_peft(model):
-        from oaif.generation.weights import policy_weights
-
-        # the weights a vLLM engine samples from: the adapter merged out of place
-        model.get_base_model().save_pretrained(tmp, state_dict=dict(policy_weights(model)), safe_serialization=True)
+        _save_merged(model, tmp)
         model.save_pretrained(tmp / "adapter")
     else:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -125,6 +122,21 @@ def _write_checkpoint(out: Path, final: Path, tmp: Path, model, tokenizer, state
     _atomic_write_text(out / LATEST, final.name + "\n")
     _rotate(out, keep_last, protect=final.name)
     return final
+
+
+def _save_merged(model, directory: Path) -> None:
+    """A LoRA model's weights with the adapter merged out of place (what a vLLM engine samples), as a model
+    directory; untied when the adapter sits on tied embeddings (:func:`oaif.generation.weights.untied_lora`)."""
+    import copy
+
+    from oaif.generation.weights import policy_weights, untied_lora
+
+    base = model.get_base_model()
+    base.save_pretrained(directory, state_dict=dict(policy_weights(model)), safe_serialization=True)
+    if untied_lora(model):
+        config = copy.deepcopy(base.config)
+        config.tie_word_embeddings = False
+        config.save_pretrained(directory)
 
 
 def _rotate(out: Path, keep_last: int, protect: str) -> None:
