@@ -167,6 +167,37 @@ def test_vllm_refuses_a_lora_adapter_on_tied_embeddings(tiny_model_dir):
         build_sampler(cfg, policy, tok, {tok.eos_token_id}, None)
 
 
+def test_a_mixture_of_experts_resumes_as_uninterrupted_and_pushes_its_checkpoint_names(tiny_model_dir, tmp_path):
+    """transformers 5 holds a Mixtral's experts fused (``mlp.experts.gate_up_proj``) but saves them per expert
+    (``block_sparse_moe.experts.0.w1.weight``): resume converts the checkpoint's names to the model's, and
+    the weights pushed to vLLM carry the checkpoint's names, which vLLM's loader reads."""
+    from helpers import make_tiny_mixtral
+    from oaif.generation.weights import policy_weights
+    from oaif.trainer import Trainer
+
+    moe = make_tiny_mixtral(tmp_path / "mixtral", tokenizer_source=tiny_model_dir)
+    cfg = ROOT / "configs/demo.yaml"
+    full = tmp_path / "full"
+    train(load_config(cfg, args(moe, full, "train.max_steps=2")))
+    part = tmp_path / "part"
+    train(load_config(cfg, args(moe, part, "train.max_steps=1")))
+    t = Trainer(load_config(cfg, args(moe, part, "train.max_steps=2", "train.resume=true"))).setup()
+    saved = load_file(str(part / "checkpoint-1" / "model.safetensors"))
+    assert any(".block_sparse_moe.experts.3.w2." in k for k in saved)
+    pushed = dict(policy_weights(t.unwrapped))
+    assert sorted(pushed) == sorted(saved)  # the names vLLM's Mixtral loader reads, not the fused runtime names
+    for k in saved:
+        assert torch.equal(pushed[k], saved[k]), k
+    t.run_step()
+    t.save()
+    a = load_file(str(full / "checkpoint-2" / "model.safetensors"))
+    b = load_file(str(part / "checkpoint-2" / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert any(not torch.equal(a[k], saved[k]) for k in a)
+
+
 def test_resume_from_a_named_checkpoint_and_state_loads_weights_only(tiny_model_dir, tmp_path):
     cfg = ROOT / "configs/demo.yaml"
     full = tmp_path / "full"

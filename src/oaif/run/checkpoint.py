@@ -129,10 +129,10 @@ def _save_merged(model, directory: Path) -> None:
     directory; untied when the adapter sits on tied embeddings (:func:`oaif.generation.weights.untied_lora`)."""
     import copy
 
-    from oaif.generation.weights import policy_weights, untied_lora
+    from oaif.generation.weights import merged_state_dict, untied_lora
 
     base = model.get_base_model()
-    base.save_pretrained(directory, state_dict=dict(policy_weights(model)), safe_serialization=True)
+    base.save_pretrained(directory, state_dict=dict(merged_state_dict(model)), safe_serialization=True)
     if untied_lora(model):
         config = copy.deepcopy(base.config)
         config.tie_word_embeddings = False
@@ -249,6 +249,7 @@ def load_model_weights(model, checkpoint: Path) -> None:
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         sd.update(_read_safetensors(f))
+    sd = _runtime_names(model, sd, checkpoint)
     own = model.state_dict()
     shapes = [f"{k}: checkpoint {list(v.shape)}, model {list(own[k].shape)}" for k, v in sd.items()
               if k in own and tuple(v.shape) != tuple(own[k].shape)]
@@ -261,6 +262,18 @@ def load_model_weights(model, checkpoint: Path) -> None:
         raise CheckpointError(f"checkpoint {checkpoint} does not match the model's architecture (another "
                               f"model.name_or_path?): missing {sorted(set(missing) - tied)[:3]}, "
                               f"unexpected {sorted(unexpected)[:3]}")
+
+
+def _runtime_names(model, sd: dict[str, torch.Tensor], checkpoint: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors under the model's own names: transformers 5 loads some models (mixtures of
+    experts) under other names than it saves, e.g. each layer's experts fused into one tensor."""
+    from oaif.generation.weights import runtime_names
+
+    try:
+        return runtime_names(model, sd)
+    except Exception as e:  # a conversion that does not fit: another model's checkpoint
+        raise CheckpointError(f"checkpoint {checkpoint} does not match the model's architecture (another "
+                              f"model.name_or_path?): its weights do not convert to the model's ({one_line(e)})") from None
 
 
 #: Keys every ``trainer_state.pt`` holds.
