@@ -47,7 +47,7 @@ METRICS: dict[str, str] = {
     "pairs_used": "count: pairs that entered the loss",
     "pairs_masked": "count: identical or tied pairs (never trained on)",
     "pairs_failed": "count: failed judgments (never trained on; failed/<reason> counts them by reason)",
-    "masked/identical": "count: pairs of two identical responses (not sent to the annotator)",
+    "masked/identical": "count: pairs of two identical responses, in tokens or text (not sent to the annotator)",
     "masked/tie": "count: pairs judged 0.5, or within loss.min_confidence of it",
     "generated_tokens": "count: response tokens sampled",
     "train_tokens": "count: tokens of the responses in pairs (forwarded with gradients)",
