@@ -69,3 +69,11 @@ def test_responses_that_read_the_same_are_identical_not_judged(tiny_model_dir):
     assert plan.identical == 2 and plan.pairs == [(2, 0, 1)]
     assert [(r.a, r.b) for r in plan.requests] == [("Hello there", "Hello here")]
     assert build_pairs(roll, plan, [Judgment(prob=0.9)]).masked["identical"] == 2
+
+
+def test_a_judgment_without_probability_or_reason_counts_as_no_prob_in_training_as_in_eval():
+    from oaif.annotators.base import failure_counts
+
+    roll = rollouts([[True, True], [True, True]])
+    judged = [Judgment(prob=None), Judgment.failed("timeout")]
+    assert build_pairs(roll, pair_requests(roll), judged).failed == failure_counts(judged) == {"no_prob": 1, "timeout": 1}

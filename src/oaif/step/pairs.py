@@ -84,7 +84,7 @@ def build_pairs(rollouts: Rollouts, plan: PairPlan, judgments: list[Judgment], *
         batch.masked["identical"] += plan.identical
     for (b, ka, kb), j in zip(plan.pairs, judgments):
         if not j.ok:
-            batch.failed[j.failure or "no_probability"] += 1
+            batch.failed[j.failure_reason] += 1
             continue
         ended = rollouts.ended_eos[b]
         p = penalize_unfinished(j.prob, ended[ka], ended[kb], missing_eos_penalty)
