@@ -112,6 +112,28 @@ def test_hf_backend_ignores_the_models_generation_config(opinionated, temperatur
     assert model.generation_config.min_new_tokens == 6  # the model's own config is left as it was
 
 
+@pytest.mark.parametrize("backend", ["shared_prefill", "hf"])
+def test_a_response_ends_at_the_templates_end_of_turn_even_when_it_is_not_eos(tiny_model_dir, tmp_path, backend):
+    """A model whose chat template ends turns with <|im_end|> but whose tokenizer and generation_config name
+    another EOS (<|endoftext|>): a response to a templated prompt ends at <|im_end|>, not at the length limit."""
+    from helpers import make_tiny_llama
+    from oaif.step.sampling import eos_token_ids, template_end_of_turn
+
+    model, tok = load_causal_lm(make_tiny_llama(tmp_path / "m", tie_word_embeddings=False, tokenizer_source=tiny_model_dir))
+    prompt = encode_prompt(tok, "Name a fruit.")
+    kw = dict(k=1, seed=0, temperature=1e-7, top_p=1.0, max_new_tokens=12, backend=backend)
+    ((first,),), _ = sample_responses(model, tok, [prompt], [0], **kw)
+    head, g = first[:3], first[3]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert template_end_of_turn(tok) == end and end not in head + [g]
+    with torch.no_grad():  # the untied head's rows swapped: the policy now says <|im_end|> where it said g
+        model.lm_head.weight[[g, end]] = model.lm_head.weight[[end, g]]
+    tok.eos_token = "<|endoftext|>"
+    model.generation_config.eos_token_id = tok.eos_token_id
+    assert eos_token_ids(model, tok) == {tok.eos_token_id, end}
+    assert sample_responses(model, tok, [prompt], [0], **kw) == ([[head + [end]]], [[True]])
+
+
 def test_sampling_passes_the_kv_cache_the_installed_transformers_way(smol):
     model, tok, prompts = smol
     with warnings.catch_warnings(record=True) as caught:

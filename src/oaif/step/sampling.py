@@ -89,10 +89,32 @@ class _RowDraws:
         return torch.full_like(scores, float("-inf")).scatter_(-1, picked[:, None], 0.0)
 
 
+def template_end_of_turn(tokenizer) -> int | None:
+    """The special token a chat template writes right after an assistant message (``<|im_end|>``,
+    ``<|eot_id|>``, ``<end_of_turn>``, ...); None without a template, or when what follows is not one."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    probe = "oaifProbeReply"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}],
+                                             tokenize=False)
+    except Exception:  # jinja raises its own errors for templates that reject this conversation
+        return None
+    if not isinstance(text, str) or probe not in text:
+        return None
+    after = tokenizer(text[text.rindex(probe) + len(probe):].lstrip(), add_special_tokens=False)["input_ids"]
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+    return int(after[0]) if after and after[0] in special else None
+
+
 def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    """The ids that end a response: the tokenizer's EOS, the model's ``generation_config.eos_token_id``, and the
+    token its chat template ends an assistant turn with (:func:`template_end_of_turn`), which some models
+    list in neither (a response to a templated prompt would otherwise run past its turn to the length limit)."""
     ids = set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (tokenizer.eos_token_id, gen_eos):
+    for value in (tokenizer.eos_token_id, gen_eos, template_end_of_turn(tokenizer)):
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, (list, tuple)):
