@@ -59,6 +59,35 @@ def make_tiny_llama(path, seed: int = 0, tokenizer_source: str | None = None, **
     return str(path)
 
 
+def make_tiny_mixtral(path, seed: int = 0, tokenizer_source: str | None = None, **overrides) -> str:
+    """Save a tiny random MixtralForCausalLM (4 experts, 2 per token) with the SmolLM2 tokenizer; return the path.
+
+    transformers 5 fuses each layer's experts into one tensor when it loads the model
+    (``mlp.experts.gate_up_proj``) and splits them again when it saves it
+    (``block_sparse_moe.experts.<i>.w1.weight``): the model's names differ from its checkpoint's.
+    """
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, MixtralConfig, MixtralForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or smollm2_tokenizer_dir(), local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    settings = dict(TINY_LLAMA, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, vocab_size=len(tokenizer),
+                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
+    settings.update(overrides)
+    config = MixtralConfig(**settings)
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(config).to(torch.float32).eval()
+    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                                               pad_token_id=config.pad_token_id)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def make_tiny_gguf(path, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                    intermediate: int = 128, vocab_size: int | None = 1024, source_gguf: str | None = None) -> str:
     """Write a tiny random llama GGUF at ``path`` with the tokenizer of ``source_gguf``.

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from oaif.run.checkpoint import latest_checkpoint, load_trainer_state
+from oaif.run.checkpoint import latest_checkpoint
+from oaif.run.restore import load_trainer_state
 from oaif.config import load_config
 from oaif.run.metrics import read_metrics
 from oaif.trainer import train
@@ -122,6 +123,80 @@ def test_lora_bf16_saves_leave_the_frozen_base_bit_identical(tiny_model_dir, tmp
     w = saved["model.layers.0.self_attn.q_proj.weight"]
     assert w.dtype == torch.bfloat16 and torch.equal(w, expected) and not torch.equal(w, q.base_layer.weight)
     assert torch.equal(saved["model.layers.0.mlp.up_proj.weight"], before["base_model.model.model.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.mark.parametrize("targets, tied", [
+    (["embed_tokens"], True), (["lm_head"], True), (["embed_tokens", "lm_head", "q_proj", "down_proj"], True),
+    (["embed_tokens", "lm_head", "gate_proj"], False),
+], ids=["tied_embed", "tied_head", "tied_all", "untied"])
+def test_a_lora_checkpoint_is_the_live_policy_on_any_module(tiny_model_dir, tmp_path, targets, tied):
+    """After a real update, AutoModelForCausalLM on the checkpoint computes the logits of the live peft policy:
+    on a tied model an adapter on the embedding or the head unties them (the live model adds each delta on one side)."""
+    from helpers import make_tiny_llama
+    from oaif.trainer import Trainer
+
+    model_dir = tiny_model_dir if tied else make_tiny_llama(tmp_path / "untied", tie_word_embeddings=False,
+                                                            tokenizer_source=tiny_model_dir)
+    cfg = load_config(ROOT / "configs/lora_demo.yaml", args(model_dir, tmp_path / "run", "optim.lr=1.0e-2",
+                                                            f"model.lora.target_modules=[{', '.join(targets)}]"))
+    t = Trainer(cfg).setup()
+    assert t.run_step()["pairs_used"] > 0
+    ckpt = t.save()
+    live = t.unwrapped.eval()
+    ids = torch.tensor([t.tokenizer.encode("The sea is calm tonight, and the boats are home.")])
+    saved = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    with torch.no_grad():
+        want, got = live(input_ids=ids).logits, saved(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(model_dir).eval()(input_ids=ids).logits
+    assert (want - base).abs().max() > 1e-3  # the update moved the policy
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert saved.config.tie_word_embeddings is False
+
+
+def test_vllm_refuses_a_lora_adapter_on_tied_embeddings(tiny_model_dir):
+    from oaif.config import LoraConfig, ModelConfig
+    from oaif.errors import ConfigError
+    from oaif.generation.build import build_sampler
+    from oaif.models.load import load_policy_and_reference
+
+    cfg = load_config(ROOT / "configs/vllm_demo.yaml", [f"model.name_or_path={tiny_model_dir}", "model.lora.enabled=true",
+                                                        "model.lora.target_modules=[q_proj, lm_head]"])
+    policy, _, tok = load_policy_and_reference(ModelConfig(name_or_path=tiny_model_dir, lora=LoraConfig(
+        enabled=True, target_modules=["q_proj", "lm_head"])))
+    with pytest.raises(ConfigError, match=r"model\.lora\.target_modules=\['q_proj', 'lm_head'\] puts an adapter on the "
+                                          r"tied embeddings of .*sampling\.backend=shared_prefill"):
+        build_sampler(cfg, policy, tok, {tok.eos_token_id}, None)
+
+
+def test_a_mixture_of_experts_resumes_as_uninterrupted_and_pushes_its_checkpoint_names(tiny_model_dir, tmp_path):
+    """transformers 5 holds a Mixtral's experts fused (``mlp.experts.gate_up_proj``) but saves them per expert
+    (``block_sparse_moe.experts.0.w1.weight``): resume converts the checkpoint's names to the model's, and
+    the weights pushed to vLLM carry the checkpoint's names, which vLLM's loader reads."""
+    from helpers import make_tiny_mixtral
+    from oaif.generation.weights import policy_weights
+    from oaif.trainer import Trainer
+
+    moe = make_tiny_mixtral(tmp_path / "mixtral", tokenizer_source=tiny_model_dir)
+    cfg = ROOT / "configs/demo.yaml"
+    full = tmp_path / "full"
+    train(load_config(cfg, args(moe, full, "train.max_steps=2")))
+    part = tmp_path / "part"
+    train(load_config(cfg, args(moe, part, "train.max_steps=1")))
+    t = Trainer(load_config(cfg, args(moe, part, "train.max_steps=2", "train.resume=true"))).setup()
+    saved = load_file(str(part / "checkpoint-1" / "model.safetensors"))
+    assert any(".block_sparse_moe.experts.3.w2." in k for k in saved)
+    pushed = dict(policy_weights(t.unwrapped))
+    assert sorted(pushed) == sorted(saved)  # the names vLLM's Mixtral loader reads, not the fused runtime names
+    for k in saved:
+        assert torch.equal(pushed[k], saved[k]), k
+    t.run_step()
+    t.save()
+    a = load_file(str(full / "checkpoint-2" / "model.safetensors"))
+    b = load_file(str(part / "checkpoint-2" / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert any(not torch.equal(a[k], saved[k]) for k in a)
 
 
 def test_resume_from_a_named_checkpoint_and_state_loads_weights_only(tiny_model_dir, tmp_path):

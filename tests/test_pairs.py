@@ -49,3 +49,31 @@ def test_build_pairs_with_the_penalty():
     # a failed judgment stays masked as failed, whatever the penalty
     failed = build_pairs(roll, plan, [Judgment.failed("timeout"), Judgment(prob=0.9)], missing_eos_penalty=math.inf)
     assert failed.failed == {"timeout": 1} and failed.size == 1
+
+
+def test_responses_that_read_the_same_are_identical_not_judged(tiny_model_dir):
+    """Other tokens, the same text (another split of a word, a trailing space that decoding strips): the
+    judge would read two identical responses and answer 0.5 +- noise, which a hard label turns into a
+    preference. They are masked as identical, like equal token lists."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok.convert_tokens_to_ids
+    hello, split = tok.encode("Hello there", add_special_tokens=False), [ids("H"), ids("ello"), *tok.encode(" there")]
+    assert hello != split
+    responses = [[hello, split], [hello + [ids("Ġ")], hello], [hello, tok.encode("Hello here")]]
+    texts = [[tok.decode(r, skip_special_tokens=True).strip() for r in rs] for rs in responses]  # as sample_rollouts
+    roll = Rollouts(positions=[0, 1, 2], prompt_ids=["p0", "p1", "p2"], prompt_texts=["q"] * 3, prompt_tokens=[[1]] * 3,
+                    responses=responses, texts=texts, ended_eos=[[True, True]] * 3)
+    plan = pair_requests(roll)
+    assert plan.identical == 2 and plan.pairs == [(2, 0, 1)]
+    assert [(r.a, r.b) for r in plan.requests] == [("Hello there", "Hello here")]
+    assert build_pairs(roll, plan, [Judgment(prob=0.9)]).masked["identical"] == 2
+
+
+def test_a_judgment_without_probability_or_reason_counts_as_no_prob_in_training_as_in_eval():
+    from oaif.annotators.base import failure_counts
+
+    roll = rollouts([[True, True], [True, True]])
+    judged = [Judgment(prob=None), Judgment.failed("timeout")]
+    assert build_pairs(roll, pair_requests(roll), judged).failed == failure_counts(judged) == {"no_prob": 1, "timeout": 1}

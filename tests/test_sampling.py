@@ -78,6 +78,63 @@ def test_hf_backend_samples_depend_on_prompt_position_not_on_batch(smol):
             == sample_responses(model, tok, prompts, [0, 1], backend="shared_prefill", **greedy))
 
 
+@pytest.fixture(scope="module")
+def opinionated(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a generation_config.json that sets what instruct models ship: a repetition
+    penalty, a minimum length (which suppresses EOS), n-gram and bad-word bans, suppressed tokens.
+    Half the vocabulary is listed as EOS ids, so an untouched policy ends most responses within a few tokens."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    path = tmp_path_factory.mktemp("opinionated") / "model"
+    shutil.copytree(tiny_model_dir, path)
+    model, tok = load_causal_lm(str(path))
+    eos = list(range(1000, 1000 + len(tok) // 2))
+    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                     repetition_penalty=1.8, min_new_tokens=6, no_repeat_ngram_size=1, bad_words_ids=[[1001], [1002]],
+                     suppress_tokens=list(range(1003, 1500)), begin_suppress_tokens=list(range(1500, 9000))
+                     ).save_pretrained(path)
+    model, tok = load_causal_lm(str(path))
+    assert model.generation_config.min_new_tokens == 6 and model.generation_config.repetition_penalty == 1.8
+    return model, tok, [encode_prompt(tok, p) for p in PROMPTS], set(eos)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.8, 0.9)])
+def test_hf_backend_ignores_the_models_generation_config(opinionated, temperature, top_p):
+    model, tok, prompts, eos = opinionated
+    kw = dict(k=4, seed=2, temperature=temperature, top_p=top_p, max_new_tokens=10)
+    hf, hf_ended = sample_responses(model, tok, prompts, [3, 4], backend="hf", **kw)
+    shared, shared_ended = sample_responses(model, tok, prompts, [3, 4], backend="shared_prefill", **kw)
+    assert hf == shared and hf_ended == shared_ended  # the policy's own distribution, in both backends
+    lengths = [len(r) for rs in hf for r in rs]
+    assert min(lengths) < 6, f"EOS never came before min_new_tokens=6: {lengths}"  # not suppressed
+    assert all(r[-1] in eos for rs, es in zip(hf, hf_ended) for r, e in zip(rs, es) if e)
+    assert model.generation_config.min_new_tokens == 6  # the model's own config is left as it was
+
+
+@pytest.mark.parametrize("backend", ["shared_prefill", "hf"])
+def test_a_response_ends_at_the_templates_end_of_turn_even_when_it_is_not_eos(tiny_model_dir, tmp_path, backend):
+    """A model whose chat template ends turns with <|im_end|> but whose tokenizer and generation_config name
+    another EOS (<|endoftext|>): a response to a templated prompt ends at <|im_end|>, not at the length limit."""
+    from helpers import make_tiny_llama
+    from oaif.step.sampling import eos_token_ids, template_end_of_turn
+
+    model, tok = load_causal_lm(make_tiny_llama(tmp_path / "m", tie_word_embeddings=False, tokenizer_source=tiny_model_dir))
+    prompt = encode_prompt(tok, "Name a fruit.")
+    kw = dict(k=1, seed=0, temperature=1e-7, top_p=1.0, max_new_tokens=12, backend=backend)
+    ((first,),), _ = sample_responses(model, tok, [prompt], [0], **kw)
+    head, g = first[:3], first[3]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert template_end_of_turn(tok) == end and end not in head + [g]
+    with torch.no_grad():  # the untied head's rows swapped: the policy now says <|im_end|> where it said g
+        model.lm_head.weight[[g, end]] = model.lm_head.weight[[end, g]]
+    tok.eos_token = "<|endoftext|>"
+    model.generation_config.eos_token_id = tok.eos_token_id
+    assert eos_token_ids(model, tok) == {tok.eos_token_id, end}
+    assert sample_responses(model, tok, [prompt], [0], **kw) == ([[head + [end]]], [[True]])
+
+
 def test_sampling_passes_the_kv_cache_the_installed_transformers_way(smol):
     model, tok, prompts = smol
     with warnings.catch_warnings(record=True) as caught:

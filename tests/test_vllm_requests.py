@@ -5,6 +5,7 @@ Runs without vLLM (main environment); the engine and server tests check the same
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +136,115 @@ def test_an_auto_engine_samples_in_the_dtype_the_policy_computes_in(precision, w
     policy = torch.nn.Linear(2, 2).to(weights)
     assert engine_dtype(cfg.vllm, policy_compute_dtype(cfg, policy)) == engine
     assert engine_dtype(VllmConfig(dtype="float32"), policy_compute_dtype(cfg, policy)) == "float32"  # explicit wins
+
+
+# --------------------------------------------------------------------------- misbehaving servers
+# A real vLLM server cannot be made to send string or out-of-vocabulary token ids, empty or over-long
+# completions, or to die in the middle of an answer: these servers on loopback are hand-written for that.
+# The client, urllib and the sockets are real.
+
+VOCAB = 100
+
+
+class FakeVllm:
+    """Answers ``GET /v1/models`` with one model, every ``POST /v1/completions`` with ``answer(body)``: a list
+    of token ids, or ``"die"`` (headers promise a body, half of it comes, the connection closes), and
+    accepts every other ``POST`` (weight reloads)."""
+
+    def __init__(self, answer):
+        import http.server
+        import threading
+
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, payload: dict, cut: bool = False):
+                raw = json.dumps(payload).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw[: len(raw) // 2] if cut else raw)
+                self.wfile.flush()
+                if cut:
+                    self.close_connection = True
+
+            def do_GET(self):
+                self._send({"object": "list", "data": [{"id": "fake", "object": "model"}]})
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                body = json.loads(raw) if raw else {}
+                if self.path != "/v1/completions":  # a weight reload, a prefix cache reset: accepted
+                    return self._send({})
+                tokens = fake.answer(body)
+                self._send({"choices": [{"index": 0, "text": "", "token_ids": [] if tokens == "die" else tokens}]},
+                           cut=tokens == "die")
+
+        self.answer = answer
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def misbehaving_client(server: FakeVllm, tmp_path):
+    from oaif.generation.vllm_server import VllmServer
+
+    return VllmServer(StopRules(frozenset({2})), VllmConfig(mode="server", server_url=server.url, request_timeout_s=5),
+                      weights_dir=tmp_path, vocab_size=VOCAB)
+
+
+@pytest.mark.parametrize("answer, message", [
+    (lambda body: ["5", "6"], r"token_ids that are not token ids: \['5', '6'\]"),
+    (lambda body: [5, 6.5], r"token_ids that are not token ids: \[5, 6\.5\]"),
+    (lambda body: [5, VOCAB], rf"token id {VOCAB} outside the model's vocabulary \(0-{VOCAB - 1}\)"),
+    (lambda body: [-1], r"token id -1 outside the model's vocabulary"),
+    (lambda body: [], r"an empty completion \(no token\)"),
+    (lambda body: [7] * (body["max_tokens"] + 1), r"9 tokens, more than the max_tokens=8 it was asked for"),
+    (lambda body: "die", r"the connection broke in the middle of the answer to POST /v1/completions"),
+], ids=["strings", "floats", "past_vocab", "negative", "empty", "too_long", "died"])
+def test_a_misbehaving_vllm_server_is_one_line(tmp_path, answer, message):
+    with FakeVllm(answer) as server:
+        client = misbehaving_client(server, tmp_path)
+        with pytest.raises(GenerationError, match=r"the vLLM server at http://127\.0\.0\.1:\d+.*" + message) as info:
+            client.sample([[1, 2, 3]], [0], k=2, seed=0, temperature=1.0, top_p=1.0, max_new_tokens=8)
+        assert "\n" not in str(info.value)
+    with FakeVllm(lambda body: [7, 8, 2]) as server:  # a sane answer passes
+        assert misbehaving_client(server, tmp_path).sample([[1]], [0], k=1, seed=0, temperature=1.0, top_p=1.0,
+                                                           max_new_tokens=8) == ([[[7, 8, 2]]], [[True]])
+
+
+@pytest.mark.parametrize("url", ["notaurl", "ftp://127.0.0.1:9"])
+def test_a_server_url_that_is_not_an_http_url_is_one_line(tiny_model_dir, tmp_path, url):
+    result = oaif_train(f"model.name_or_path={tiny_model_dir}", f"train.output_dir={tmp_path}", "vllm.mode=server",
+                        f"vllm.server_url={url}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("oaif: error:")]
+    assert len(errors) == 1 and f"vllm.server_url={url}: not an http(s) URL" in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("answer, message", [
+    (lambda body: [], "an empty completion"),
+    (lambda body: "die", "the connection broke in the middle of the answer"),
+], ids=["empty", "died"])
+def test_a_run_on_a_misbehaving_vllm_server_stops_with_one_line(tiny_model_dir, tmp_path, answer, message):
+    with FakeVllm(answer) as server:
+        result = oaif_train(f"model.name_or_path={tiny_model_dir}", f"train.output_dir={tmp_path / 'run'}",
+                            "vllm.mode=server", f"vllm.server_url={server.url}", f"vllm.weights_dir={tmp_path / 'w'}",
+                            "vllm.request_timeout_s=5", "train.max_steps=1", "train.device=cpu")
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("oaif: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

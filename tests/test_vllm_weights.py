@@ -30,15 +30,16 @@ def test_full_model_gives_its_own_tensors_without_the_tied_head(model):
         assert t.data_ptr() == state[name].data_ptr()  # no copy
 
 
-def lora_model(model, seed=0):
+def lora_model(model, seed=0, targets=("q_proj", "v_proj", "up_proj")):
     peft = pytest.importorskip("peft")
-    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing; warns on tied targets
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*", category=UserWarning)
+        lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in lora.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "lora_embedding_A" in name:  # the factors peft starts at zero
                 p.normal_(0, 0.5)  # as after training: the adapter changes the model
     return lora
 
@@ -58,6 +59,36 @@ def test_lora_weights_equal_peft_merge_and_leave_the_policy_untouched(model):
     base = {k.replace(".base_layer.", "."): v for k, v in lora.get_base_model().state_dict().items() if "lora_" not in k}
     adapted = {k for k in weights if not torch.equal(weights[k], base[k])}
     assert adapted == {k for k in weights if k.endswith(("q_proj.weight", "v_proj.weight", "up_proj.weight"))}
+
+
+def test_lora_on_the_embeddings_and_the_head_of_an_untied_model_equals_peft_merge(tiny_model_dir, tmp_path):
+    from helpers import make_tiny_llama
+
+    untied = load_causal_lm(make_tiny_llama(tmp_path / "untied", tie_word_embeddings=False, tokenizer_source=tiny_model_dir))[0]
+    lora = lora_model(untied, targets=["embed_tokens", "lm_head", "down_proj"])
+    weights = dict(policy_weights(lora))
+    merged = copy.deepcopy(lora).merge_and_unload().state_dict()
+    assert set(weights) == set(merged)
+    for name, t in weights.items():
+        torch.testing.assert_close(t, merged[name], rtol=0, atol=1e-6, msg=name)
+    base = {k.replace(".base_layer.", "."): v for k, v in lora.get_base_model().state_dict().items() if "lora_" not in k}
+    adapted = {k for k in weights if not torch.equal(weights[k], base[k])}
+    assert adapted == {k for k in weights if k.endswith(("embed_tokens.weight", "lm_head.weight", "down_proj.weight"))}
+
+
+@pytest.mark.parametrize("targets", [["embed_tokens"], ["lm_head"], ["embed_tokens", "lm_head"]])
+def test_lora_on_tied_embeddings_gives_each_side_its_own_delta(model, targets):
+    from oaif.generation.weights import untied_lora
+
+    assert model.config.tie_word_embeddings and not untied_lora(model)
+    w = model.get_input_embeddings().weight.detach().clone()
+    lora = lora_model(model, targets=targets)
+    assert untied_lora(lora)
+    weights = dict(policy_weights(lora))
+    embed, head = weights["model.embed_tokens.weight"], weights["lm_head.weight"]
+    assert torch.equal(embed, w) == ("embed_tokens" not in targets)  # the input side has the embedding's delta only
+    assert torch.equal(head, w) == ("lm_head" not in targets)  # the output side the head's only
+    assert not torch.equal(embed, head)
 
 
 def test_disabled_adapter_gives_the_base_weights(model):

@@ -36,6 +36,10 @@ class PairRequest:
     prompt_id: str = ""
 
 
+#: The failure reason of a judgment that has no probability and names no reason of its own.
+NO_PROB = "no_prob"
+
+
 @dataclass
 class Judgment:
     """The outcome of one :class:`PairRequest`.
@@ -58,6 +62,11 @@ class Judgment:
     @property
     def ok(self) -> bool:
         return self.failure is None and self.prob is not None
+
+    @property
+    def failure_reason(self) -> str | None:
+        """Why it failed, as training (``failed/<reason>``), eval and annotate count it; ``None`` when ``ok``."""
+        return None if self.ok else (self.failure or NO_PROB)
 
     @property
     def consistent(self) -> bool | None:
@@ -108,7 +117,7 @@ class Annotator(Protocol):
 
 def failure_counts(judgments: Sequence[Judgment]) -> dict[str, int]:
     """Failed judgments by reason (sorted by reason)."""
-    return dict(sorted(Counter(j.failure or "no_prob" for j in judgments if not j.ok).items()))
+    return dict(sorted(Counter(j.failure_reason for j in judgments if not j.ok).items()))
 
 
 def annotate_all(annotator: Annotator, requests: Sequence[PairRequest], batch_size: int, *, progress: bool = False,

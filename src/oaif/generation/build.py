@@ -16,19 +16,21 @@ from oaif.generation.base import Generator, StopRules
 
 
 def build_generator(settings: VllmConfig, *, model_path: str, eos_ids: set[int], max_model_len: int,
-                    policy_dtype: torch.dtype | None, seed: int, output_dir: str) -> Generator:
+                    policy_dtype: torch.dtype | None, seed: int, output_dir: str, vocab_size: int | None = None) -> Generator:
     """A :class:`ColocatedVllm` over ``model_path`` or a :class:`VllmServer` client, per ``settings.mode``.
 
     ``model_path`` is the resolved policy (base model for LoRA) directory; ``eos_ids`` the ids that
     end a response (:func:`oaif.step.sampling.eos_token_ids`). The caller pushes the policy's weights
-    with ``load_weights`` after every optimizer step, and once before the first sample.
+    with ``load_weights`` after every optimizer step, and once before the first sample. A server's
+    token ids are checked against ``vocab_size`` (the policy's), when given.
     """
     settings.validate()
     stop = StopRules(frozenset(int(i) for i in eos_ids))
     if settings.mode == "server":
         from oaif.generation.vllm_server import VllmServer
 
-        return VllmServer(stop, settings, weights_dir=settings.weights_dir or os.path.join(output_dir, "vllm_weights"))
+        return VllmServer(stop, settings, weights_dir=settings.weights_dir or os.path.join(output_dir, "vllm_weights"),
+                          vocab_size=vocab_size)
     from oaif.generation.vllm_colocated import ColocatedVllm
 
     return ColocatedVllm(model_path, stop, settings, max_model_len=max_model_len, policy_dtype=policy_dtype, seed=seed)
@@ -52,8 +54,14 @@ def build_sampler(cfg: Config, policy, tokenizer, eos_ids: set[int], accelerator
         from oaif.generation.live_policy import LivePolicy
 
         return LivePolicy(policy, tokenizer, cfg.sampling.backend, cfg.sampling.batch_size, autocast=accelerator.autocast)
+    from oaif.generation.weights import untied_lora
     from oaif.models.resolve import resolve_model_path
 
+    if untied_lora(policy):
+        raise ConfigError(f"model.lora.target_modules={list(cfg.model.lora.target_modules)} puts an adapter on the tied "
+                          f"embeddings of {cfg.model.name_or_path}, which makes them differ, but a vLLM engine holds them "
+                          f"tied: leave embed_tokens and lm_head out of model.lora.target_modules, or use "
+                          f"sampling.backend=shared_prefill")
     several = accelerator.num_processes > 1
     if cfg.vllm.mode == "colocated" and several and accelerator.device.type != "cpu":
         raise ConfigError("vllm.mode=colocated runs one process only on a GPU (every engine would take the first "
@@ -61,7 +69,7 @@ def build_sampler(cfg: Config, policy, tokenizer, eos_ids: set[int], accelerator
     generator = build_generator(cfg.vllm, model_path=resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir),
                                 eos_ids=eos_ids, max_model_len=cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
                                 policy_dtype=policy_compute_dtype(cfg, policy), seed=cfg.train.seed,
-                                output_dir=cfg.train.output_dir)
+                                output_dir=cfg.train.output_dir, vocab_size=policy.get_output_embeddings().weight.shape[0])
     if cfg.vllm.mode == "server" and several:
         from oaif.generation.vllm_server import SharedServer
 

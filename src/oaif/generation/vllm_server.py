@@ -28,8 +28,10 @@ it needs a GPU to test, and this client does not claim it.
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +40,7 @@ from typing import Iterable
 import torch
 
 from oaif.config import VllmConfig
+from oaif.errors import ConfigError
 from oaif.generation.base import GenerationError, StopRules, regroup, request_params, sample_rows
 from oaif.generation.vllm_worker import EXTENSION
 from oaif.generation.weights import save_weights
@@ -51,14 +54,27 @@ def _one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _http_url(url: str) -> str:
+    """``vllm.server_url`` if it is an http(s) URL with a host (and a numeric port, if any)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0
+    except ValueError:  # a port that is not a number
+        ok = False
+    if not ok:
+        raise ConfigError(f"vllm.server_url={url}: not an http(s) URL (e.g. http://127.0.0.1:8000)")
+    return url
+
+
 class VllmServer:
     """A client of one vLLM server: samples K responses per prompt and pushes new weights to it."""
 
-    def __init__(self, stop: StopRules, settings: VllmConfig | None = None, *, weights_dir: str | Path):
+    def __init__(self, stop: StopRules, settings: VllmConfig | None = None, *, weights_dir: str | Path,
+                 vocab_size: int | None = None):
         settings = settings or VllmConfig(mode="server")
         settings.validate()
-        self.stop = stop
-        self.url = settings.server_url.rstrip("/")
+        self.stop, self.vocab_size = stop, vocab_size
+        self.url = _http_url(settings.server_url).rstrip("/")
         self.timeout = settings.request_timeout_s
         self.max_concurrency = settings.max_concurrency
         self.weights_dir = Path(weights_dir).resolve()
@@ -85,6 +101,9 @@ class VllmServer:
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise GenerationError(f"cannot reach the vLLM server at {self.url} ({method} {path}): {reason}") from e
+        except http.client.HTTPException as e:  # IncompleteRead: the server died while it answered
+            raise GenerationError(f"the vLLM server at {self.url}: the connection broke in the middle of the answer "
+                                  f"to {method} {path} ({type(e).__name__}); did the server stop?") from e
         if not raw:
             return None
         try:
@@ -107,7 +126,21 @@ class VllmServer:
         except (KeyError, IndexError, TypeError) as e:
             raise GenerationError(f"the vLLM server at {self.url} returned no token_ids (a vLLM server that "
                                   f"supports return_token_ids is needed): {_one_line(str(reply)[:200])}") from e
-        return [int(t) for t in tokens]
+        return self._checked(tokens, body["max_tokens"])
+
+    def _checked(self, tokens, max_tokens: int) -> list[int]:
+        """The completion's token ids, if they can be a response of this policy to this request."""
+        where = f"the vLLM server at {self.url} returned"
+        if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
+            raise GenerationError(f"{where} token_ids that are not token ids: {_one_line(repr(tokens), 200)}")
+        if self.vocab_size is not None and (bad := [t for t in tokens if not 0 <= t < self.vocab_size]):
+            raise GenerationError(f"{where} token id {bad[0]} outside the model's vocabulary (0-{self.vocab_size - 1}): "
+                                  f"does it serve another model than model.name_or_path?")
+        if not tokens:  # vLLM samples at least one token for max_tokens >= 1 (the stop token is kept)
+            raise GenerationError(f"{where} an empty completion (no token), which vLLM never sends")
+        if len(tokens) > max_tokens:
+            raise GenerationError(f"{where} {len(tokens)} tokens, more than the max_tokens={max_tokens} it was asked for")
+        return tokens
 
     def sample(self, prompt_tokens: list[list[int]], positions: list[int], *, k: int, seed: int,
                temperature: float, top_p: float, max_new_tokens: int):

@@ -56,7 +56,7 @@ def _enable_gradient_checkpointing(model) -> None:
 
 def _unwrap(model):
     """The model inside DDP/accelerate wrappers (anything with ``.module``)."""
-    while hasattr(model, "module") and not _is_peft(model):
+    while hasattr(model, "module") and not is_peft(model):
         inner = model.module
         if inner is model:
             break
@@ -64,7 +64,7 @@ def _unwrap(model):
     return model
 
 
-def _is_peft(model) -> bool:
+def is_peft(model) -> bool:
     try:
         from peft import PeftModel
     except ImportError:
@@ -83,7 +83,7 @@ def activation_checkpointing(model) -> bool:
 def base_model(model):
     """The transformers model inside DDP/accelerate and peft wrappers."""
     inner = _unwrap(model)
-    return inner.get_base_model() if _is_peft(inner) else inner
+    return inner.get_base_model() if is_peft(inner) else inner
 
 
 @functools.lru_cache(maxsize=1)
@@ -113,7 +113,7 @@ def reference_context(policy, reference=None):
             yield reference
         return
     inner = _unwrap(policy)
-    if not _is_peft(inner):
+    if not is_peft(inner):
         raise ValueError("reference_context: no reference model and the policy has no LoRA adapter to disable")
     was_training = inner.training
     inner.eval()

@@ -13,6 +13,7 @@ A checkpoint is written into a temporary directory and renamed into place, then 
 ``<output_dir>/latest`` file is replaced atomically to name it. A kill at any moment leaves
 ``latest`` pointing at a complete checkpoint. Rotation (``train.keep_last``) removes older ones,
 except one that a reader such as ``oaif eval --run`` holds (:func:`reading_checkpoint`).
+:mod:`oaif.run.restore` reads a checkpoint back.
 """
 
 from __future__ import annotations
@@ -32,15 +33,14 @@ import numpy as np
 import torch
 
 from oaif.errors import CheckpointError, CheckpointWriteError, OaifError, one_line
+from oaif.models.modules import is_peft
+from oaif.run.restore import restore_trainer_state
 
 log = logging.getLogger("oaif")
 
 LATEST = "latest"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
-
-def _is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
 def rng_state() -> dict[str, Any]:
@@ -52,16 +52,6 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -131,11 +121,8 @@ def _write_files(tmp: Path, model, tokenizer, state: dict[str, Any]) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    if _is_peft(model):
-        from oaif.generation.weights import policy_weights
-
-        # the weights a vLLM engine samples from: the adapter merged out of place
-        model.get_base_model().save_pretrained(tmp, state_dict=dict(policy_weights(model)), safe_serialization=True)
+    if is_peft(model):
+        _save_merged(model, tmp)
         model.save_pretrained(tmp / "adapter")
     else:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -158,6 +145,21 @@ def _put_in_place(tmp: Path, final: Path) -> None:
         os.replace(old, final)  # the one there stays
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_merged(model, directory: Path) -> None:
+    """A LoRA model's weights with the adapter merged out of place (what a vLLM engine samples), as a model
+    directory; untied when the adapter sits on tied embeddings (:func:`oaif.generation.weights.untied_lora`)."""
+    import copy
+
+    from oaif.generation.weights import merged_state_dict, untied_lora
+
+    base = model.get_base_model()
+    base.save_pretrained(directory, state_dict=dict(merged_state_dict(model)), safe_serialization=True)
+    if untied_lora(model):
+        config = copy.deepcopy(base.config)
+        config.tie_word_embeddings = False
+        config.save_pretrained(directory)
 
 
 def _rotate(out: Path, keep_last: int, protect: str) -> None:
@@ -249,135 +251,11 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # SafetensorError (corrupt, truncated) or OSError
-        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({one_line(e)})") from None
-
-
-def _lora_differences(model, adapter_dir: Path) -> list[str]:
-    """model.lora.* settings in which the model's adapter differs from the checkpoint's adapter_config.json."""
-    try:
-        saved = json.loads((adapter_dir / "adapter_config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{adapter_dir / 'adapter_config.json'}: unreadable ({one_line(e)})") from None
-    current = model.peft_config[getattr(model, "active_adapter", "default")]
-    diffs = []
-    for key, attr in (("r", "r"), ("alpha", "lora_alpha"), ("target_modules", "target_modules")):
-        ours, theirs = getattr(current, attr), saved.get(attr)
-        if key == "target_modules":
-            ours, theirs = sorted(ours or []), sorted(theirs or [])
-        if theirs is not None and ours != theirs:
-            diffs.append(f"model.lora.{key}: checkpoint {theirs}, config {ours}")
-    return diffs
-
-
-def load_model_weights(model, checkpoint: Path) -> None:
-    """Load a checkpoint's weights into ``model`` (its adapter for a LoRA model).
-
-    A checkpoint from a LoRA run into a full model or the reverse, another architecture or
-    adapter shape, and corrupt or truncated files are :class:`CheckpointError` s naming the
-    checkpoint and what does not match.
-    """
-    checkpoint = Path(checkpoint)
-    adapter = checkpoint / "adapter"
-    if _is_peft(model):
-        if not adapter.is_dir():
-            raise CheckpointError(f"checkpoint {checkpoint} holds full weights (no adapter/), but model.lora.enabled="
-                                  f"true: resume with model.lora.enabled=false, or use a new train.output_dir")
-        diffs = _lora_differences(model, adapter)
-        if diffs:
-            raise CheckpointError(f"checkpoint {checkpoint}'s LoRA adapter does not match the config: {'; '.join(diffs)}")
-        from peft import set_peft_model_state_dict
-
-        files = sorted(adapter.glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"checkpoint {checkpoint}: adapter/ has no .safetensors weights")
-        sd = {}
-        for f in files:
-            sd.update(_read_safetensors(f))
-        try:
-            set_peft_model_state_dict(model, sd)
-        except RuntimeError as e:
-            raise CheckpointError(f"checkpoint {checkpoint}'s LoRA adapter does not fit the model: {one_line(e)}") from None
-        return
-    if adapter.is_dir():
-        raise CheckpointError(f"checkpoint {checkpoint} was saved by a LoRA run (it has adapter/), but "
-                              f"model.lora.enabled=false: resume with model.lora.enabled=true and the same "
-                              f"model.lora settings, or use a new train.output_dir")
-    files = sorted(checkpoint.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"checkpoint {checkpoint} has no .safetensors weights")
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        sd.update(_read_safetensors(f))
-    own = model.state_dict()
-    shapes = [f"{k}: checkpoint {list(v.shape)}, model {list(own[k].shape)}" for k, v in sd.items()
-              if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if shapes:
-        raise CheckpointError(f"checkpoint {checkpoint} does not match the model's architecture (another "
-                              f"model.name_or_path?): {len(shapes)} tensors differ in shape, e.g. {shapes[0]}")
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
-    if set(missing) - tied or unexpected:
-        raise CheckpointError(f"checkpoint {checkpoint} does not match the model's architecture (another "
-                              f"model.name_or_path?): missing {sorted(set(missing) - tied)[:3]}, "
-                              f"unexpected {sorted(unexpected)[:3]}")
-
-
-#: Keys every ``trainer_state.pt`` holds.
-STATE_KEYS = ("step", "optimizer", "scheduler", "stream", "rng", "failures", "config")
-
-
-def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    """A checkpoint's trainer state, read with ``weights_only=True`` (no arbitrary unpickling).
-
-    A corrupt, truncated or foreign file is a :class:`CheckpointError` naming it.
-    """
-    path = Path(checkpoint) / "trainer_state.pt"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, bad or unsafe pickle, empty file, ...: unusable whatever the type
-        raise CheckpointError(f"{path}: corrupt or truncated trainer state ({type(e).__name__}: {one_line(e, 160)}); "
-                              f"resume from an earlier checkpoint by naming it in train.resume") from None
-    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise CheckpointError(f"{path}: not an oaif trainer state (missing {', '.join(missing)})")
-    return state
-
-
 def trainer_state(step: int, stream_state: dict, optimizer, scheduler, failures, config: dict) -> dict[str, Any]:
     """What ``trainer_state.pt`` holds besides the weights: enough to continue exactly."""
     return {"step": step, "stream": stream_state, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": rng_state(), "failures": failures.state_dict(),
             "config": config}
-
-
-def restore_trainer_state(checkpoint: Path, model, optimizer, scheduler, stream, failures,
-                          config: dict | None = None) -> int:
-    """Load a checkpoint's weights and trainer state into the run's objects; return its step.
-
-    With ``config`` (the new run's), first refuse a config that differs from the saved one in a
-    key a resume may not change (:func:`oaif.run.resume_check.check_resume_config`).
-    """
-    from oaif.run.resume_check import check_resume_config, check_resume_step, optimizer_settings, reapply
-
-    state = load_trainer_state(checkpoint)
-    load_model_weights(model, checkpoint)  # first: its errors name an architecture or LoRA mismatch precisely
-    if config is not None:
-        check_resume_config(state["config"], config, checkpoint)
-        check_resume_step(int(state["step"]), config["train"]["max_steps"], checkpoint)
-    built = optimizer_settings(optimizer, scheduler)  # the new config's (an allowed change differs from the saved)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    reapply(optimizer, scheduler, built)  # and the lr of this step under the new run's schedule
-    stream.load_state_dict(state["stream"])
-    set_rng_state(state["rng"])
-    failures.load_state_dict(state["failures"])
-    return int(state["step"])
 
 
 class RunCheckpoints:

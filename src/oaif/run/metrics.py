@@ -47,7 +47,7 @@ METRICS: dict[str, str] = {
     "pairs_used": "count: pairs that entered the loss",
     "pairs_masked": "count: identical or tied pairs (never trained on)",
     "pairs_failed": "count: failed judgments (never trained on; failed/<reason> counts them by reason)",
-    "masked/identical": "count: pairs of two identical responses (not sent to the annotator)",
+    "masked/identical": "count: pairs of two identical responses, in tokens or text (not sent to the annotator)",
     "masked/tie": "count: pairs judged 0.5, or within loss.min_confidence of it",
     "generated_tokens": "count: response tokens sampled",
     "train_tokens": "count: tokens of the responses in pairs (forwarded with gradients)",
@@ -61,11 +61,11 @@ _TIMES = ("time_sample_s", "time_annotate_s", "time_update_s")
 #: Written by the trainer beside the summed metrics.
 RECORD_KEYS: dict[str, str] = {
     "step": "optimizer steps taken", "lr": "learning rate of the step", "grad_norm": "gradient norm before clipping",
-    "time_step_s": "seconds for the whole step (this process)", "gen_tokens_per_s": "generated tokens per second",
+    "time_step_s": "seconds for the whole step (this process)", "gen_tokens_per_s": "generated tokens per second and process (all tokens / mean sampling seconds / processes)",
     "time_weight_sync_s": ("seconds pushing the new weights into the vLLM engine or server after the step (this "
                            "process; not in time_step_s; about 0 with shared_prefill and hf, which sample the policy "
                            "itself)"),
-    "train_tokens_per_s": "trained tokens per second", "prompts_seen": "prompts drawn from the stream so far",
+    "train_tokens_per_s": "trained tokens per second and process", "prompts_seen": "prompts drawn from the stream so far",
     "failed/<reason>": "count: failed judgments of the step with this reason",
     "judge_agreement/<member>": "ensembles: how often each member agrees with the ensemble (this process)",
 }

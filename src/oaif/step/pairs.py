@@ -1,7 +1,9 @@
 """Steps 2 and 3 of the loop: ask the annotator about response pairs, then build training pairs.
 
 ``pair_requests`` turns rollouts into :class:`PairRequest` s, leaving out pairs whose two
-responses are identical (nothing to learn, nothing to pay a judge for). ``build_pairs`` turns
+responses are identical (nothing to learn, nothing to pay a judge for): the same tokens, or the
+same text, which is what a judge reads (another split of a word, a stripped trailing space; a judge
+can only answer such a pair with 0.5 plus noise, which a hard label would turn into a preference). ``build_pairs`` turns
 judgments into a :class:`PreferenceBatch`: which response is chosen, which rejected, with what
 label probability. Identical pairs, ties and failed judgments are masked and counted by reason;
 they never enter the loss.
@@ -42,7 +44,7 @@ def pair_requests(rollouts: Rollouts, pairing: str = "disjoint") -> PairPlan:
     plan = PairPlan(pairs=[], requests=[])
     for b in range(rollouts.num_prompts):
         for ka, kb in candidate_pairs(rollouts.k, pairing):
-            if rollouts.responses[b][ka] == rollouts.responses[b][kb]:
+            if rollouts.responses[b][ka] == rollouts.responses[b][kb] or rollouts.texts[b][ka] == rollouts.texts[b][kb]:
                 plan.identical += 1
                 continue
             plan.pairs.append((b, ka, kb))
@@ -82,7 +84,7 @@ def build_pairs(rollouts: Rollouts, plan: PairPlan, judgments: list[Judgment], *
         batch.masked["identical"] += plan.identical
     for (b, ka, kb), j in zip(plan.pairs, judgments):
         if not j.ok:
-            batch.failed[j.failure or "no_probability"] += 1
+            batch.failed[j.failure_reason] += 1
             continue
         ended = rollouts.ended_eos[b]
         p = penalize_unfinished(j.prob, ended[ka], ended[kb], missing_eos_penalty)

@@ -13,6 +13,8 @@ whole response up front, with no random generator state.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from oaif.step.logprobs import pad_rows, position_ids_from_mask
@@ -87,10 +89,32 @@ class _RowDraws:
         return torch.full_like(scores, float("-inf")).scatter_(-1, picked[:, None], 0.0)
 
 
+def template_end_of_turn(tokenizer) -> int | None:
+    """The special token a chat template writes right after an assistant message (``<|im_end|>``,
+    ``<|eot_id|>``, ``<end_of_turn>``, ...); None without a template, or when what follows is not one."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    probe = "oaifProbeReply"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}],
+                                             tokenize=False)
+    except Exception:  # jinja raises its own errors for templates that reject this conversation
+        return None
+    if not isinstance(text, str) or probe not in text:
+        return None
+    after = tokenizer(text[text.rindex(probe) + len(probe):].lstrip(), add_special_tokens=False)["input_ids"]
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+    return int(after[0]) if after and after[0] in special else None
+
+
 def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    """The ids that end a response: the tokenizer's EOS, the model's ``generation_config.eos_token_id``, and the
+    token its chat template ends an assistant turn with (:func:`template_end_of_turn`), which some models
+    list in neither (a response to a templated prompt would otherwise run past its turn to the length limit)."""
     ids = set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (tokenizer.eos_token_id, gen_eos):
+    for value in (tokenizer.eos_token_id, gen_eos, template_end_of_turn(tokenizer)):
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, (list, tuple)):
@@ -144,18 +168,39 @@ def _sample_shared_prefill(model, prompts, seeds, k, temperature, top_p, max_new
     return tokens.cpu(), lengths.cpu(), ended.cpu()
 
 
+@contextmanager
+def _own_generation_config(model):
+    """Hide the model's ``generation_config`` from ``generate`` while it runs.
+
+    ``generate`` fills every field its config leaves unset from ``model.generation_config``, so a
+    model that ships ``repetition_penalty``, ``min_new_tokens`` (which suppresses EOS),
+    ``no_repeat_ngram_size``, ``bad_words_ids``, ... would be sampled from another distribution
+    than the policy's. An empty config in its place leaves only transformers' neutral defaults.
+    """
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model generates with its base
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
+
+
 @torch.no_grad()
 def _sample_hf(model, prompts, seeds, k, temperature, top_p, max_new_tokens, eos, pad_id):
     from transformers import GenerationConfig, LogitsProcessorList
 
     device = next(model.parameters()).device
     ids, mask = (t.repeat_interleave(k, dim=0).to(device) for t in pad_rows(prompts, pad_id, side="left"))
-    # greedy decoding of the draws: a fresh config, so no setting of the model's own generation config applies
+    # greedy decoding of the draws, under a config that sets nothing else (see _own_generation_config)
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                               eos_token_id=sorted(eos))
     draws = _RowDraws(RowSampler(seeds, device, max_new_tokens), temperature, top_p)
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                         logits_processor=LogitsProcessorList([draws]))
+    with _own_generation_config(model):
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                             logits_processor=LogitsProcessorList([draws]))
     gen = out[:, ids.shape[1]:].cpu()
     tokens = torch.full((gen.shape[0], max_new_tokens), pad_id, dtype=torch.long)
     tokens[:, :gen.shape[1]] = gen
