@@ -125,10 +125,18 @@ def test_lora_bf16_saves_leave_the_frozen_base_bit_identical(tiny_model_dir, tmp
     assert torch.equal(saved["model.layers.0.mlp.up_proj.weight"], before["base_model.model.model.layers.0.mlp.up_proj.weight"])
 
 
+# peft warns that an adapter on a tied layer complicates merging: oaif merges each side apart and saves
+# the model untied (what these tests check), and peft saves the embedding layers with the adapter.
+PEFT_TIED_WARNINGS = [pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning"),
+                      pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`:UserWarning")]
+
+
 @pytest.mark.parametrize("targets, tied", [
     (["embed_tokens"], True), (["lm_head"], True), (["embed_tokens", "lm_head", "q_proj", "down_proj"], True),
     (["embed_tokens", "lm_head", "gate_proj"], False),
 ], ids=["tied_embed", "tied_head", "tied_all", "untied"])
+@PEFT_TIED_WARNINGS[0]
+@PEFT_TIED_WARNINGS[1]
 def test_a_lora_checkpoint_is_the_live_policy_on_any_module(tiny_model_dir, tmp_path, targets, tied):
     """After a real update, AutoModelForCausalLM on the checkpoint computes the logits of the live peft policy:
     on a tied model an adapter on the embedding or the head unties them (the live model adds each delta on one side)."""
@@ -140,8 +148,11 @@ def test_a_lora_checkpoint_is_the_live_policy_on_any_module(tiny_model_dir, tmp_
     cfg = load_config(ROOT / "configs/lora_demo.yaml", args(model_dir, tmp_path / "run", "optim.lr=1.0e-2",
                                                             f"model.lora.target_modules=[{', '.join(targets)}]"))
     t = Trainer(cfg).setup()
-    assert t.run_step()["pairs_used"] > 0
-    ckpt = t.save()
+    try:
+        assert t.run_step()["pairs_used"] > 0
+        ckpt = t.save()
+    finally:
+        t.close()
     live = t.unwrapped.eval()
     ids = torch.tensor([t.tokenizer.encode("The sea is calm tonight, and the boats are home.")])
     saved = AutoModelForCausalLM.from_pretrained(ckpt).eval()
@@ -153,6 +164,7 @@ def test_a_lora_checkpoint_is_the_live_policy_on_any_module(tiny_model_dir, tmp_
     assert saved.config.tie_word_embeddings is False
 
 
+@PEFT_TIED_WARNINGS[0]
 def test_vllm_refuses_a_lora_adapter_on_tied_embeddings(tiny_model_dir):
     from oaif.config import LoraConfig, ModelConfig
     from oaif.errors import ConfigError
