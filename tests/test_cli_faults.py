@@ -212,3 +212,15 @@ def test_float16_weights_by_dtype_auto_are_refused_for_full_fine_tuning(tiny_mod
                                    *run_args(half, tmp_path / "run", "train.max_steps=1", "model.dtype=auto")])
     assert f"model.dtype=auto loads {half} in float16, which full fine-tuning refuses" in line, line
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_whose_every_judgment_failed_is_one_line_not_a_result(tiny_model_dir, other_model_dir, tmp_path, capsys):
+    from test_openai_judge import FakeServer, Reply
+
+    with FakeServer(lambda body, headers: Reply(500, {"error": {"message": "boom"}})) as server:
+        line = one_line_error(capsys, ["eval", tiny_model_dir, other_model_dir, "--prompts", str(PROMPTS),
+                                       "--limit", "3", "--max-new-tokens", "4", "--out", str(tmp_path / "eval"),
+                                       "--set", "type=openai", "--set", f"base_url={server.base_url}",
+                                       "--set", "model=fake", "--set", "max_retries=0", "--no-progress"])
+    assert line == "oaif: error: every judgment failed for A vs B (http_500 3): no win rate", line
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["comparisons"][0]["failed"] == {"http_500": 3}

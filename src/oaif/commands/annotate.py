@@ -305,6 +305,18 @@ def _write_judgments(path: str, pairs: list[Pair], judgments: list, swapped: lis
     tmp.replace(p)
 
 
+def _check_not_the_input(out: Path, flag: str, source: str) -> None:
+    """Refuse an output file that is the input itself (by path, symlink or hard link): it would be replaced."""
+    import os
+
+    from oaif.errors import ConfigError
+
+    same = out.exists() and Path(source).exists() and os.path.samefile(out, source)
+    if same or out == Path(source).resolve():
+        raise ConfigError(f"{flag}: {out} is the input file; writing it would replace the input "
+                          "(choose another file)")
+
+
 def run(args: argparse.Namespace) -> int:
     from oaif.config import load_annotator_config
     from oaif.errors import ConfigError
@@ -319,11 +331,38 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_annotator_config(args.annotator_config, args.sets)
     from oaif.run.run_dir import check_output_file
 
+    written = {}
     for flag, path in (("--out", args.out), ("--report", args.report)):
         if path is not None:  # checked now: the results must not be lost after the work is done
-            check_output_file(path, flag)
+            written[flag] = check_output_file(path, flag)
+            _check_not_the_input(written[flag], flag, args.input)
+    if len(written) == 2 and written["--out"] == written["--report"]:
+        raise ConfigError(f"--out and --report name the same file: {args.out}")
     with quiet_judges(getattr(args, "verbose", False)):
         return _run(args, cfg, t0)
+
+
+def _nothing_to_judge(args, what: str, skipped: Counter) -> None:
+    """A one-line error when the input left nothing to judge (every row empty, identical, too long)."""
+    from oaif.errors import DataError
+    from oaif.evaluation.report import fmt_counts
+
+    raise DataError(f"{args.input}: no {what} to judge (skipped: {fmt_counts(dict(sorted(skipped.items())))}); "
+                    "nothing written")
+
+
+def check_judged(judgments: list, written: int | None) -> None:
+    """A one-line error when no judgment succeeded, or (labelling) no preference is left to write."""
+    from oaif.annotators.base import failure_counts
+    from oaif.errors import AnnotatorError
+    from oaif.evaluation.report import fmt_counts
+
+    if judgments and not any(j.ok for j in judgments):
+        raise AnnotatorError(f"every judgment failed ({len(judgments)} pairs; {fmt_counts(failure_counts(judgments))}); "
+                             "nothing written")
+    if written == 0:
+        raise AnnotatorError(f"no preference to write: the judge called all {len(judgments)} judged pairs ties; "
+                             "nothing written")
 
 
 def _run(args: argparse.Namespace, cfg, t0: float) -> int:
@@ -335,6 +374,8 @@ def _run(args: argparse.Namespace, cfg, t0: float) -> int:
     if args.sample_from:
         _check_sampling_args(args)
         records, rows = load_sample_prompts(args, skipped)
+        if not records:
+            _nothing_to_judge(args, "prompt", skipped)
         from oaif.models import load_causal_lm
 
         model, tok = load_causal_lm(args.sample_from)
@@ -346,7 +387,10 @@ def _run(args: argparse.Namespace, cfg, t0: float) -> int:
         pairs, rows, skipped = load_pairs(args.input, labelled=args.against_labels)
         if args.limit is not None:
             pairs = pairs[: args.limit]
-        annotator = build_annotator(cfg)
+        if pairs:
+            annotator = build_annotator(cfg)
+    if not pairs:
+        _nothing_to_judge(args, "pair", skipped)
 
     # With labels, alternate which slot holds the human-chosen response, so a judge asked in one
     # order only (both_orders=false) is not flattered or punished by its position bias.
@@ -375,10 +419,12 @@ def _run(args: argparse.Namespace, cfg, t0: float) -> int:
         "skipped": dict(sorted(skipped.items())),
     }
     if args.against_labels:
+        check_judged(judgments, None)
         report.update(agreement_stats(judgments, swapped))
         report.update({k: v for k, v in stats.items() if k != "ties"})
     else:
         records, ties = orient(pairs, judgments)
+        check_judged(judgments, len(records))
         report.update(stats)
         if args.sample_from:
             report["sampled_from"] = args.sample_from

@@ -43,6 +43,7 @@ not be the one the run trained with, and the report names both):
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
 from oaif.commands.judge_options import add_annotator_arguments, quiet_judges
@@ -143,7 +144,21 @@ def run(args: argparse.Namespace) -> int:
     with quiet_judges(getattr(args, "verbose", False)):
         result = _run(args, cfg, settings, steps)
     _print_summary(result, args)
+    check_judged(result["comparisons"])
     return 0
+
+
+def check_judged(comparisons: list[dict]) -> None:
+    """A one-line error when a comparison has no win rate: every judgment of its pairs failed."""
+    from oaif.errors import AnnotatorError
+    from oaif.evaluation.report import fmt_counts
+
+    empty = [c for c in comparisons if c["wins"] + c["ties"] + c["losses"] == 0]
+    if empty:
+        names = ", ".join(f"step {c['step']}" if c.get("step") is not None else f"{c['a']} vs {c['b']}" for c in empty)
+        failed = sum((Counter(c["failed"]) for c in empty), Counter())
+        raise AnnotatorError(f"every judgment failed for {names} ({fmt_counts(dict(sorted(failed.items())))}): "
+                             "no win rate")
 
 
 def _run(args, cfg, settings, steps) -> dict:
