@@ -224,3 +224,25 @@ def test_eval_whose_every_judgment_failed_is_one_line_not_a_result(tiny_model_di
                                        "--set", "model=fake", "--set", "max_retries=0", "--no-progress"])
     assert line == "oaif: error: every judgment failed for A vs B (http_500 3): no win rate", line
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["comparisons"][0]["failed"] == {"http_500": 3}
+
+
+def test_a_lone_surrogate_in_a_data_file_is_one_line_naming_the_line(tiny_model_dir, tmp_path, capsys):
+    # JSON can escape half of a UTF-16 surrogate pair; such a string cannot be encoded, so no tokenizer takes it
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Name a colour."}\n{"prompt": "Name a \\ud83d fruit."}\n')
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "q", "chosen": "yes \\ud83d\\ude00", "rejected": "no \\ude00"}\n')
+    judge = ["--set", "type=callable", "--set", f"callable={SHORTER}", "--no-progress"]
+    for argv, where in (
+            (["train", str(ROOT / "configs/demo.yaml"),
+              *run_args(tiny_model_dir, tmp_path / "run", "train.max_steps=1", f"data.path={prompts}")], f"{prompts} line 2"),
+            (["train", str(ROOT / "configs/demo.yaml"),
+              *run_args(tiny_model_dir, tmp_path / "run", "train.max_steps=1", "train.mode=offline",
+                        f"data.preference_path={pairs}")], f"{pairs} line 1"),
+            (["annotate", str(pairs), "--out", str(tmp_path / "out.jsonl"), *judge], f"{pairs} line 1"),
+            (["eval", tiny_model_dir, tiny_model_dir, "--prompts", str(prompts), "--out", str(tmp_path / "eval"), *judge],
+             f"{prompts} line 2")):
+        line = one_line_error(capsys, argv)
+        assert line == f"oaif: error: {where}: a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair) " \
+                       "is not text", line
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out.jsonl").exists()

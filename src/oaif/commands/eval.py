@@ -104,7 +104,13 @@ def _parse_steps(text: str | None) -> list[int] | None:
 
 
 def settings_from(args: argparse.Namespace):
+    from oaif.errors import ConfigError
     from oaif.evaluation.evaluate import EvalSettings
+
+    try:
+        (args.system_prompt or "").encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError("--system-prompt: not text (bytes that are not UTF-8)") from None
 
     s = EvalSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                      seed=args.seed, batch_size=args.batch_size, chat_template=False if args.no_chat_template else None,
