@@ -17,12 +17,14 @@ import os
 import sys
 
 from oaif.errors import OaifError
+from oaif.redaction import RedactingFilter, redact_text, remember
 
 
 def _train(args: argparse.Namespace) -> int:
     from oaif.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    remember(cfg.to_dict())  # credentials in its URLs are redacted from here on
     from oaif.trainer import train
 
     summary = train(cfg)
@@ -40,7 +42,7 @@ def _config(args: argparse.Namespace) -> int:
     if args.action == "keys":
         print(describe())
     else:
-        print(dump_yaml(load_config(args.config, args.overrides)), end="")
+        print(redact_text(dump_yaml(load_config(args.config, args.overrides))), end="")
     return 0
 
 
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
     from oaif.run.stop_signals import stop_during_setup
 
     stop_during_setup()  # a run's own handlers take over once it starts stepping
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _say(line: str) -> None:
     """One line to stderr in a single write, so the lines of processes sharing a pipe never interleave."""
-    sys.stderr.write(line + "\n")
+    sys.stderr.write(redact_text(line) + "\n")
     sys.stderr.flush()
 
 

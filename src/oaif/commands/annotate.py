@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from oaif.commands.judge_options import add_annotator_arguments, quiet_judges
+from oaif.redaction import redact, remember
 from oaif.stats import mean, outcomes, score, wilson_interval
 
 # Heavy imports (torch, transformers, the judge) happen inside run(): the CLI imports this module
@@ -329,6 +330,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.against_labels and not args.out:
         raise ConfigError("--out is required (the preference file to write), except with --against-labels")
     cfg = load_annotator_config(args.annotator_config, args.sets)
+    remember(asdict(cfg))  # credentials in its URL are redacted from here on
     from oaif.run.run_dir import check_output_file
 
     written = {}
@@ -435,7 +437,7 @@ def _run(args: argparse.Namespace, cfg, t0: float) -> int:
         report["written"] = save_preferences(args.out, records)
         report["ties"] = ties
         report["out"] = str(args.out)
-    report["annotator"] = asdict(cfg)
+    report["annotator"] = redact(asdict(cfg))
     report["judge_seconds"] = round(judge_s, 3)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     report["pairs_per_second"] = round(len(pairs) / judge_s, 3) if judge_s > 0 else None

@@ -139,6 +139,11 @@ def run(args: argparse.Namespace) -> int:
     steps = _parse_steps(args.steps)
     settings = settings_from(args)
     cfg = load_annotator_config(args.annotator_config, args.sets)
+    from dataclasses import asdict
+
+    from oaif.redaction import remember
+
+    remember(asdict(cfg))  # credentials in its URL are redacted from here on
     if args.run and not Path(args.run).is_dir():
         from oaif.errors import DataError
 

@@ -387,8 +387,11 @@ def _build_annotator(annotator_cfg, annotator, settings: EvalSettings, device):
 
 
 def _judge_info(annotator, annotator_cfg) -> dict:
-    return {"name": getattr(annotator, "name", type(annotator).__name__), "description": describe_judge(annotator_cfg),
-            "config": dataclasses.asdict(annotator_cfg) if annotator_cfg is not None else None}
+    from oaif.redaction import redact  # no credentials from a URL in eval.json and report.md
+
+    return redact({"name": getattr(annotator, "name", type(annotator).__name__),
+                   "description": describe_judge(annotator_cfg),
+                   "config": dataclasses.asdict(annotator_cfg) if annotator_cfg is not None else None})
 
 
 def _finish(result: dict, out_dir, metrics: list[dict] | None = None, n_samples: int = 3) -> dict:
@@ -525,7 +528,7 @@ def evaluate_run(run_dir: str | Path, annotator_cfg=None, *, settings: EvalSetti
     judge_info = _judge_info(judge_obj, annotator_cfg if annotator is None else None)
     judge_info["training_judge"] = training_judge
     judge_info["same_as_training"] = annotator is None and run_cfg.train.mode == "online" and \
-        describe_judge(annotator_cfg) == training_judge
+        judge_info["description"] == training_judge  # both redacted
     result = {
         "mode": "run",
         "run": str(run),

@@ -27,6 +27,7 @@ import torch
 
 from oaif.config import Config, dump_yaml
 from oaif.errors import ConfigError, DataError
+from oaif.redaction import redact, redact_text
 from oaif.run.rounding_watch import watch_first_update
 
 log = logging.getLogger("oaif")
@@ -205,8 +206,8 @@ def open_run_dir(cfg: Config, is_main: bool, resume_step: int | None):
     metrics = None
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_yaml(cfg))
+        (out / "config.yaml").write_text(redact_text(dump_yaml(cfg)))  # no credentials from a URL
         metrics = MetricsWriter(out / "metrics.jsonl", cfg.logging.report_to, cfg.logging.run_name or out.name,
-                                cfg.to_dict(), resume_step=resume_step)
+                                redact(cfg.to_dict()), resume_step=resume_step)
     audit = cfg.annotator.audit_log and cfg.train.mode == "online"
     return metrics, AuditLog(out / "annotations.jsonl" if audit else None, is_main=is_main, resume_step=resume_step)
