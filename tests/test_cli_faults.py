@@ -246,3 +246,26 @@ def test_a_lone_surrogate_in_a_data_file_is_one_line_naming_the_line(tiny_model_
         assert line == f"oaif: error: {where}: a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair) " \
                        "is not text", line
     assert not (tmp_path / "run").exists() and not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_directory_a_truncated_gguf_and_missing_arguments_are_named_for_what_they_are(tiny_gguf_path, tiny_model_dir,
+                                                                                      tmp_path, capsys):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    gguf = tmp_path / "cut.gguf"
+    gguf.write_bytes(Path(tiny_gguf_path).read_bytes()[: Path(tiny_gguf_path).stat().st_size // 2])
+    for extra, expect in ((["train.mode=offline", f"data.preference_path={folder}"],
+                           f"preference file {folder} is a directory, not a file"),
+                          ([f"annotator.type=llm", f"annotator.rubric={folder}"],
+                           f"rubric file {folder} is a directory, not a file"),
+                          ([f"model.name_or_path={gguf}", f"model.cache_dir={tmp_path / 'cache'}"],
+                           f"cannot convert {gguf}, a truncated or corrupt file or an unsupported model? (reading it "
+                           "failed: ")):
+        line = one_line_error(capsys, ["train", str(ROOT / "configs/demo.yaml"),
+                                       *run_args(tiny_model_dir, tmp_path / "run", "train.max_steps=1", *extra)])
+        assert line.startswith(f"oaif: error: {expect}"), line
+    for argv, required in ((["train"], "config"), (["config"], "action")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and err.endswith(f"error: the following arguments are required: {required}"), err

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train with online AI feedback. Overrides take the form key.sub=value, "
                                    "e.g. train.max_steps=3 loss.type=ipo. `oaif config keys` lists every key.")
     p.add_argument("config", help="YAML config file (see configs/)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides")  # default: not "required"
     p.set_defaults(func=_train)
 
     from oaif.commands import annotate as annotate_cmd
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="show a resolved config, or list every key with its help")
     p.add_argument("action", choices=["show", "keys"])
     p.add_argument("config", nargs="?", help="YAML config file (for show)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides")
     p.set_defaults(func=_config)
     return parser
 
