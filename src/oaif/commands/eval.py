@@ -11,7 +11,9 @@ Every checkpoint of a training run against the run's starting model (a win-rate 
   The starting model is the run's model.name_or_path (runs/demo/config.yaml). The prompts are the
   run's held-out prompts (data.eval_path, or the data.eval_fraction split chosen exactly as the
   trainer chose it), unless --prompts FILE is given. Response length, chat template, system prompt
-  and dtype default to the run's settings.
+  and dtype default to the run's settings (the dtype is model.dtype, the weights' own: the
+  autocast of train.mixed_precision=bf16 is not applied, so both models are compared in float32
+  unless --dtype bfloat16 is given).
 
 Each model answers each prompt once: sampling at --temperature 0.7 (top-p 1.0) with --seed 0,
 the same seed for every model (response i uses the row seed (seed, i, 0)), in batches of
