@@ -15,6 +15,7 @@ from oaif.cli import main
 from oaif.config import load_annotator_config
 from oaif.data.preferences import load_preferences
 from oaif.errors import ConfigError
+from test_openai_judge import FakeServer, Reply, completion, user_text
 
 HH_FILE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hh_harmless_test.jsonl.gz"
 SHORTER = "oaif.annotators.rules:prefer_shorter"
@@ -131,6 +132,72 @@ def test_failing_judge_pairs_are_counted_not_written(tmp_path, capsys):
     assert "callable_error 2" in capsys.readouterr().out
     with gzip.open(out, "rt") as f:
         assert len(f.readlines()) == 2
+
+
+ALL_FAIL = {  # a judge whose every judgment fails: --set options, and the fake server's answer (None: no server)
+    "callable_error": (["type=callable", "callable={rule}:score"], None),
+    "http_500": (["type=openai", "base_url={url}", "model=fake", "max_retries=0"],
+                 lambda body, headers: Reply(500, {"error": {"message": "boom"}})),
+    "unparseable": (["type=openai", "base_url={url}", "model=fake", "max_retries=0"],  # a server echoing the prompt
+                    lambda body, headers: Reply(body=completion(user_text(body)))),
+}
+
+
+@pytest.mark.parametrize("labels", [False, True], ids=["label", "against_labels"])
+@pytest.mark.parametrize("judge", list(ALL_FAIL))
+def test_every_judgment_failed_is_one_line_and_writes_nothing(tmp_path, capsys, judge, labels):
+    rule = tmp_path / "rule.py"
+    rule.write_text(FAILING_RULE)
+    src = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q1", "chosen": "FAIL one", "rejected": "FAIL two"},
+                                                 {"prompt": "q2", "chosen": "FAIL", "rejected": "FAIL three"}])
+    out, report = tmp_path / "out.jsonl", tmp_path / "r.json"
+    sets, respond = ALL_FAIL[judge]
+    with FakeServer(respond or (lambda body, headers: Reply(500))) as server:
+        argv = ["annotate", str(src), "--out", str(out), "--report", str(report), "--no-progress",
+                *(["--against-labels"] if labels else [])]
+        for s in sets:
+            argv += ["--set", s.format(rule=rule, url=server.base_url)]
+        assert main(argv) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("oaif: error:")]
+    assert errors == [f"oaif: error: every judgment failed (2 pairs; {judge} 2); nothing written"], captured.err
+    assert not out.exists() and not report.exists() and captured.out == ""
+
+
+def test_no_pair_or_prompt_left_to_judge_is_one_line_and_writes_nothing(tmp_path, capsys):
+    empty = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": ""}, {"prompt": "   "}])
+    same = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "same", "rejected": "same"}])
+    tied = write_jsonl(tmp_path / "tied.jsonl", [{"prompt": "q", "chosen": "one two", "rejected": "six ten"}])
+    out = tmp_path / "out.jsonl"
+    judge = ["--set", "type=callable", "--set", f"callable={SHORTER}", "--no-progress"]
+    for argv, expect in (
+            # every prompt empty: refused before the model (not a model directory here) is loaded
+            ([str(empty), "--sample-from", str(tmp_path / "no-model")], f"{empty}: no prompt to judge (skipped: empty 2)"),
+            ([str(same)], f"{same}: no pair to judge (skipped: identical 1)"),
+            ([str(tied)], "no preference to write: the judge called all 1 judged pairs ties")):
+        assert main(["annotate", *argv, "--out", str(out), *judge]) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("oaif: error:")]
+        assert len(errors) == 1 and expect in errors[0] and errors[0].endswith("; nothing written"), err
+        assert not out.exists()
+
+
+def test_an_output_naming_the_input_is_refused_and_the_human_labels_stay(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "human.jsonl", [{"prompt": "q", "chosen": "a much longer human pick", "rejected": "no"}])
+    before = src.read_bytes()
+    (tmp_path / "link.jsonl").symlink_to(src)
+    judge = ["--set", "type=callable", "--set", f"callable={SHORTER}", "--no-progress"]
+    for flags in (["--out", str(src)], ["--out", "human.jsonl"], ["--out", str(tmp_path / "link.jsonl")],
+                  ["--against-labels", "--out", str(src)], ["--against-labels", "--report", str(src)]):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(tmp_path)
+            assert main(["annotate", str(src), *flags, *judge]) == 2
+        err = capsys.readouterr().err
+        assert err.strip() == f"oaif: error: {flags[-2]}: {src} is the input file; writing it would replace the input " \
+                              "(choose another file)", err
+        assert src.read_bytes() == before
+    assert main(["annotate", str(src), "--out", str(tmp_path / "x"), "--report", str(tmp_path / "x"), *judge]) == 2
+    assert "--out and --report name the same file" in capsys.readouterr().err
 
 
 # -- --sample-from ------------------------------------------------------------------------------

@@ -324,7 +324,8 @@ def test_runs_that_meet_a_checkpoint_of_their_own_step(tiny_model_dir, tmp_path)
 
 def test_rotation_spares_a_checkpoint_being_evaluated_and_eval_skips_one_it_removed(tiny_model_dir, tmp_path, caplog):
     from oaif.annotators.callable_judge import CallableJudge
-    from oaif.evaluation.evaluate import EvalSettings, evaluate_run
+    from oaif.evaluation.evaluate import evaluate_run
+    from oaif.evaluation.responses import EvalSettings
     from oaif.run.checkpoint import _rotate, reading_checkpoint
 
     out = tmp_path / "run"

@@ -212,3 +212,60 @@ def test_float16_weights_by_dtype_auto_are_refused_for_full_fine_tuning(tiny_mod
                                    *run_args(half, tmp_path / "run", "train.max_steps=1", "model.dtype=auto")])
     assert f"model.dtype=auto loads {half} in float16, which full fine-tuning refuses" in line, line
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_whose_every_judgment_failed_is_one_line_not_a_result(tiny_model_dir, other_model_dir, tmp_path, capsys):
+    from test_openai_judge import FakeServer, Reply
+
+    with FakeServer(lambda body, headers: Reply(500, {"error": {"message": "boom"}})) as server:
+        line = one_line_error(capsys, ["eval", tiny_model_dir, other_model_dir, "--prompts", str(PROMPTS),
+                                       "--limit", "3", "--max-new-tokens", "4", "--out", str(tmp_path / "eval"),
+                                       "--set", "type=openai", "--set", f"base_url={server.base_url}",
+                                       "--set", "model=fake", "--set", "max_retries=0", "--no-progress"])
+    assert line == "oaif: error: every judgment failed for A vs B (http_500 3): no win rate", line
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["comparisons"][0]["failed"] == {"http_500": 3}
+
+
+def test_a_lone_surrogate_in_a_data_file_is_one_line_naming_the_line(tiny_model_dir, tmp_path, capsys):
+    # JSON can escape half of a UTF-16 surrogate pair; such a string cannot be encoded, so no tokenizer takes it
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Name a colour."}\n{"prompt": "Name a \\ud83d fruit."}\n')
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "q", "chosen": "yes \\ud83d\\ude00", "rejected": "no \\ude00"}\n')
+    judge = ["--set", "type=callable", "--set", f"callable={SHORTER}", "--no-progress"]
+    for argv, where in (
+            (["train", str(ROOT / "configs/demo.yaml"),
+              *run_args(tiny_model_dir, tmp_path / "run", "train.max_steps=1", f"data.path={prompts}")], f"{prompts} line 2"),
+            (["train", str(ROOT / "configs/demo.yaml"),
+              *run_args(tiny_model_dir, tmp_path / "run", "train.max_steps=1", "train.mode=offline",
+                        f"data.preference_path={pairs}")], f"{pairs} line 1"),
+            (["annotate", str(pairs), "--out", str(tmp_path / "out.jsonl"), *judge], f"{pairs} line 1"),
+            (["eval", tiny_model_dir, tiny_model_dir, "--prompts", str(prompts), "--out", str(tmp_path / "eval"), *judge],
+             f"{prompts} line 2")):
+        line = one_line_error(capsys, argv)
+        assert line == f"oaif: error: {where}: a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair) " \
+                       "is not text", line
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_directory_a_truncated_gguf_and_missing_arguments_are_named_for_what_they_are(tiny_gguf_path, tiny_model_dir,
+                                                                                      tmp_path, capsys):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    gguf = tmp_path / "cut.gguf"
+    gguf.write_bytes(Path(tiny_gguf_path).read_bytes()[: Path(tiny_gguf_path).stat().st_size // 2])
+    for extra, expect in ((["train.mode=offline", f"data.preference_path={folder}"],
+                           f"preference file {folder} is a directory, not a file"),
+                          (["annotator.type=llm", f"annotator.rubric={folder}"],
+                           f"rubric file {folder} is a directory, not a file"),
+                          ([f"model.name_or_path={gguf}", f"model.cache_dir={tmp_path / 'cache'}"],
+                           f"cannot convert {gguf}, a truncated or corrupt file or an unsupported model? (reading it "
+                           "failed: ")):
+        line = one_line_error(capsys, ["train", str(ROOT / "configs/demo.yaml"),
+                                       *run_args(tiny_model_dir, tmp_path / "run", "train.max_steps=1", *extra)])
+        assert line.startswith(f"oaif: error: {expect}"), line
+    for argv, required in ((["train"], "config"), (["config"], "action")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and err.endswith(f"error: the following arguments are required: {required}"), err

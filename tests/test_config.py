@@ -249,3 +249,17 @@ def test_no_stays_a_string_where_a_key_takes_one_and_a_bool_where_it_takes_one(t
     path.write_text("train:\n  mixed_precision: no\nmodel:\n  disable_dropout: No\n")
     cfg = load_config(path, [])
     assert cfg.train.mixed_precision == "no" and cfg.model.disable_dropout is False
+
+
+def test_a_lone_surrogate_in_a_config_string_is_one_line_not_a_tokenizer_traceback(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text('model:\n  system_prompt: "Be brief \\ud800."\n')
+    with pytest.raises(ConfigError, match=r"^model.system_prompt: not text \(a lone UTF-16 surrogate"):
+        load_config(path)
+    # bytes that are not UTF-8 on the command line reach Python as lone surrogates (surrogateescape)
+    result = subprocess.run([sys.executable, "-m", "oaif.cli", "config", "show", "configs/demo.yaml",
+                             b"model.system_prompt=caf\xe9"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and result.stderr == ("oaif: error: model.system_prompt: not text (a lone UTF-16 "
+                                                        "surrogate, or bytes that are not UTF-8)\n"), result.stderr
+    path.write_text('model:\n  system_prompt: "Be brief \\U0001F600."\n')  # YAML's escape for a code point over U+FFFF
+    assert load_config(path).model.system_prompt == "Be brief \U0001F600."

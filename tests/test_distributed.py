@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,14 @@ from oaif.run.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = Path(sys.executable).parent / "accelerate"
+# where two processes would share one GPU, the tests compare them on the CPU; elsewhere they run the
+# README's command as printed, with the default train.device=auto
+DEVICE = ["train.device=cpu"] if torch.cuda.is_available() else []
+
+
+def launch(procs: int) -> list[str]:
+    """The README's command: on a CPU-only machine accelerate starts several processes with --multi_gpu (gloo)."""
+    return [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(procs)]
 
 
 def run(args: list[str], procs: int) -> subprocess.CompletedProcess:
@@ -24,9 +33,7 @@ def run(args: list[str], procs: int) -> subprocess.CompletedProcess:
     if procs == 1:
         cmd = [sys.executable, "-m", "oaif.cli", "train", *args]
     else:
-        # on a CPU-only machine accelerate starts several processes with --multi_gpu and uses gloo
-        cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(procs), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "oaif.cli", "train", *args]
+        cmd = [*launch(procs), "-m", "oaif.cli", "train", *args]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -35,7 +42,7 @@ def run(args: list[str], procs: int) -> subprocess.CompletedProcess:
 def common(model_dir, out, batch_size):
     return [str(ROOT / "configs" / "demo.yaml"), f"model.name_or_path={model_dir}", f"train.output_dir={out}",
             f"train.batch_size={batch_size}", "train.max_steps=3", "optim.lr=1.0e-3", "optim.warmup_steps=0",
-            "logging.progress_bar=false", "sampling.max_new_tokens=10", "train.device=cpu"]
+            "logging.progress_bar=false", "sampling.max_new_tokens=10", *DEVICE]
 
 
 def assert_same_weights(a: Path, b: Path, atol: float) -> None:
@@ -135,9 +142,7 @@ def test_accumulation_with_an_empty_micro_batch_keeps_processes_identical(tiny_m
     extra = ["train.gradient_accumulation_steps=2"]
     run(marked(tiny_model_dir, tmp_path / "one", prompts, 4, *extra), 1)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(Path(__file__).parent / "train_and_dump_ranks.py"),
-           *marked(tiny_model_dir, tmp_path / "two", prompts, 2, *extra)]
+    cmd = [*launch(2), str(Path(__file__).parent / "train_and_dump_ranks.py"), *marked(tiny_model_dir, tmp_path / "two", prompts, 2, *extra)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / "two" / f"rank-{i}.pt") for i in (0, 1))
@@ -175,3 +180,16 @@ def test_one_process_failing_does_not_deadlock_the_error_save(tiny_model_dir, tm
     assert (out / "latest").read_text().strip() == "checkpoint-1"
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
     AutoModelForCausalLM.from_pretrained(out / "checkpoint-1")
+
+
+def test_processes_launched_together_that_would_each_run_alone_are_refused():
+    # what train.device=auto did on a CPU-only machine: accelerate, not told cpu, makes each launched process a
+    # lone run (no distributed backend), and every one of them takes the main process's part and run directory
+    code = ("import torch; from accelerate import Accelerator; from oaif.run.build import check_process_group, on_cpu\n"
+            "assert on_cpu('auto') != torch.cuda.is_available() and on_cpu('cpu') and not on_cpu('cuda')\n"
+            "check_process_group(Accelerator(cpu=False), 'auto')")
+    env = dict(os.environ, WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert re.search(r"ConfigError: train.device=auto: the launcher started 2 processes, but on \w+ each runs alone",
+                     result.stderr), result.stderr[-3000:]

@@ -450,3 +450,64 @@ def test_empty_batch_and_bad_arguments():
         judge_for("http://127.0.0.1:9/v1", concurrency=0)
     with pytest.raises(AnnotatorError):
         judge_for("http://127.0.0.1:9/v1", top_logprobs=0)
+
+
+# -- credentials inside the URL ------------------------------------------------------------------
+
+def shorter_judge(body, headers) -> Reply:
+    """Prefers the shorter response (then the alphabetically first), the same in both orders."""
+    text = user_text(body)
+    first, second = (re.search(rf"<response_{i}>(.*?)</response_{i}>", text, re.S).group(1) for i in (1, 2))
+    label = "1" if (len(first), first) < (len(second), second) else "2"
+    top = [(" " + label, math.log(0.9)), (" " + ("2" if label == "1" else "1"), math.log(0.1))]
+    return Reply(body=completion(f"Answer: {label}", [("Answer", -0.01, [("Answer", -0.01)]), (":", -0.01, [(":", -0.01)]),
+                                                       (" " + label, math.log(0.9), top)]))
+
+
+def test_credentials_in_base_url_reach_no_file_and_no_output(tiny_model_dir, tmp_path):
+    import base64
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    secret = "S3cretPassw0rd"
+    leaks = (secret, base64.b64encode(f"alice:{secret}".encode()).decode())
+    seen = []
+
+    def respond(body, headers):
+        seen.append(headers.get("authorization"))
+        if len(seen) == 1:  # a careless server echoes the Authorization header into its error
+            return Reply(500, {"error": {"message": f"rejected {headers.get('authorization')}"}})
+        return shorter_judge(body, headers)
+
+    out, report, pairs = tmp_path / "run", tmp_path / "annotate.json", tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "a": "Yes." * (i + 1), "b": "No."}) + "\n"
+                             for i in range(2)))
+    outputs = []
+    with FakeServer(respond) as server:
+        url = server.base_url.replace("http://", f"http://alice:{secret}@")
+        common = [str(root / "configs/demo.yaml"), f"model.name_or_path={tiny_model_dir}", f"train.output_dir={out}",
+                  "annotator.type=openai", f"annotator.base_url={url}", "annotator.model=fake", "annotator.max_retries=0",
+                  "train.batch_size=2", "sampling.max_new_tokens=6", "logging.progress_bar=false", "train.device=cpu"]
+        for argv in (["train", *common, "train.max_steps=1"],
+                     ["train", *common, "train.max_steps=2", "train.resume=true"],  # the saved config is compared
+                     ["config", "show", *common, f"vllm.server_url={url}"],
+                     ["train", *common, "train.max_steps=3", "train.resume=true", "sampling.backend=vllm",
+                      "vllm.mode=server", f"vllm.server_url=http://alice:{secret}@127.0.0.1:9"],  # an error naming it
+                     ["-v", "annotate", str(pairs), "--out", str(tmp_path / "prefs.jsonl"),
+                      "--report", str(report), "--limit", "2", "--no-progress", "--set", "type=openai",
+                      "--set", f"base_url={url}", "--set", "model=fake", "--set", "max_retries=0"]):
+            proc = subprocess.run([sys.executable, "-m", "oaif.cli", *argv], capture_output=True, text=True, timeout=300,
+                                  cwd=root)
+            outputs.append(proc)
+    assert [p.returncode for p in outputs] == [0, 0, 0, 2, 0], [p.stderr[-2000:] for p in outputs]
+    assert "oaif: error: cannot reach the vLLM server at http://***@127.0.0.1:9" in outputs[3].stderr
+    assert f"base_url: {url.replace(f'alice:{secret}', '***')}" in outputs[2].stdout
+    assert f"Basic {leaks[1]}" in seen and "rejected Basic ***" in outputs[0].stderr  # it was sent, and echoed
+    for proc in outputs:
+        for leak in leaks:
+            assert leak not in proc.stdout + proc.stderr, proc.args
+    files = [p for p in [*out.rglob("*"), report] if p.is_file()]
+    assert {"config.yaml", "trainer_state.pt", "trainer_state.json", "annotate.json"} <= {p.name for p in files}
+    for path in files:
+        data = path.read_bytes()
+        assert not any(leak.encode() in data for leak in leaks), path

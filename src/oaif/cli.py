@@ -17,12 +17,14 @@ import os
 import sys
 
 from oaif.errors import OaifError
+from oaif.redaction import RedactingFilter, redact_text, remember
 
 
 def _train(args: argparse.Namespace) -> int:
     from oaif.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    remember(cfg.to_dict())  # credentials in its URLs are redacted from here on
     from oaif.trainer import train
 
     summary = train(cfg)
@@ -40,7 +42,7 @@ def _config(args: argparse.Namespace) -> int:
     if args.action == "keys":
         print(describe())
     else:
-        print(dump_yaml(load_config(args.config, args.overrides)), end="")
+        print(redact_text(dump_yaml(load_config(args.config, args.overrides))), end="")
     return 0
 
 
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train with online AI feedback. Overrides take the form key.sub=value, "
                                    "e.g. train.max_steps=3 loss.type=ipo. `oaif config keys` lists every key.")
     p.add_argument("config", help="YAML config file (see configs/)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides")  # default: not "required"
     p.set_defaults(func=_train)
 
     from oaif.commands import annotate as annotate_cmd
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="show a resolved config, or list every key with its help")
     p.add_argument("action", choices=["show", "keys"])
     p.add_argument("config", nargs="?", help="YAML config file (for show)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides")
     p.set_defaults(func=_config)
     return parser
 
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
     from oaif.run.stop_signals import stop_during_setup
 
     stop_during_setup()  # a run's own handlers take over once it starts stepping
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _say(line: str) -> None:
     """One line to stderr in a single write, so the lines of processes sharing a pipe never interleave."""
-    sys.stderr.write(line + "\n")
+    sys.stderr.write(redact_text(line) + "\n")
     sys.stderr.flush()
 
 

@@ -35,6 +35,7 @@ from oaif.annotators.base import Judgment
 from oaif.config import Config
 from oaif.errors import AnnotatorError, TrainingError
 from oaif.generation.weights import policy_weights
+from oaif.redaction import redact
 from oaif.run.metrics import FailureWindow, StepMetrics
 from oaif.step.pairs import annotate_pairs, build_pairs, preference_rollouts
 from oaif.step.records import PairPlan, PreferenceBatch, Rollouts
@@ -84,7 +85,7 @@ class Trainer:
         self.checkpoints = RunCheckpoints(self.accelerator, cfg.train.output_dir, cfg.train.keep_last)
         if cfg.train.resume:
             self.step = self.checkpoints.restore(cfg.train.resume, self.unwrapped, self.optimizer, self.scheduler,
-                                                 self.stream, self.failures, config=cfg.to_dict())
+                                                 self.stream, self.failures, config=redact(cfg.to_dict()))
         self.lock = claim_run_dir(cfg, self.accelerator)  # everything that can fail has been built
         self.push_weights()  # the sampler starts from the policy as it is now (resumed, or whatever a server held)
         self._committed_stream = self.stream.state_dict()  # the stream as of the last finished step
@@ -186,7 +187,7 @@ class Trainer:
 
         # the stream as of the last finished step: an interrupted step's prompts are drawn again
         return trainer_state(self.step, self._committed_stream, self.optimizer, self.scheduler, self.failures,
-                             self.cfg.to_dict())
+                             redact(self.cfg.to_dict()))  # as saved: no credentials from a URL
 
     def check_failures(self, end: bool = False) -> None:
         """Stop when the annotator failed too often: over the last full window, or (``end``) over

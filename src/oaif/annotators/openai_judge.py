@@ -59,6 +59,7 @@ from oaif.annotators.deadline import call_with_retries, install_deadline, retrya
 from oaif.annotators.rubrics import Rubric
 from oaif.annotators.untrusted import neutralize_special_strings
 from oaif.errors import AnnotatorError
+from oaif.redaction import redact_text, remember
 from oaif.stats import sigmoid
 
 log = logging.getLogger("oaif.annotators")
@@ -213,6 +214,7 @@ class OpenAIJudge:
                 raise AnnotatorError(f"openai judge: {arg} must be {rule}, got {value}")
         self._openai = openai
         self.base_url = base_url
+        remember(base_url or "")  # credentials in the URL (and the Basic header made of them) stay out of errors
         self.model = model
         self.rubric = rubric
         self.api_key_env = api_key_env
@@ -231,7 +233,7 @@ class OpenAIJudge:
                                      http_client=_deadline_http_client(openai, self.name))
 
     def __repr__(self) -> str:
-        return (f"OpenAIJudge(name={self.name!r}, base_url={self.base_url!r}, model={self.model!r}, "
+        return (f"OpenAIJudge(name={self.name!r}, base_url={redact_text(str(self.base_url))!r}, model={self.model!r}, "
                 f"rubric={self.rubric.name!r}, both_orders={self.both_orders})")
 
     __str__ = __repr__
@@ -252,7 +254,7 @@ class OpenAIJudge:
         text = str(text)
         if self._secret:
             text = text.replace(self._secret, "***")
-        return text[:ERROR_TEXT_LIMIT]
+        return redact_text(text)[:ERROR_TEXT_LIMIT]  # and the credentials of base_url
 
     def _ask(self, context: str, first: str, second: str) -> tuple[Reading | ReadError, float]:
         """P(first better) for one order, or the reason it failed; with the request's latency.

@@ -95,7 +95,8 @@ def load_rubric(name_or_path: str) -> Rubric:
             raise AnnotatorError(f"unknown rubric {name_or_path!r}: not a file, and not one of the shipped rubrics "
                                  f"({', '.join(shipped_rubrics())})")
     if not path.is_file():
-        raise AnnotatorError(f"rubric file not found: {path}")
+        raise AnnotatorError(f"rubric file {path} is a directory, not a file" if path.is_dir()
+                             else f"rubric file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

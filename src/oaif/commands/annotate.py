@@ -42,11 +42,13 @@ import argparse
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from oaif.commands.annotate_inputs import Pair, load_pairs, load_sample_prompts, sample_pairs
 from oaif.commands.judge_options import add_annotator_arguments, quiet_judges
+from oaif.redaction import redact, remember
 from oaif.stats import mean, outcomes, score, wilson_interval
 
 # Heavy imports (torch, transformers, the judge) happen inside run(): the CLI imports this module
@@ -84,61 +86,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # --------------------------------------------------------------------------------------------
 # input
-# --------------------------------------------------------------------------------------------
-@dataclass
-class Pair:
-    """Two responses to one prompt. With human labels, ``a`` is the human-preferred one."""
-
-    id: str
-    prompt: Any  # text or chat messages
-    a: str
-    b: str
-
-
-def _first_row(path: Path) -> dict | None:
-    from oaif.data.rows import _iter_jsonl
-
-    for _, obj in _iter_jsonl(path):
-        return obj
-    return None
-
-
-def load_pairs(path: str | Path, labelled: bool = False):
-    """Read pairs from JSONL (optionally .gz): ``prompt`` + ``chosen``/``rejected``, ``prompt`` +
-    ``a``/``b`` (not with ``labelled``), or HH transcripts (``chosen``/``rejected`` without ``prompt``).
-
-    Returns ``(pairs, rows, skipped)``: ``a`` is the ``chosen`` (or ``a``) response. Empty and
-    identical pairs are skipped and counted by the loaders of :mod:`oaif.data.preferences` and
-    :mod:`oaif.data.hh`.
-    """
-    from oaif.data.hh import load_hh_pairs
-    from oaif.data.preferences import load_preferences
-    from oaif.errors import DataError
-
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"input file not found: {p}")
-    if not p.is_file():
-        raise DataError(f"input is not a file: {p}")
-    first = _first_row(p)
-    if first is None:
-        raise DataError(f"{p}: no rows")
-    if "chosen" in first and "rejected" in first:
-        loaded = load_preferences(p) if "prompt" in first else load_hh_pairs(p)
-    elif "a" in first and "b" in first and "prompt" in first:
-        if labelled:
-            raise DataError(f"{p}: --against-labels needs 'chosen' and 'rejected' (chosen = the human-preferred "
-                            f"response); this file has unlabelled 'a'/'b'")
-        loaded = load_preferences(p, fields=("a", "b"))  # a in chosen, b in rejected
-    else:
-        raise DataError(f"{p} line 1: expected 'prompt' with 'chosen'/'rejected' (or 'a'/'b'), or HH "
-                        f"'chosen'/'rejected' transcripts (fields: {', '.join(first) or 'none'})")
-    pairs = [Pair(r.id, r.prompt, r.chosen, r.rejected) for r in loaded.records]
-    return pairs, loaded.rows, Counter(loaded.skipped)
-
-
-# --------------------------------------------------------------------------------------------
-# judging and statistics
 # --------------------------------------------------------------------------------------------
 def _reads_by_position(judgment, sent_as_a: bool) -> tuple[float, float] | None:
     """P(the response sent as ``a`` (else ``b``) better), read with it shown first and shown second;
@@ -220,50 +167,6 @@ def orient(pairs: list[Pair], judgments: list):
 # --------------------------------------------------------------------------------------------
 # sampling
 # --------------------------------------------------------------------------------------------
-def load_sample_prompts(args, skipped: Counter):
-    """The prompts of ``args.input`` (first ``--limit``), with the row count; empty prompts counted."""
-    from oaif.data.prompts import load_prompts
-
-    prompts = load_prompts(args.input, field=args.prompt_field)
-    skipped.update(prompts.skipped)
-    records = prompts.records[: args.limit] if args.limit is not None else prompts.records
-    return records, prompts.rows
-
-
-def sample_pairs(args, records, model, tok, skipped: Counter) -> list[Pair]:
-    """Sample ``--num-samples`` responses per prompt and pair them (0,1), (2,3), ...; identical
-    pairs and prompts over ``--max-prompt-tokens`` are skipped and counted."""
-    from tqdm import tqdm
-
-    from oaif.data.split import filter_long
-    from oaif.models.chat import encode_prompt
-    from oaif.step.pairs import candidate_pairs
-    from oaif.step.sampling import sample_responses
-
-    k = args.num_samples
-    tokens = {r.id: encode_prompt(tok, r.prompt) for r in records}
-    records, _ = filter_long(records, lambda r: len(tokens[r.id]), args.max_prompt_tokens, skipped)
-    pairs: list[Pair] = []
-    step = max(1, args.batch_size)
-    with tqdm(total=len(records), unit="prompt", desc="sample", disable=args.no_progress, mininterval=2.0) as bar:
-        for start in range(0, len(records), step):
-            chunk = records[start:start + step]
-            responses, _ = sample_responses(model, tok, [tokens[r.id] for r in chunk],
-                                            list(range(start, start + len(chunk))), k=k, seed=args.seed,
-                                            temperature=args.temperature, top_p=args.top_p,
-                                            max_new_tokens=args.max_new_tokens)
-            for rec, rs in zip(chunk, responses):
-                texts = [tok.decode(r, skip_special_tokens=True).strip() for r in rs]
-                for ka, kb in candidate_pairs(k, "disjoint"):
-                    if texts[ka] == texts[kb]:
-                        skipped["identical"] += 1
-                        continue
-                    pid = rec.id if k == 2 else f"{rec.id}:{ka}-{kb}"
-                    pairs.append(Pair(pid, rec.prompt, texts[ka], texts[kb]))
-            bar.update(len(chunk))
-    return pairs
-
-
 def _check_sampling_args(args) -> None:
     from oaif.errors import ConfigError
 
@@ -307,6 +210,18 @@ def _write_judgments(path: str, pairs: list[Pair], judgments: list, swapped: lis
     tmp.replace(p)
 
 
+def _check_not_the_input(out: Path, flag: str, source: str) -> None:
+    """Refuse an output file that is the input itself (by path, symlink or hard link): it would be replaced."""
+    import os
+
+    from oaif.errors import ConfigError
+
+    same = out.exists() and Path(source).exists() and os.path.samefile(out, source)
+    if same or out == Path(source).resolve():
+        raise ConfigError(f"{flag}: {out} is the input file; writing it would replace the input "
+                          "(choose another file)")
+
+
 def run(args: argparse.Namespace) -> int:
     from oaif.config import load_annotator_config
     from oaif.errors import ConfigError
@@ -319,13 +234,41 @@ def run(args: argparse.Namespace) -> int:
     if not args.against_labels and not args.out:
         raise ConfigError("--out is required (the preference file to write), except with --against-labels")
     cfg = load_annotator_config(args.annotator_config, args.sets)
+    remember(asdict(cfg))  # credentials in its URL are redacted from here on
     from oaif.run.run_dir import check_output_file
 
+    written = {}
     for flag, path in (("--out", args.out), ("--report", args.report)):
         if path is not None:  # checked now: the results must not be lost after the work is done
-            check_output_file(path, flag)
+            written[flag] = check_output_file(path, flag)
+            _check_not_the_input(written[flag], flag, args.input)
+    if len(written) == 2 and written["--out"] == written["--report"]:
+        raise ConfigError(f"--out and --report name the same file: {args.out}")
     with quiet_judges(getattr(args, "verbose", False)):
         return _run(args, cfg, t0)
+
+
+def _nothing_to_judge(args, what: str, skipped: Counter) -> None:
+    """A one-line error when the input left nothing to judge (every row empty, identical, too long)."""
+    from oaif.errors import DataError
+    from oaif.evaluation.formats import fmt_counts
+
+    raise DataError(f"{args.input}: no {what} to judge (skipped: {fmt_counts(dict(sorted(skipped.items())))}); "
+                    "nothing written")
+
+
+def check_judged(judgments: list, written: int | None) -> None:
+    """A one-line error when no judgment succeeded, or (labelling) no preference is left to write."""
+    from oaif.annotators.base import failure_counts
+    from oaif.errors import AnnotatorError
+    from oaif.evaluation.formats import fmt_counts
+
+    if judgments and not any(j.ok for j in judgments):
+        raise AnnotatorError(f"every judgment failed ({len(judgments)} pairs; {fmt_counts(failure_counts(judgments))}); "
+                             "nothing written")
+    if written == 0:
+        raise AnnotatorError(f"no preference to write: the judge called all {len(judgments)} judged pairs ties; "
+                             "nothing written")
 
 
 def _run(args: argparse.Namespace, cfg, t0: float) -> int:
@@ -337,6 +280,8 @@ def _run(args: argparse.Namespace, cfg, t0: float) -> int:
     if args.sample_from:
         _check_sampling_args(args)
         records, rows = load_sample_prompts(args, skipped)
+        if not records:
+            _nothing_to_judge(args, "prompt", skipped)
         from oaif.models.load import load_causal_lm
 
         model, tok = load_causal_lm(args.sample_from)
@@ -348,7 +293,10 @@ def _run(args: argparse.Namespace, cfg, t0: float) -> int:
         pairs, rows, skipped = load_pairs(args.input, labelled=args.against_labels)
         if args.limit is not None:
             pairs = pairs[: args.limit]
-        annotator = build_annotator(cfg)
+        if pairs:
+            annotator = build_annotator(cfg)
+    if not pairs:
+        _nothing_to_judge(args, "pair", skipped)
 
     # With labels, alternate which slot holds the human-chosen response, so a judge asked in one
     # order only (both_orders=false) is not flattered or punished by its position bias.
@@ -377,10 +325,12 @@ def _run(args: argparse.Namespace, cfg, t0: float) -> int:
         "skipped": dict(sorted(skipped.items())),
     }
     if args.against_labels:
+        check_judged(judgments, None)
         report.update(agreement_stats(judgments, swapped))
         report.update({k: v for k, v in stats.items() if k != "ties"})
     else:
         records, ties = orient(pairs, judgments)
+        check_judged(judgments, len(records))
         report.update(stats)
         if args.sample_from:
             report["sampled_from"] = args.sample_from
@@ -391,7 +341,7 @@ def _run(args: argparse.Namespace, cfg, t0: float) -> int:
         report["written"] = save_preferences(args.out, records)
         report["ties"] = ties
         report["out"] = str(args.out)
-    report["annotator"] = asdict(cfg)
+    report["annotator"] = redact(asdict(cfg))
     report["judge_seconds"] = round(judge_s, 3)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     report["pairs_per_second"] = round(len(pairs) / judge_s, 3) if judge_s > 0 else None

@@ -11,7 +11,9 @@ Every checkpoint of a training run against the run's starting model (a win-rate 
   The starting model is the run's model.name_or_path (runs/demo/config.yaml). The prompts are the
   run's held-out prompts (data.eval_path, or the data.eval_fraction split chosen exactly as the
   trainer chose it), unless --prompts FILE is given. Response length, chat template, system prompt
-  and dtype default to the run's settings.
+  and dtype default to the run's settings (the dtype is model.dtype, the weights' own: the
+  autocast of train.mixed_precision=bf16 is not applied, so both models are compared in float32
+  unless --dtype bfloat16 is given).
 
 Each model answers each prompt once: sampling at --temperature 0.7 (top-p 1.0) with --seed 0,
 the same seed for every model (response i uses the row seed (seed, i, 0)), in batches of
@@ -43,6 +45,7 @@ not be the one the run trained with, and the report names both):
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
 from oaif.commands.judge_options import add_annotator_arguments, quiet_judges
@@ -103,7 +106,13 @@ def _parse_steps(text: str | None) -> list[int] | None:
 
 
 def settings_from(args: argparse.Namespace):
+    from oaif.errors import ConfigError
     from oaif.evaluation.responses import EvalSettings
+
+    try:
+        (args.system_prompt or "").encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError("--system-prompt: not text (bytes that are not UTF-8)") from None
 
     s = EvalSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                      seed=args.seed, batch_size=args.batch_size, chat_template=False if args.no_chat_template else None,
@@ -132,6 +141,11 @@ def run(args: argparse.Namespace) -> int:
     steps = _parse_steps(args.steps)
     settings = settings_from(args)
     cfg = load_annotator_config(args.annotator_config, args.sets)
+    from dataclasses import asdict
+
+    from oaif.redaction import remember
+
+    remember(asdict(cfg))  # credentials in its URL are redacted from here on
     if args.run and not Path(args.run).is_dir():
         from oaif.errors import DataError
 
@@ -143,7 +157,21 @@ def run(args: argparse.Namespace) -> int:
     with quiet_judges(getattr(args, "verbose", False)):
         result = _run(args, cfg, settings, steps)
     _print_summary(result, args)
+    check_judged(result["comparisons"])
     return 0
+
+
+def check_judged(comparisons: list[dict]) -> None:
+    """A one-line error when a comparison has no win rate: every judgment of its pairs failed."""
+    from oaif.errors import AnnotatorError
+    from oaif.evaluation.formats import fmt_counts
+
+    empty = [c for c in comparisons if c["wins"] + c["ties"] + c["losses"] == 0]
+    if empty:
+        names = ", ".join(f"step {c['step']}" if c.get("step") is not None else f"{c['a']} vs {c['b']}" for c in empty)
+        failed = sum((Counter(c["failed"]) for c in empty), Counter())
+        raise AnnotatorError(f"every judgment failed for {names} ({fmt_counts(dict(sorted(failed.items())))}): "
+                             "no win rate")
 
 
 def _run(args, cfg, settings, steps) -> dict:

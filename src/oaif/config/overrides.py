@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotated type ``tp``; convert only lossless cases (int -> float)."""
+    if isinstance(value, str) and not value.isascii():  # a lone UTF-16 surrogate ("\ud800" in YAML, or bytes
+        try:                                            # that are not UTF-8 on the command line) is not text
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"{key}: not text (a lone UTF-16 surrogate, or bytes that are not UTF-8)") from None
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)

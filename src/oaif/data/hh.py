@@ -47,7 +47,7 @@ def load_hh_pairs(path: str | Path) -> PreferenceSet:
     """
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"HH file not found: {p}")
+        raise DataError(f"HH file {p} is a directory, not a file" if p.is_dir() else f"HH file not found: {p}")
     out = PreferenceSet(records=[])
     for index, (line_no, obj) in enumerate(_iter_jsonl(p)):
         out.rows += 1

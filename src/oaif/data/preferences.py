@@ -41,7 +41,8 @@ def load_preferences(path: str | Path, fields: tuple[str, str] = ("chosen", "rej
     """
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"preference file not found: {p}")
+        raise DataError(f"preference file {p} is a directory, not a file" if p.is_dir()
+                        else f"preference file not found: {p}")
     first, second = fields
     out = PreferenceSet(records=[])
     seen: dict[str, int] = {}

@@ -19,6 +19,15 @@ def _open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8-sig")
 
 
+def _is_text(obj) -> bool:
+    """Whether every string in ``obj`` can be encoded as UTF-8 (so tokenized)."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, object)`` for every non-blank line of a (gzipped) JSONL file."""
     try:
@@ -32,6 +41,9 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
                     raise DataError(f"{path} line {line_no}: not valid JSON ({e.msg})") from None
                 if not isinstance(obj, dict):
                     raise DataError(f"{path} line {line_no}: expected a JSON object, got {type(obj).__name__}")
+                if "\\ud" in line.lower() and not _is_text(obj):  # JSON can escape a lone UTF-16 surrogate
+                    raise DataError(f"{path} line {line_no}: a lone UTF-16 surrogate (a \\ud800-\\udfff escape "
+                                    "without its pair) is not text")
                 yield line_no, obj
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text") from None

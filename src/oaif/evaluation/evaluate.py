@@ -234,11 +234,13 @@ def _checkpoints(run: Path, steps: Sequence[int] | None) -> list[tuple[int, Path
 
 def _run_judge_info(judge_obj, annotator_cfg, annotator, run_cfg) -> dict:
     """:func:`judge_info`, plus the judge the run trained with and whether it is the same one."""
-    training_judge = describe_judge(run_cfg.annotator) if run_cfg.train.mode == "online" else "none (offline run)"
+    from oaif.redaction import redact
+
+    training_judge = redact(describe_judge(run_cfg.annotator)) if run_cfg.train.mode == "online" else "none (offline run)"
     info = judge_info(judge_obj, annotator_cfg if annotator is None else None)
     info["training_judge"] = training_judge
     info["same_as_training"] = annotator is None and run_cfg.train.mode == "online" and \
-        describe_judge(annotator_cfg) == training_judge
+        info["description"] == training_judge  # both redacted (the run's config.yaml holds the redacted URL)
     return info
 
 

@@ -107,9 +107,13 @@ def build_judge(annotator_cfg, annotator, settings: EvalSettings, device):
 
 
 def judge_info(annotator, annotator_cfg) -> dict:
-    """The judge as ``eval.json`` names it: its name, a description and its config (None for an object)."""
-    return {"name": getattr(annotator, "name", type(annotator).__name__), "description": describe_judge(annotator_cfg),
-            "config": dataclasses.asdict(annotator_cfg) if annotator_cfg is not None else None}
+    """The judge as ``eval.json`` names it: its name, a description and its config (None for an object),
+    with no credentials from a URL (:func:`oaif.redaction.redact`)."""
+    from oaif.redaction import redact
+
+    return redact({"name": getattr(annotator, "name", type(annotator).__name__),
+                   "description": describe_judge(annotator_cfg),
+                   "config": dataclasses.asdict(annotator_cfg) if annotator_cfg is not None else None})
 
 
 def judge(annotator, records: Sequence, gen_a: Generation, gen_b: Generation, settings: EvalSettings, *,

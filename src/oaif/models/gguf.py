@@ -146,7 +146,8 @@ def _convert_into(gguf_path: str, out_dir: str) -> None:
         gguf_model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=filename, dtype=torch.float32,
                                                           local_files_only=True)
     except Exception as e:  # a truncated or foreign file fails in many ways while being read
-        raise ModelError(f"cannot convert {gguf_path}: {_one_line(e)}") from e
+        raise ModelError(f"cannot convert {gguf_path}, a truncated or corrupt file or an unsupported model? "
+                         f"(reading it failed: {_one_line(e)})") from e
 
     config = copy.deepcopy(gguf_model.config)
     for attr in ("quantization_config", "_pre_quantization_dtype"):

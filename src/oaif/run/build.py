@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 
 from oaif.config import Config, dump_yaml
 from oaif.errors import ConfigError, DataError
+from oaif.redaction import redact, redact_text
 from oaif.run.rounding_watch import watch_first_update
 
 log = logging.getLogger("oaif")
@@ -63,6 +65,30 @@ def preflight(cfg: Config):
     from oaif.annotators.build import plan_annotator
 
     return plan_annotator(cfg.annotator)
+
+
+def launched_processes() -> int:
+    """The number of processes a launcher (``accelerate launch``, torchrun, MPI) started; 1 without one."""
+    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 1
+
+
+def on_cpu(device: str) -> bool:
+    """Whether the accelerator is built with ``cpu=True``. ``auto`` under a multi-process launch on a machine
+    without CUDA is the CPU: accelerate joins several processes on the CPU (gloo) only when told ``cpu``, and
+    otherwise makes each of them a lone run that takes the main process's part (and its run directory)."""
+    return device == "cpu" or (device == "auto" and launched_processes() > 1 and not torch.cuda.is_available())
+
+
+def check_process_group(accelerator, device: str) -> None:
+    """Refuse processes that a launcher started together but that each run alone (no distributed backend)."""
+    launched = launched_processes()
+    if launched > 1 and accelerator.num_processes != launched:
+        raise ConfigError(f"train.device={device}: the launcher started {launched} processes, but on "
+                          f"{accelerator.device.type} each runs alone (accelerate found no distributed backend); "
+                          "use train.device=cpu or cuda")
 
 
 def make_scheduler(optimizer, name: str, warmup: int, total: int):
@@ -108,9 +134,10 @@ def build_run(cfg: Config, annotator=None, sampler=None) -> RunParts:
     from oaif.step.sampling import eos_token_ids
 
     judge_plan = preflight(cfg)
-    accelerator = Accelerator(cpu=cfg.train.device == "cpu", mixed_precision=cfg.train.mixed_precision)
+    accelerator = Accelerator(cpu=on_cpu(cfg.train.device), mixed_precision=cfg.train.mixed_precision)
     if cfg.train.device == "cuda" and accelerator.device.type != "cuda":
         raise DataError("train.device=cuda but no CUDA device is available")
+    check_process_group(accelerator, cfg.train.device)
     set_seed(cfg.train.seed)
     policy, reference, tokenizer = load_policy_and_reference(cfg.model)
 
@@ -188,8 +215,8 @@ def open_run_dir(cfg: Config, is_main: bool, resume_step: int | None):
     metrics = None
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_yaml(cfg))
+        (out / "config.yaml").write_text(redact_text(dump_yaml(cfg)))  # no credentials from a URL
         metrics = MetricsWriter(out / "metrics.jsonl", cfg.logging.report_to, cfg.logging.run_name or out.name,
-                                cfg.to_dict(), resume_step=resume_step)
+                                redact(cfg.to_dict()), resume_step=resume_step)
     audit = cfg.annotator.audit_log and cfg.train.mode == "online"
     return metrics, AuditLog(out / "annotations.jsonl" if audit else None, is_main=is_main, resume_step=resume_step)
