@@ -39,7 +39,7 @@ def test_overrides_are_typed_and_nested():
     ("trian.max_steps=3", "unknown config key 'trian' (did you mean 'train'?)"),
     ("train.max_steps=three", "train.max_steps: expected int, got 'three'"),
     ("train.max_steps=2.5", "train.max_steps: expected int, got 2.5"),
-    ("loss.type=kto", "loss.type: must be one of dpo, ipo, slic, got 'kto'"),
+    ("loss.type=kto", "loss.type: must be one of dpo, ipo, rdpo, rpo, simpo, slic, got 'kto'"),
     ("sampling.num_samples=1", "sampling.num_samples: must be >= 2"),
     ("sampling.num_samples=3", "sampling.num_samples: must be even with sampling.pairing=disjoint"),
     ("train.mode=offline", "train.mode: offline mode needs data.preference_path"),
@@ -263,3 +263,46 @@ def test_a_lone_surrogate_in_a_config_string_is_one_line_not_a_tokenizer_traceba
                                                         "surrogate, or bytes that are not UTF-8)\n"), result.stderr
     path.write_text('model:\n  system_prompt: "Be brief \\U0001F600."\n')  # YAML's escape for a code point over U+FFFF
     assert load_config(path).model.system_prompt == "Be brief \U0001F600."
+
+
+# -- the losses' own keys ---------------------------------------------------------------------------
+def test_loss_keys_have_their_papers_defaults_and_are_documented():
+    cfg = load_config(ROOT / "configs/demo.yaml", ["loss.type=simpo"])
+    assert (cfg.loss.simpo_beta, cfg.loss.simpo_gamma_beta_ratio) == (2.0, 0.5)  # Meng et al. 2024
+    assert cfg.loss.rpo_alpha == 1.0 and cfg.loss.rdpo_alpha == 0.01 and cfg.loss.label_smoothing == 0.0
+    keys = describe()
+    for key in ("loss.simpo_beta", "loss.simpo_gamma_beta_ratio", "loss.rpo_alpha", "loss.rdpo_alpha",
+                "loss.label_smoothing"):
+        assert f"  {key} = " in keys, key
+    for loss_type in ("simpo", "rpo", "rdpo"):
+        assert loss_type in keys.split("loss.type = ")[1].splitlines()[0]
+    # demo.yaml sets loss.beta: 0.1 explicitly; it is the default, so simpo (which does not read it) accepts it
+    for overrides in (["loss.type=rpo", "loss.rpo_alpha=0.5", "loss.soft_labels=true"],
+                      ["loss.type=rdpo", "loss.rdpo_alpha=0.02", "loss.beta=0.2"],
+                      ["loss.type=ipo", "loss.label_smoothing=0.2", "loss.soft_labels=true"],
+                      ["loss.type=simpo", "loss.simpo_beta=2.5", "loss.simpo_gamma_beta_ratio=0", "loss.soft_labels=true"]):
+        load_config(ROOT / "configs/demo.yaml", overrides)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.type=simpo", "loss.simpo_beta=0"], "loss.simpo_beta: must be > 0"),
+    (["loss.type=simpo", "loss.simpo_gamma_beta_ratio=-0.5"], "loss.simpo_gamma_beta_ratio: must be >= 0"),
+    (["loss.type=rpo", "loss.rpo_alpha=-1"], "loss.rpo_alpha: must be >= 0"),
+    (["loss.type=rdpo", "loss.rdpo_alpha=-0.01"], "loss.rdpo_alpha: must be >= 0 (a negative alpha would reward length)"),
+    (["loss.rdpo_alpha=.inf"], "loss.rdpo_alpha: must be a finite number, got inf"),
+    (["loss.label_smoothing=0.5"], "loss.label_smoothing: must be in [0, 0.5)"),
+    (["loss.type=slic", "loss.label_smoothing=0.1"],
+     "loss.label_smoothing: applies to loss.type dpo and ipo (cDPO and its IPO form), not slic; loss.soft_labels "
+     "trains on the judge's own probabilities with any loss"),
+    (["loss.type=simpo", "loss.label_smoothing=0.1"], "loss.label_smoothing: applies to loss.type dpo and ipo"),
+    (["loss.type=simpo", "loss.beta=2.0"],
+     "loss.beta: has no effect with loss.type=simpo (its scale is loss.simpo_beta); it is read by loss.type "
+     "dpo or ipo or slic or rpo or rdpo"),
+    (["loss.simpo_beta=2.5"], "loss.simpo_beta: has no effect with loss.type=dpo; it is read by loss.type simpo"),
+    (["loss.type=rdpo", "loss.rpo_alpha=0.5"], "loss.rpo_alpha: has no effect with loss.type=rdpo"),
+    (["loss.type=rpo", "loss.rdpo_alpha=0.5"], "loss.rdpo_alpha: has no effect with loss.type=rpo"),
+])
+def test_loss_keys_are_checked_and_a_key_the_loss_ignores_is_refused(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/demo.yaml", overrides)
+    assert str(e.value).startswith(message)

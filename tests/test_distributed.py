@@ -84,6 +84,23 @@ def test_online_two_processes_run_the_loop_and_match_one(tiny_model_dir, tmp_pat
     assert len((tmp_path / "two" / "annotations.jsonl").read_text().splitlines()) > 0
 
 
+@pytest.mark.slow
+def test_simpo_two_processes_match_one(tiny_model_dir, tmp_path):
+    # the reference-free loss: no reference forward and no kl on any process, response lengths from each
+    # process's own rollouts; the step is still the mean over the global batch's pairs
+    extra = ["annotator.type=callable", "annotator.callable=oaif.annotators.rules:prefer_shorter",
+             "loss.type=simpo", "train.max_steps=2"]
+    run(common(tiny_model_dir, tmp_path / "one", 4) + extra, 1)
+    run(common(tiny_model_dir, tmp_path / "two", 2) + extra, 2)
+    one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in two] == [1, 2]
+    for a, b in zip(one, two):
+        assert a["pairs_used"] == b["pairs_used"] > 0 and "kl" not in a and "kl" not in b
+        for key in ("loss", "logratio_margin", "rewards/chosen", "reward_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    assert_same_weights(tmp_path / "one" / "checkpoint-2", tmp_path / "two" / "checkpoint-2", atol=1e-4)
+
+
 JUDGES = Path(__file__).resolve().parent / "judges_for_tests.py"
 
 

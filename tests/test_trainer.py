@@ -307,6 +307,19 @@ OPTIONS = {
     "dpo_all_pairs_top_p_temperature": (["sampling.pairing=all", "sampling.num_samples=3", "sampling.top_p=0.9",
                                          "sampling.temperature=1.3", "loss.missing_eos_penalty=1.0"], math.log(2)),
     "hf_backend": (["sampling.backend=hf"], math.log(2)),
+    # cDPO at rho = 0: (1 - eps) log 2 + eps log 2; smoothed IPO: (1 - eps) 5^2 + eps (-5)^2 = 25
+    "dpo_label_smoothing_soft_labels": (["loss.label_smoothing=0.1", "loss.soft_labels=true"], math.log(2)),
+    "ipo_label_smoothing": (["loss.type=ipo", "loss.label_smoothing=0.2"], 25.0),
+    # simpo has no reference, so no kl; its loss is a mean of softplus(-x) over pairs with x = beta * (margin -
+    # gamma/beta), at least softplus(-mean x) (Jensen), where mean x = rewards/margins - gamma
+    "simpo": (["loss.type=simpo"], lambda r: "kl" not in r and r["loss"] >= math.log1p(
+        math.exp(2.0 * 0.5 - r["rewards/margins"])) - 1e-6 and r["rewards/margins"] == pytest.approx(
+        2.0 * r["logratio_margin"])),
+    # rpo at rho = 0: log 2 plus alpha times a per-token NLL (> 0); rdpo at rho = 0 depends on the lengths only
+    "rpo_soft_labels": (["loss.type=rpo", "loss.soft_labels=true"],
+                        lambda r: r["kl"] == 0 and r["logratio_margin"] == 0 and r["loss"] > math.log(2)),
+    "rdpo": (["loss.type=rdpo", "loss.rdpo_alpha=0.05"],
+             lambda r: r["kl"] == 0 and r["logratio_margin"] == 0 and 0 < r["loss"] < 10),
 }
 
 
@@ -320,7 +333,10 @@ def test_every_loss_and_option_runs_through_the_trainer(tiny_model_dir, tmp_path
     records = read_metrics(out / "metrics.jsonl")
     audit = [json.loads(line) for line in (out / "annotations.jsonl").read_text().splitlines()]
     pairs_per_prompt = 3 if cfg.sampling.pairing == "all" else 1
-    assert records[0]["loss"] == pytest.approx(first_loss, rel=1e-5)
+    if callable(first_loss):
+        assert first_loss(records[0]), records[0]
+    else:
+        assert records[0]["loss"] == pytest.approx(first_loss, rel=1e-5)
     for r in records:
         assert r["pairs_judged"] + r["masked/identical"] == 4 * pairs_per_prompt
         assert 1 <= r["response_length"] <= 12

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -132,3 +134,63 @@ def test_forward_batch_size_is_checked(tmp_path):
 
     with pytest.raises(ConfigError, match="train.forward_batch_size"):
         load_config(ROOT / "configs" / "demo.yaml", ["train.forward_batch_size=-1"])
+
+
+# -- the losses that read response lengths, and the reference-free one -------------------------------
+def _count_reference_forwards(t, mb) -> tuple[int, object]:
+    calls = []
+    hook = t.parts.reference.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        stats, _ = _update_with(t, mb, 2)
+    finally:
+        hook.remove()
+    return len(calls), stats
+
+
+def test_simpo_runs_no_reference_forward_and_logs_no_kl(tiny_model_dir, tmp_path):
+    import dataclasses
+
+    from test_trainer import first_micro_batch
+
+    t, mb = first_micro_batch(tiny_cfg(tiny_model_dir, tmp_path / "run", "loss.type=simpo"))
+    assert not t.update.uses_reference and not t.update.kl
+    calls, stats = _count_reference_forwards(t, mb)
+    assert calls == 0 and stats.kl is None
+    assert stats.loss.losses.numel() == mb.prefs.size
+    # the same trainer with DPO's loss forwards the reference (its pairs, and the KL of every response)
+    t.update.loss_cfg = dataclasses.replace(t.cfg.loss, type="dpo")
+    calls, stats = _count_reference_forwards(t, mb)
+    assert calls > 0 and stats.kl.numel() == 8
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "rpo", "rdpo"])
+def test_the_update_gives_the_length_losses_each_responses_token_count(collected, loss_type):
+    # at step 0 (the policy is the reference, rho = 0) each loss is a function of the policy's log-probs and the
+    # responses' token counts alone, computed here from its formula (see oaif.step.losses)
+    import dataclasses
+    import torch.nn.functional as F
+
+    t, mb = collected
+    # the tiny random model rarely ends a response early: cut response (b, k) by b + k (2 + 3b) tokens, so that
+    # the responses of a pair, and the pairs, differ in length
+    rollouts = dataclasses.replace(mb.rollouts, responses=[
+        [r[:max(1, len(r) - b - k * (2 + 3 * b))] for k, r in enumerate(rs)] for b, rs in enumerate(mb.rollouts.responses)])
+    cfg = dataclasses.replace(t.cfg.loss, type=loss_type, rdpo_alpha=0.1, rpo_alpha=0.5)
+    t.update.loss_cfg, saved = cfg, t.update.loss_cfg
+    try:
+        stats, _ = _update_with(t, dataclasses.replace(mb, rollouts=rollouts), 2)
+    finally:
+        t.update.loss_cfg = saved
+    k = rollouts.k
+    lc = torch.tensor([float(len(rollouts.responses[f // k][f % k])) for f in mb.prefs.chosen])
+    lr = torch.tensor([float(len(rollouts.responses[f // k][f % k])) for f in mb.prefs.rejected])
+    assert len(set((lc - lr).abs().tolist())) == mb.prefs.size  # a miscounted or misplaced length shows
+    pc, pr = stats.chosen_logps.cpu(), stats.rejected_logps.cpu()
+    if loss_type == "simpo":
+        expected = -F.logsigmoid(2.0 * (pc / lc - pr / lr - 0.5))
+        torch.testing.assert_close(stats.loss.chosen_rewards.cpu(), 2.0 * pc / lc)
+    else:
+        assert torch.count_nonzero(stats.loss.margins) == 0
+        expected = (math.log(2) - 0.5 * pc / lc if loss_type == "rpo"
+                    else -F.logsigmoid(0.1 * (lc - lr)))
+    torch.testing.assert_close(stats.loss.losses.cpu(), expected, atol=1e-6, rtol=1e-6)

@@ -98,8 +98,23 @@ class AnnotatorConfig:
 
 @dataclass
 class LossConfig:
-    type: str = _f("dpo", "dpo, ipo or slic.")
-    beta: float = _f(0.1, "Strength of the pull towards the reference model.")
+    type: str = _f("dpo", "dpo, ipo, slic, simpo (reference-free, Meng et al. 2024), rpo (DPO + chosen NLL, Pang et al. "
+                          "2024) or rdpo (length-regularised DPO, Park et al. 2024); README's Methods table.")
+    beta: float = _f(0.1, "Strength of the pull towards the reference model (dpo, ipo, slic, rpo, rdpo; simpo's scale "
+                          "is loss.simpo_beta).")
+    simpo_beta: float = _f(2.0, "simpo: the reward scale beta of beta * log pi(y)/|y| (the paper's 2.0; its README "
+                                "suggests 2.0-2.5, sometimes up to 10).")
+    simpo_gamma_beta_ratio: float = _f(0.5, "simpo: the target reward margin gamma as a ratio gamma/beta, in nats per "
+                                            "token (the paper's recommended start, 0.5; it tunes it in [0, 1]).")
+    rpo_alpha: float = _f(1.0, "rpo: weight of the chosen response's NLL per token, -log pi(y_c)/|y_c|, added to "
+                               "the DPO loss (the paper's 1.0).")
+    rdpo_alpha: float = _f(0.01, "rdpo: nats per token of length difference added inside DPO's sigmoid, "
+                                 "-log sigmoid(beta*rho + alpha*(|y_c| - |y_r|)), so length explains part of a "
+                                 "win. oaif's default 0.01: a 10-token difference counts as much as rho = 1 at "
+                                 "beta 0.1; tune it per task, as the paper does.")
+    label_smoothing: float = _f(0.0, "dpo, ipo: the probability eps that a judge's label is wrong (cDPO, Mitchell "
+                                     "2023): the label p becomes p(1-eps) + (1-p)eps; IPO's optimum margin then "
+                                     "shrinks to (1-2eps)/(2 beta). In [0, 0.5); 0 disables.")
     soft_labels: bool = _f(False, "Train on the annotator's probability instead of a hard 0/1 label.")
     min_confidence: float = _f(0.0, "Mask pairs whose judged probability is within this distance of 0.5 (ties).")
     missing_eos_penalty: float = _f(0.0, "TRL's missing_eos_penalty for a pairwise judge: subtracted from the Bradley-Terry score of a response that did not end within sampling.max_new_tokens when the other one did, i.e. P(it is better) = sigmoid(logit(p) - penalty); .inf makes it lose. 0 disables.")

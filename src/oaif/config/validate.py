@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 from oaif.config.overrides import apply_mapping, flatten, short
-from oaif.config.schema import AnnotatorConfig, Config
+from oaif.config.schema import AnnotatorConfig, Config, LossConfig
 from oaif.errors import ConfigError
 
 
@@ -21,7 +21,7 @@ _CHOICES = {
     "annotator.type": {"llm", "callable", "openai", "reward_model", "ensemble"},
     "annotator.ensemble_mode": {"mean", "majority"},
     "annotator.dtype": {"float32", "bfloat16", "float16", "auto"},
-    "loss.type": {"dpo", "ipo", "slic"},
+    "loss.type": {"dpo", "ipo", "slic", "simpo", "rpo", "rdpo"},
     "optim.scheduler": {"constant", "linear", "cosine"},
     "train.mode": {"online", "offline"},
     "train.device": {"auto", "cpu", "cuda"},
@@ -66,6 +66,7 @@ def validate(cfg: Config) -> Config:
         ("sampling.batch_size", cfg.sampling.batch_size >= 0, "must be >= 0 (0: all prompts of a step at once)"),
         ("loss.beta", cfg.loss.beta > 0, "must be > 0"),
         ("loss.min_confidence", 0 <= cfg.loss.min_confidence < 0.5, "must be in [0, 0.5)"),
+        *_loss_checks(cfg.loss),
         ("optim.lr", 0 <= cfg.optim.lr <= 1e30, "must be in [0, 1e30] (a larger step overflows float32 in AdamW)"),
         ("optim.weight_decay", cfg.optim.weight_decay >= 0, "must be >= 0"),
         ("optim.betas", _is_betas(cfg.optim.betas), f"must be two numbers in [0, 1), got {cfg.optim.betas!r}"),
@@ -102,6 +103,33 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"logging.report_to: unknown tracker {tracker!r} (tensorboard, wandb)")
     _validate_annotator(cfg.annotator, "annotator.")
     return cfg
+
+
+#: The keys that only one loss.type reads (loss.beta: every type but simpo).
+_LOSS_KEYS = {"simpo_beta": ("simpo",), "simpo_gamma_beta_ratio": ("simpo",), "rpo_alpha": ("rpo",),
+              "rdpo_alpha": ("rdpo",), "beta": ("dpo", "ipo", "slic", "rpo", "rdpo")}
+
+
+def _loss_checks(loss: LossConfig) -> list:
+    """Ranges of the losses' own keys; a key set away from its default under a loss.type that does not read it
+    is refused (it would be silently ignored), as is label smoothing where it has no defined form."""
+    defaults = {f.name: f.default for f in dataclasses.fields(LossConfig)}
+    checks = [
+        ("loss.simpo_beta", loss.simpo_beta > 0, "must be > 0"),
+        ("loss.simpo_gamma_beta_ratio", loss.simpo_gamma_beta_ratio >= 0, "must be >= 0"),
+        ("loss.rpo_alpha", loss.rpo_alpha >= 0, "must be >= 0"),
+        ("loss.rdpo_alpha", loss.rdpo_alpha >= 0, "must be >= 0 (a negative alpha would reward length)"),
+        ("loss.label_smoothing", 0 <= loss.label_smoothing < 0.5, "must be in [0, 0.5)"),
+        ("loss.label_smoothing", loss.label_smoothing == 0 or loss.type in ("dpo", "ipo"),
+         f"applies to loss.type dpo and ipo (cDPO and its IPO form), not {loss.type}; "
+         "loss.soft_labels trains on the judge's own probabilities with any loss"),
+    ]
+    for key, types in _LOSS_KEYS.items():
+        hint = " (its scale is loss.simpo_beta)" if key == "beta" else ""
+        checks.append((f"loss.{key}", loss.type in types or getattr(loss, key) == defaults[key],
+                       f"has no effect with loss.type={loss.type}{hint}; it is read by loss.type "
+                       f"{' or '.join(types)}"))
+    return checks
 
 
 def _raise_first(checks: list) -> None:

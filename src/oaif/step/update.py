@@ -11,6 +11,9 @@ before any update, the log-ratio margin and the KL estimate are exactly 0.
 
 Responses that entered no pair (tied, failed, identical) carry no loss; in online mode they are
 forwarded without gradients so that ``kl`` covers every sampled response of the step.
+
+A reference-free loss (``simpo``) runs no reference forward at all, so it logs no ``kl``. The
+length-normalised losses (simpo, rpo, rdpo) read each response's token count from the rollouts.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from oaif.step.logprobs import SequenceBatch, pack_sequences, sequence_logprobs, takes_kv_cache
-from oaif.step.losses import PreferenceLossOutput, preference_loss
+from oaif.step.losses import LENGTH_NORMALISED, REFERENCE_FREE, PreferenceLossOutput, preference_loss
 from oaif.step.records import PreferenceBatch, Rollouts
 
 
@@ -33,7 +36,7 @@ class UpdateStats:
     loss: PreferenceLossOutput | None  # per pair (None: no pair in this micro-batch)
     chosen_logps: torch.Tensor  # (pairs,) log pi(y_c | x)
     rejected_logps: torch.Tensor  # (pairs,) log pi(y_r | x)
-    kl: torch.Tensor | None  # (responses,) sum_t [log pi - log pi_ref] of every response (online), else None
+    kl: torch.Tensor | None  # (responses,) sum_t [log pi - log pi_ref] of every response (online, with a reference), else None
     train_tokens: int  # tokens of the responses in pairs (forwarded with gradients)
 
 
@@ -76,9 +79,33 @@ class PolicyUpdate:
     def __init__(self, accelerator, policy, reference, pad_id: int, loss_cfg, *, kl: bool,
                  forward_batch_size: int = 0, share_prompts: bool = True):
         self.accelerator, self.policy, self.reference = accelerator, policy, reference
-        self.pad_id, self.loss_cfg, self.kl = pad_id, loss_cfg, kl
+        self.pad_id, self.loss_cfg, self.want_kl = pad_id, loss_cfg, kl
         self.forward_batch_size = forward_batch_size
         self.share_prompts = share_prompts and takes_kv_cache(policy)
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.loss_cfg.type not in REFERENCE_FREE
+
+    @property
+    def kl(self) -> bool:
+        """Whether the update measures ``kl`` (online mode, and a loss with a reference)."""
+        return self.want_kl and self.uses_reference
+
+    def _loss(self, policy: tuple, reference: tuple | None, rollouts: Rollouts, sides: tuple[list, list],
+              labels) -> PreferenceLossOutput:
+        """The per-pair loss of (chosen, rejected) policy and reference log-probs; ``sides`` are the chosen and
+        rejected responses (flat indices), whose token counts the length-normalised losses read."""
+        cfg, k = self.loss_cfg, rollouts.k
+        lengths = None
+        if cfg.type in LENGTH_NORMALISED:
+            lengths = tuple(torch.tensor([len(rollouts.responses[f // k][f % k]) for f in side],
+                                         device=self.accelerator.device) for side in sides)
+        alpha = cfg.rpo_alpha if cfg.type == "rpo" else cfg.rdpo_alpha
+        return preference_loss(*policy, *(reference or (None, None)),
+                               cfg.simpo_beta if cfg.type == "simpo" else cfg.beta, cfg.type, labels,
+                               lengths=lengths, alpha=alpha, gamma_beta_ratio=cfg.simpo_gamma_beta_ratio,
+                               label_smoothing=cfg.label_smoothing)
 
     def _pack(self, rollouts: Rollouts, flat: list[int]) -> SequenceBatch:
         k = rollouts.k
@@ -117,20 +144,23 @@ class PolicyUpdate:
         stats = UpdateStats(None, empty, empty, None, 0)
         rows = used or ([0] if must_backward else [])
         if rows:
+            device = self.accelerator.device
             groups = forward_groups(rollouts, rows, self.forward_batch_size)
             batches = [self._pack(rollouts, g) for g in groups]
-            ref = {f: v for g, b in zip(groups, batches) for f, v in zip(g, self._reference_logps(b).tolist())}
-            pol = self._policy_passes(groups, batches, ref, prefs, global_pairs)
-            logps = torch.tensor([pol[f] for f in rows], dtype=torch.float32, device=self.accelerator.device)
-            ref_logps = torch.tensor([ref[f] for f in rows], dtype=torch.float32, device=self.accelerator.device)
+            ref = ({f: v for g, b in zip(groups, batches) for f, v in zip(g, self._reference_logps(b).tolist())}
+                   if self.uses_reference else None)
+            pol = self._policy_passes(rollouts, groups, batches, ref, prefs, global_pairs)
+            logps = torch.tensor([pol[f] for f in rows], dtype=torch.float32, device=device)
+            ref_logps = torch.tensor([ref[f] for f in rows], dtype=torch.float32, device=device) if ref else None
             if used:
-                kl_parts.append(logps - ref_logps)
+                if self.kl:
+                    kl_parts.append(logps - ref_logps)
                 stats.train_tokens = sum(int(b.response_mask.sum()) for b in batches)
             if prefs.size:
                 at = {f: i for i, f in enumerate(rows)}
                 c, r = [at[f] for f in prefs.chosen], [at[f] for f in prefs.rejected]
-                stats.loss = preference_loss(logps[c], logps[r], ref_logps[c], ref_logps[r], self.loss_cfg.beta,
-                                             self.loss_cfg.type, self._labels(prefs, range(prefs.size)))
+                stats.loss = self._loss((logps[c], logps[r]), (ref_logps[c], ref_logps[r]) if ref else None, rollouts,
+                                        (prefs.chosen, prefs.rejected), self._labels(prefs, range(prefs.size)))
                 stats.loss = dataclasses.replace(stats.loss, losses=stats.loss.losses.detach())
                 stats.chosen_logps, stats.rejected_logps = logps[c], logps[r]
         if self.kl:
@@ -142,8 +172,8 @@ class PolicyUpdate:
             return None
         return torch.tensor([prefs.label_probs[j] for j in pairs], device=self.accelerator.device)
 
-    def _policy_passes(self, groups, batches, ref: dict[int, float], prefs: PreferenceBatch,
-                       global_pairs: int) -> dict[int, float]:
+    def _policy_passes(self, rollouts: Rollouts, groups, batches, ref: dict[int, float] | None,
+                       prefs: PreferenceBatch, global_pairs: int) -> dict[int, float]:
         """Forward and backward each pass with the loss of its pairs; the policy's log-probs, detached."""
         several = self.accelerator.num_processes > 1
         scale = self.accelerator.num_processes / global_pairs if global_pairs else 0.0
@@ -156,12 +186,12 @@ class PolicyUpdate:
                 row = {f: j for j, f in enumerate(group)}
                 pairs = [j for j, f in enumerate(prefs.chosen) if f in row]
                 if pairs:
-                    c = torch.tensor([row[prefs.chosen[j]] for j in pairs], device=logps.device)
-                    r = torch.tensor([row[prefs.rejected[j]] for j in pairs], device=logps.device)
-                    ref_c = torch.tensor([ref[prefs.chosen[j]] for j in pairs], device=logps.device)
-                    ref_r = torch.tensor([ref[prefs.rejected[j]] for j in pairs], device=logps.device)
-                    out = preference_loss(logps[c], logps[r], ref_c, ref_r, self.loss_cfg.beta, self.loss_cfg.type,
-                                          self._labels(prefs, pairs))
+                    chosen, rejected = [prefs.chosen[j] for j in pairs], [prefs.rejected[j] for j in pairs]
+                    c = torch.tensor([row[f] for f in chosen], device=logps.device)
+                    r = torch.tensor([row[f] for f in rejected], device=logps.device)
+                    refs = tuple(torch.tensor([ref[f] for f in side], device=logps.device)
+                                 for side in (chosen, rejected)) if ref else None
+                    out = self._loss((logps[c], logps[r]), refs, rollouts, (chosen, rejected), self._labels(prefs, pairs))
                     loss = out.losses.sum() * scale
                 else:  # no pair here (must_backward): a zero loss that still runs a backward
                     loss = logps.sum() * 0.0
