@@ -84,6 +84,8 @@ def oaif(*args: str) -> subprocess.CompletedProcess:
     (["train", "configs/demo.yaml", "data.path=no/such/prompts.jsonl"], "no/such/prompts.jsonl"),
     (["train", "configs/demo.yaml", "model.name_or_path=/no/such/model"], "/no/such/model"),
     (["train", "configs/demo.yaml", "annotator.rubric=no_such_rubric"], "no_such_rubric"),
+    (["train", "configs/demo.yaml", "sampling.pairing=best_worst"], "sampling.num_samples: must be >= 3 with "
+                                                                    "sampling.pairing=best_worst"),
 ])
 def test_cli_errors_are_one_line(args, fragment, tmp_path):
     result = oaif(*args, f"train.output_dir={tmp_path}")
@@ -113,6 +115,20 @@ def test_new_keys_are_validated(override, message):
     assert str(e.value) == message
     with pytest.raises(ConfigError, match="model.lora.dropout: has no effect with model.disable_dropout=true"):
         load_config(ROOT / "configs/lora_demo.yaml", ["model.lora.dropout=0.1"])
+
+
+def test_best_worst_pairing_needs_three_samples_and_online_mode():
+    cfg = load_config(ROOT / "configs/demo.yaml", ["sampling.pairing=best_worst", "sampling.num_samples=3"])
+    assert (cfg.sampling.pairing, cfg.sampling.num_samples) == ("best_worst", 3)
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/demo.yaml", ["sampling.pairing=best_worst", "sampling.num_samples=2"])
+    assert str(e.value) == ("sampling.num_samples: must be >= 3 with sampling.pairing=best_worst (with 2 responses "
+                            "the best and the worst are the judged pair: use disjoint)")
+    with pytest.raises(ConfigError, match="^sampling.pairing: best_worst ranks sampled responses: it needs "
+                                          "train.mode=online"):
+        load_config(ROOT / "configs/offline_demo.yaml", ["sampling.pairing=best_worst", "sampling.num_samples=4"])
+    with pytest.raises(ConfigError, match="sampling.pairing: must be one of all, best_worst, disjoint, got 'best'"):
+        load_config(ROOT / "configs/demo.yaml", ["sampling.pairing=best"])
 
 
 def test_resume_takes_a_flag_or_a_checkpoint_path():

@@ -153,6 +153,26 @@ def test_a_process_without_usable_pairs_matches_one_process(tiny_model_dir, tmp_
 
 
 @pytest.mark.slow
+def test_best_worst_pairs_on_two_processes_match_one(tiny_model_dir, tmp_path):
+    # K=4, every pair judged; the second process's prompts are one whose comparisons all tie and one whose
+    # comparisons all fail: both rankings undetermined, so it has no pair but its judged comparisons
+    prompts = marked_prompts(tmp_path / "prompts.jsonl", ["", "", "TIE ", "FAIL "])
+    extra = ["sampling.num_samples=4", "sampling.pairing=best_worst", "loss.soft_labels=true"]
+    run(marked(tiny_model_dir, tmp_path / "one", prompts, 4, *extra), 1)
+    run(marked(tiny_model_dir, tmp_path / "two", prompts, 2, *extra), 2)
+    one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    for a, b in zip(one, two, strict=True):
+        assert a["masked/undetermined_failed"] == 1 and a["pairs_judged"] + a["masked/identical"] == 24
+        assert a["pairs_used"] >= 1 and a.keys() == b.keys()
+        for key in a:
+            if not any(part in key for part in NOT_COMPARED):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    assert_same_weights(tmp_path / "one" / "checkpoint-2", tmp_path / "two" / "checkpoint-2", atol=1e-5)
+    lines = audit_lines(tmp_path / "two")  # one line per judged comparison, in the one-process order
+    assert len(lines) == sum(r["pairs_judged"] for r in two) and lines == audit_lines(tmp_path / "one")
+
+
+@pytest.mark.slow
 def test_accumulation_with_an_empty_micro_batch_keeps_processes_identical(tiny_model_dir, tmp_path):
     # per step: micro-batch 1 is four plain prompts, micro-batch 2 has no usable pair on any process
     prompts = marked_prompts(tmp_path / "prompts.jsonl", ["", "", "", "", "TIE ", "FAIL ", "TIE ", "FAIL "])

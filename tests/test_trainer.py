@@ -358,6 +358,41 @@ def test_soft_labels_are_the_judged_probabilities(tiny_model_dir, tmp_path):
     assert sorted(prefs.label_probs) == pytest.approx(probs) and all(0.5 < p < 0.9 for p in probs)
 
 
+# -- best-of-K pairs ------------------------------------------------------------------------------
+def test_best_worst_pairing_trains_on_the_shortest_against_the_longest(tiny_model_dir, tmp_path):
+    # per step: two plain prompts, one whose comparisons all tie, one whose comparisons all fail
+    prompts = marked_prompts(tmp_path / "prompts.jsonl", ["", "", "TIE ", "FAIL "])
+    extra = ["sampling.num_samples=4", "sampling.pairing=best_worst", f"data.path={prompts}", "data.shuffle=false",
+             "data.eval_fraction=0", f"annotator.callable={JUDGES}:shorter_unless_marked", "train.max_steps=2"]
+    t, mb = first_micro_batch(tiny_cfg(tiny_model_dir, tmp_path / "first", *extra))
+    roll, prefs = mb.rollouts, mb.prefs
+    assert roll.k == 4
+    flat = [text for texts in roll.texts for text in texts]
+    for c, r in zip(prefs.chosen, prefs.rejected):  # the rule prefers fewer characters: best = shortest
+        b = c // 4
+        assert r // 4 == b and roll.prompt_texts[b].startswith("Question")
+        lengths = [len(text) for text in roll.texts[b]]
+        assert len(flat[c]) == min(lengths) < len(flat[r]) == max(lengths)
+    assert prefs.masked["undetermined_tie"] >= 1 and prefs.masked["undetermined_failed"] == 1
+    t.close()
+
+    out = tmp_path / "run"
+    train(tiny_cfg(tiny_model_dir, out, *extra))
+    records = read_metrics(out / "metrics.jsonl")
+    audit = [json.loads(line) for line in (out / "annotations.jsonl").read_text().splitlines()]
+    assert len(audit) == sum(r["pairs_judged"] for r in records)  # one line per judged comparison
+    assert records[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)
+    for r in records:
+        assert r["pairs_judged"] + r["masked/identical"] == 4 * 6  # every pair of the 4 responses of 4 prompts
+        assert r["masked/undetermined_failed"] == 1 and r["pairs_failed"] == r["failed/nan"] >= 1
+        assert r["pairs_used"] + r["masked/undetermined_tie"] + r["masked/undetermined_failed"] + r["masked/tie"] == 4
+        assert r["pairs_masked"] == r["masked/identical"] + r["masked/undetermined_tie"] + 1 + r["masked/tie"]
+    used = [r for r in records if r["pairs_used"]]
+    assert used and all(1 <= r["comparisons_per_pair"] <= 6 for r in used)
+    before, after = weights(tiny_model_dir), weights(out / "checkpoint-2")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
 # -- offline mode tokenizes as online mode samples ----------------------------------------------
 @pytest.fixture(scope="module")
 def end_of_turn_model_dir(tmp_path_factory, smollm2_path):

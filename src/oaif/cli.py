@@ -3,6 +3,7 @@
     oaif train CONFIG [key.sub=value ...]     run online (or offline) training
     oaif annotate ...                         label a file of pairs and write a preference file
     oaif eval ...                             win rate against a baseline, plots and a report
+    oaif expo --base B --aligned A --alpha X --out DIR   ExPO: extrapolate an aligned model from its base
     oaif config show CONFIG [key=value ...]   print the resolved config
     oaif config keys                          list every config key with its help
 
@@ -63,11 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from oaif.commands import annotate as annotate_cmd
     from oaif.commands import eval as eval_cmd
+    from oaif.commands import expo as expo_cmd
 
     for name, cmd, help_text in (
             ("annotate", annotate_cmd,
              "label pairs (or sampled pairs) with an annotator; compare with human labels"),
-            ("eval", eval_cmd, "win rate of a model (or a run's checkpoints) against another, with a report")):
+            ("eval", eval_cmd, "win rate of a model (or a run's checkpoints) against another, with a report"),
+            ("expo", expo_cmd, "ExPO: write aligned + alpha * (aligned - base) as a model directory")):
         p = sub.add_parser(name, help=help_text, description=cmd.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         cmd.add_arguments(p)

@@ -6,7 +6,8 @@ One optimizer step (:meth:`Trainer.run_step`) first collects each of its
 1. :meth:`Trainer.sample`   K responses per prompt from the current policy (:mod:`oaif.step.sampling`,
    through the sampler ``sampling.backend`` names, :mod:`oaif.generation`);
 2. :meth:`Trainer.annotate` the annotator's preference for each pair (:mod:`oaif.step.pairs`);
-3. :func:`oaif.step.pairs.build_pairs`  chosen/rejected pairs; identical, tied and failed pairs masked;
+3. :func:`oaif.step.pairs.build_pairs`  chosen/rejected pairs; identical, tied and failed pairs masked
+   (``sampling.pairing=best_worst``: :func:`oaif.step.ranking.build_best_worst`, the best against the worst);
 
 then counts the step's valid pairs over every process and runs
 
@@ -38,6 +39,7 @@ from oaif.generation.weights import policy_weights
 from oaif.redaction import redact
 from oaif.run.metrics import FailureWindow, StepMetrics
 from oaif.step.pairs import annotate_pairs, build_pairs, preference_rollouts
+from oaif.step.ranking import build_best_worst
 from oaif.step.records import PairPlan, PreferenceBatch, Rollouts
 from oaif.step.sampling import sample_rollouts
 
@@ -126,7 +128,8 @@ class Trainer:
             with metrics.timed("annotate"):
                 plan, judgments = self.annotate(rollouts)
             self.audit.add(self.step + 1, rollouts, plan, judgments)
-        prefs = build_pairs(rollouts, plan, judgments, soft_labels=cfg.loss.soft_labels,
+        build = build_best_worst if cfg.sampling.pairing == "best_worst" and cfg.train.mode == "online" else build_pairs
+        prefs = build(rollouts, plan, judgments, soft_labels=cfg.loss.soft_labels,
                             min_confidence=cfg.loss.min_confidence,
                             missing_eos_penalty=cfg.loss.missing_eos_penalty if cfg.train.mode == "online" else 0.0)
         metrics.add_micro_batch(rollouts, plan, prefs, judgments if cfg.train.mode == "online" else None, truncated)

@@ -61,8 +61,8 @@ class DataConfig:
 
 @dataclass
 class SamplingConfig:
-    num_samples: int = _f(2, "Responses sampled per prompt from the current policy (K >= 2).")
-    pairing: str = _f("disjoint", "How K responses form pairs: disjoint ((0,1),(2,3),...; K even) or all (every pair).")
+    num_samples: int = _f(2, "Responses sampled per prompt from the current policy (K >= 2; K >= 3 with pairing=best_worst).")
+    pairing: str = _f("disjoint", "How K responses form pairs: disjoint ((0,1),(2,3),...; K even), all (every pair), or best_worst (K >= 3: every pair is judged, each response scored by its mean win probability over its successful comparisons, and one pair per prompt trained on: the best against the worst, label (1 + s_best - s_worst) / 2 with loss.soft_labels, else 1; a prompt whose ranking is undetermined is masked, see masked/undetermined_*).")
     temperature: float = _f(0.9, "Sampling temperature (> 0).")
     top_p: float = _f(1.0, "Nucleus sampling threshold in (0, 1].")
     max_new_tokens: int = _f(64, "Longest response, in tokens.")

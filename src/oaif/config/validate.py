@@ -16,7 +16,7 @@ from oaif.errors import ConfigError
 _CHOICES = {
     "model.dtype": {"float32", "bfloat16", "float16", "auto"},
     "data.format": {"auto", "jsonl", "csv", "parquet", "hf_disk"},
-    "sampling.pairing": {"disjoint", "all"},
+    "sampling.pairing": {"disjoint", "all", "best_worst"},
     "sampling.backend": {"shared_prefill", "hf", "vllm"},
     "annotator.type": {"llm", "callable", "openai", "reward_model", "ensemble"},
     "annotator.ensemble_mode": {"mean", "majority"},
@@ -60,6 +60,11 @@ def validate(cfg: Config) -> Config:
         ("sampling.num_samples", cfg.sampling.num_samples >= 2, "must be >= 2"),
         ("sampling.num_samples", cfg.sampling.pairing != "disjoint" or cfg.sampling.num_samples % 2 == 0,
          "must be even with sampling.pairing=disjoint"),
+        ("sampling.num_samples", cfg.sampling.pairing != "best_worst" or cfg.sampling.num_samples >= 3,
+         "must be >= 3 with sampling.pairing=best_worst (with 2 responses the best and the worst are the judged pair: "
+         "use disjoint)"),
+        ("sampling.pairing", cfg.sampling.pairing != "best_worst" or cfg.train.mode == "online",
+         "best_worst ranks sampled responses: it needs train.mode=online (offline mode trains on the file's pairs)"),
         ("sampling.temperature", cfg.sampling.temperature > 0, "must be > 0"),
         ("sampling.top_p", 0 < cfg.sampling.top_p <= 1, "must be in (0, 1]"),
         ("sampling.max_new_tokens", cfg.sampling.max_new_tokens >= 1, "must be >= 1"),

@@ -45,18 +45,27 @@ METRICS: dict[str, str] = {
     "judge_label_mass": "LLM judgments: probability mass on the two label tokens",
     "pairs_judged": "count: pairs sent to the annotator (offline: pairs read from the file)",
     "pairs_used": "count: pairs that entered the loss",
-    "pairs_masked": "count: identical or tied pairs (never trained on)",
+    "pairs_masked": ("count: identical or tied pairs (never trained on); with sampling.pairing=best_worst the "
+                     "identical comparisons and the prompts whose (best, worst) pair is masked"),
     "pairs_failed": "count: failed judgments (never trained on; failed/<reason> counts them by reason)",
     "masked/identical": "count: pairs of two identical responses, in tokens or text (not sent to the annotator)",
     "masked/tie": "count: pairs judged 0.5, or within loss.min_confidence of it",
+    "masked/undetermined_failed": ("count (sampling.pairing=best_worst): prompts masked because fewer than two of "
+                                   "their responses have a successful comparison (judgments failed)"),
+    "masked/undetermined_tie": ("count (sampling.pairing=best_worst): prompts masked because their best and worst "
+                                "responses score the same (every comparison tied, or every response identical)"),
+    "comparisons_per_pair": ("pairs (sampling.pairing=best_worst): successful judged comparisons behind each (best, "
+                             "worst) pair, K(K-1)/2 when none failed or was identical (pairs_judged / pairs_used is "
+                             "what a pair cost)"),
     "generated_tokens": "count: response tokens sampled",
     "train_tokens": "count: tokens of the responses in pairs (forwarded with gradients)",
     "time_sample_s": "seconds sampling (mean over processes)",
     "time_annotate_s": "seconds annotating (mean over processes)",
     "time_update_s": "seconds in forward/backward passes (mean over processes)",
 }
-_COUNTS = ("responses_truncated", "pairs_judged", "pairs_used", "pairs_masked", "pairs_failed", "masked/identical",
-           "masked/tie", "generated_tokens", "train_tokens")
+_MASKED = ("identical", "tie", "undetermined_failed", "undetermined_tie")  # masked/<reason>
+_COUNTS = ("responses_truncated", "pairs_judged", "pairs_used", "pairs_masked", "pairs_failed",
+           *(f"masked/{reason}" for reason in _MASKED), "generated_tokens", "train_tokens")
 _TIMES = ("time_sample_s", "time_annotate_s", "time_update_s")
 #: Written by the trainer beside the summed metrics.
 RECORD_KEYS: dict[str, str] = {
@@ -117,8 +126,10 @@ class StepMetrics:
         self.add("pairs_used", prefs.size)
         self.add("pairs_masked", sum(prefs.masked.values()))
         self.add("pairs_failed", sum(prefs.failed.values()))
-        for reason in ("identical", "tie"):
+        for reason in _MASKED:
             self.add(f"masked/{reason}", prefs.masked.get(reason, 0))
+        if prefs.comparisons:
+            self.add("comparisons_per_pair", sum(prefs.comparisons), len(prefs.comparisons))
         self.failed.update(prefs.failed)
 
     def add_update(self, stats) -> None:
@@ -198,6 +209,8 @@ class FailureWindow:
         self.steps += 1
         self.used += int(step.total("pairs_used"))
         self.unusable.update({"identical": int(step.total("masked/identical")), "tie": int(step.total("masked/tie")),
+                              "undetermined": int(step.total("masked/undetermined_failed")
+                                                  + step.total("masked/undetermined_tie")),
                               "failed": failed})
         self.unusable.update({f"failed/{k}": v for k, v in step.failed.items()})
 
@@ -222,6 +235,7 @@ class FailureWindow:
         failed = ", ".join(f"{k.split('/', 1)[1]}: {v}" for k, v in sorted(n.items()) if k.startswith("failed/"))
         parts = [f"{n['identical']} pairs of identical responses" if n["identical"] else "",
                  f"{n['tie']} tied (or under loss.min_confidence)" if n["tie"] else "",
+                 f"{n['undetermined']} prompts without a best and a worst response" if n["undetermined"] else "",
                  f"{n['failed']} failed ({failed})" if n["failed"] else ""]
         return (f"no pair was usable in the {self.steps} step{'s' if self.steps > 1 else ''} of this run, so the "
                 f"policy did not change: {', '.join(p for p in parts if p) or 'no pairs'}")

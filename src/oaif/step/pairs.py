@@ -32,10 +32,11 @@ from oaif.step.records import PairPlan, PreferenceBatch, Rollouts
 
 
 def candidate_pairs(k: int, pairing: str) -> list[tuple[int, int]]:
-    """Which of the K responses of a prompt are compared: disjoint neighbours or every pair."""
+    """Which of the K responses of a prompt are compared: disjoint neighbours or every pair (``all``, and
+    ``best_worst``, which ranks the responses from every pair: :mod:`oaif.step.ranking`)."""
     if pairing == "disjoint":
         return [(j, j + 1) for j in range(0, k - 1, 2)]
-    if pairing == "all":
+    if pairing in ("all", "best_worst"):
         return list(itertools.combinations(range(k), 2))
     raise ValueError(f"unknown pairing {pairing!r}")
 

@@ -55,6 +55,7 @@ class PreferenceBatch:
     label_probs: list[float]  # P(chosen better): 1.0 with hard labels
     masked: Counter = field(default_factory=Counter)  # reason -> count (identical, tie)
     failed: Counter = field(default_factory=Counter)  # failure reason -> count
+    comparisons: list[int] = field(default_factory=list)  # best_worst: successful comparisons behind each pair
 
     @property
     def size(self) -> int:
