@@ -174,7 +174,7 @@ def _set_prompts(cfg: Config, prompts: Any) -> None:
     from oaif.run.run_dir import check_output_dir
 
     out = check_output_dir(cfg.train.output_dir)
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    text = "".join(json.dumps(row) + "\n" for row in rows)  # ASCII: a lone surrogate is escaped, as in a file
     name = f"prompts-{hashlib.sha256(text.encode()).hexdigest()[:12]}.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     target = out / name
