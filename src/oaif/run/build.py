@@ -33,11 +33,12 @@ from oaif.run.rounding_watch import watch_first_update
 log = logging.getLogger("oaif")
 
 
-def preflight(cfg: Config):
+def preflight(cfg: Config, plan_judge: bool = True):
     """Fail fast, before any model loads, on inputs that can be checked cheaply.
 
     Online, returns the annotator's plan (:func:`oaif.annotators.build.plan_annotator`: rubrics read,
-    callables imported and checked, ensemble members planned), which :func:`build_run` builds; offline, None.
+    callables imported and checked, ensemble members planned), which :func:`build_run` builds; offline,
+    or with ``plan_judge=False`` (an annotator given to :func:`build_run`), None.
     """
     from oaif.run.run_dir import (check_fresh_run, check_output_dir, check_resumable, check_run_entries,
                                   continues_run_dir)
@@ -60,7 +61,7 @@ def preflight(cfg: Config):
     if not Path(path).exists():
         kind = "prompt" if cfg.train.mode == "online" else "preference"
         raise DataError(f"{kind} file not found: {path} (data.{'path' if kind == 'prompt' else 'preference_path'})")
-    if cfg.train.mode != "online":
+    if cfg.train.mode != "online" or not plan_judge:
         return None
     from oaif.annotators.build import plan_annotator
 
@@ -133,7 +134,7 @@ def build_run(cfg: Config, annotator=None, sampler=None) -> RunParts:
     from oaif.models.load import load_policy_and_reference
     from oaif.step.sampling import eos_token_ids
 
-    judge_plan = preflight(cfg)
+    judge_plan = preflight(cfg, plan_judge=annotator is None)  # a given annotator replaces the configured one
     accelerator = Accelerator(cpu=on_cpu(cfg.train.device), mixed_precision=cfg.train.mixed_precision)
     if cfg.train.device == "cuda" and accelerator.device.type != "cuda":
         raise DataError("train.device=cuda but no CUDA device is available")
