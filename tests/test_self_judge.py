@@ -50,7 +50,8 @@ def causal_lms() -> int:
     from transformers import PreTrainedModel
 
     gc.collect()
-    return sum(issubclass(type(o), PreTrainedModel) and type(o).__name__.endswith("ForCausalLM") for o in gc.get_objects())
+    return sum(issubclass(type(o), PreTrainedModel) and type(o).__name__.endswith("ForCausalLM")
+               for o in gc.get_objects())
 
 
 def modes(model) -> list[bool]:
@@ -132,6 +133,19 @@ def test_judging_runs_without_grad_in_eval_mode_under_autocast_and_leaves_traini
     t.close()
 
 
+def test_an_ensemble_member_may_be_the_policy_judging_itself(tiny_model_dir, tmp_path):
+    members = ("annotator.members=[{type: llm, model: policy}, "
+               "{type: callable, callable: 'oaif.annotators.rules:prefer_shorter'}]")
+    cfg = self_cfg(tiny_model_dir, tmp_path / "run", "annotator.type=ensemble", "annotator.model=smollm2-135m-instruct",
+                   members)
+    t = Trainer(cfg).setup()
+    self_judge, rule = t.annotator.judges
+    assert self_judge.model is without_ddp(t.policy) and self_judge.name == "llm:policy:helpful"
+    record = t.run_step()
+    assert record["pairs_judged"] == 4 and f"judge_agreement/{self_judge.name}" in record
+    t.close()
+
+
 # -- documented, and refused where there is no policy ------------------------------------------------
 def test_config_keys_document_self_judging():
     line = next(line for line in describe().splitlines() if line.lstrip().startswith("annotator.model = "))
@@ -152,7 +166,8 @@ def test_policy_with_a_judge_type_other_than_llm_is_one_line(overrides, key):
 
 
 def test_ensemble_members_may_self_judge_but_only_as_llm_judges():
-    members = "annotator.members=[{type: llm, model: policy}, {type: callable, callable: 'oaif.annotators.rules:prefer_shorter'}]"
+    members = ("annotator.members=[{type: llm, model: policy}, "
+               "{type: callable, callable: 'oaif.annotators.rules:prefer_shorter'}]")
     cfg = load_config(ROOT / "configs" / "demo.yaml", ["annotator.type=ensemble", members])
     assert cfg.annotator.members[0]["model"] == "policy"
     with pytest.raises(ConfigError, match=r"^annotator\.members\[0\]\.model: 'policy' .* got type=reward_model$"):

@@ -126,7 +126,8 @@ class LossConfig:
     label_smoothing: float = _f(0.0, "dpo, ipo: the probability eps that a judge's label is wrong (cDPO, Mitchell "
                                      "2023): the label p becomes p(1-eps) + (1-p)eps; IPO's optimum margin then "
                                      "shrinks to (1-2eps)/(2 beta). In [0, 0.5); 0 disables.")
-    soft_labels: bool = _f(False, "Train on the annotator's probability instead of a hard 0/1 label.")
+    soft_labels: bool = _f(False, "Train on the annotator's probability instead of a hard 0/1 label (recommended with "
+                                  "annotator.model=policy: Online Self-Preferring trains on the self-judged preference strength).")
     min_confidence: float = _f(0.0, "Mask pairs whose judged probability is within this distance of 0.5 (ties).")
     missing_eos_penalty: float = _f(0.0, "TRL's missing_eos_penalty for a pairwise judge: subtracted from the Bradley-Terry score of a response that did not end within sampling.max_new_tokens when the other one did, i.e. P(it is better) = sigmoid(logit(p) - penalty); .inf makes it lose. 0 disables.")
 
