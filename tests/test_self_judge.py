@@ -108,13 +108,14 @@ def test_judging_runs_without_grad_in_eval_mode_under_autocast_and_leaves_traini
     t = Trainer(self_cfg(tiny_model_dir, tmp_path / "run", *LORA, "train.mixed_precision=bf16",
                          "model.disable_dropout=false", "model.lora.dropout=0.5")).setup()
     judge, inner = t.annotator, t.unwrapped
+    device = next(inner.parameters()).device.type  # cpu here; cuda where the default train.device=auto finds one
     layers = inner.get_base_model().model.layers
     layers[1].mlp.eval()  # a submodule held in eval mode stays so (every module's own mode is restored)
     before, grads_needed = modes(inner), [p.requires_grad for p in inner.parameters()]
     seen = []
     hook = layers[0].register_forward_hook(
         lambda module, args, out: seen.append((torch.is_grad_enabled(), module.training,
-                                               torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))))
+                                               torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))))
     try:
         judged = probs(judge)
     finally:
@@ -127,7 +128,7 @@ def test_judging_runs_without_grad_in_eval_mode_under_autocast_and_leaves_traini
     plain = copy.deepcopy(inner)
     del plain.forward  # accelerate's autocast wrapper (an instance attribute): the copy forwards in float32
     copied = LLMJudge(plain, t.tokenizer, load_rubric("helpful"))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         assert judged == pytest.approx(probs(copied), abs=1e-6)
     assert judged != pytest.approx(probs(copied), abs=1e-4)
     t.close()
