@@ -230,3 +230,30 @@ def test_processes_launched_together_that_would_each_run_alone_are_refused():
     assert result.returncode != 0, result.stderr[-3000:]
     assert re.search(r"ConfigError: train.device=auto: the launcher started 2 processes, but on \w+ each runs alone",
                      result.stderr), result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_self_judging_two_processes_match_one(tiny_model_dir, tmp_path):
+    # annotator.model=policy: each process judges its own pairs with its own copy of the policy. The second
+    # process's prompts make judge prompts over annotator.max_length (failed as too_long), so it runs no judge
+    # forward while the first runs several: a judge that went through DDP's forward (which broadcasts buffers)
+    # would leave the processes in different collective calls
+    long = "Think it over slowly. " * 25
+    prompts = marked_prompts(tmp_path / "prompts.jsonl", ["", "", long, long])
+    extra = ["annotator.type=llm", "annotator.model=policy", "annotator.max_length=260",
+             "annotator.max_failure_rate=1.0", "loss.soft_labels=true"]
+    run(marked(tiny_model_dir, tmp_path / "one", prompts, 4, *extra), 1)
+    run(marked(tiny_model_dir, tmp_path / "two", prompts, 2, *extra), 2)
+    one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in two] == [1, 2]
+    for a, b in zip(one, two, strict=True):
+        assert a["failed/too_long"] == 2 and a["pairs_used"] >= 1 and a.keys() == b.keys()
+        for key in a:
+            if not any(part in key for part in NOT_COMPARED):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    assert_same_weights(tmp_path / "one" / "checkpoint-2", tmp_path / "two" / "checkpoint-2", atol=1e-5)
+    lines_one, lines_two = audit_lines(tmp_path / "one"), audit_lines(tmp_path / "two")
+    assert len(lines_two) == len(lines_one) == 8 and all(line["judge"] == "llm:policy:helpful" for line in lines_two)
+    for a, b in zip(lines_one, lines_two):  # step 2 is judged by the policy after step 1, on each process
+        assert (a["failure"], a["prompt_id"]) == (b["failure"], b["prompt_id"])
+        assert (a["prob"] is None and b["prob"] is None) or b["prob"] == pytest.approx(a["prob"], abs=1e-5)

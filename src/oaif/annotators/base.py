@@ -154,13 +154,15 @@ def annotate_all(annotator: Annotator, requests: Sequence[PairRequest], batch_si
 
 @contextlib.contextmanager
 def eval_mode(model) -> Iterator:
-    """Run ``model`` in eval mode (no dropout) for the block, then restore its train/eval mode."""
-    was_training = model.training
+    """Run ``model`` in eval mode (no dropout) for the block, then restore each submodule's own
+    train/eval mode (a training policy may hold submodules in eval mode; they stay so)."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def frozen(model, device=None):

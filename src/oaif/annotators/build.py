@@ -6,6 +6,10 @@ ensemble member planned) and returns a plan; calling the plan with a :class:`Jud
 what the judge needs (a model, the openai SDK: heavy parts load only there), once.
 ``run.build.preflight`` plans before any model loads and ``run.build.build_run`` builds from that
 plan; :func:`build_annotator` plans and builds in one call (``oaif annotate``, ``oaif eval``).
+
+``annotator.model=policy`` (self-judging) makes the policy being trained its own LLM judge: the
+context's ``policy``, called inside its DDP wrapper (:func:`oaif.models.modules.without_ddp`), so it
+judges with its current weights, its adapter and the run's autocast. Only a training run has one.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from oaif.annotators.base import frozen
-from oaif.config import AnnotatorConfig
+from oaif.config import POLICY_JUDGE, AnnotatorConfig
 from oaif.errors import AnnotatorError
 
 
@@ -27,7 +31,8 @@ class JudgeContext:
     ``reference`` and ``tokenizer`` (the frozen starting policy, loaded from ``policy_path``) serve an
     in-process judge whose ``annotator.model`` names the policy's model instead of a second copy.
     Judge models that one build loads are kept in ``loaded``, so ensemble members that name the same
-    model (and dtype) share one copy.
+    model (and dtype) share one copy. ``policy`` (the prepared policy being trained) is the judge that
+    ``annotator.model=policy`` names; without one (``oaif annotate``, ``oaif eval``) that is an error.
     """
 
     policy_path: str | None = None
@@ -36,10 +41,18 @@ class JudgeContext:
     cache_dir: str | None = None
     device: Any = None
     loaded: dict = field(default_factory=dict)
+    policy: Any = None
 
     def causal_lm(self, name: str, dtype: str) -> tuple[Any, Any]:
         """``(model, tokenizer)`` of the judge model ``name``: the reference when it is the policy's model,
-        else loaded (frozen, on ``device``) the first time this build asks for it."""
+        else loaded (frozen, on ``device``) the first time this build asks for it; for ``policy``, the live
+        policy itself (its weights train: the judge runs it in eval mode without gradients, per call)."""
+        if name == POLICY_JUDGE:
+            if self.policy is None:
+                raise AnnotatorError(NO_POLICY)
+            from oaif.models.modules import without_ddp
+
+            return without_ddp(self.policy), self.tokenizer
         if self.reference is not None and self.tokenizer is not None and name == self.policy_path:
             return self.reference, self.tokenizer
         if (name, dtype) not in self.loaded:
@@ -136,6 +149,16 @@ JUDGE_TYPES: dict[str, Callable[[AnnotatorConfig], JudgePlan]] = {
 }
 
 
+NO_POLICY = ("annotator.model=policy: there is no policy being trained here to judge with (self-judging is "
+             "for oaif train); name a judge model, e.g. model=smollm2-135m-instruct")
+
+
+def judges_with_policy(cfg: AnnotatorConfig) -> bool:
+    """Whether ``cfg`` (or one of its ensemble members) makes the policy being trained its judge."""
+    specs = [m for m in cfg.members if isinstance(m, dict)]
+    return cfg.model == POLICY_JUDGE or any(m.get("model") == POLICY_JUDGE for m in specs)
+
+
 def plan_annotator(cfg: AnnotatorConfig) -> JudgePlan:
     """The judge ``cfg`` configures, planned: everything cheap checked, no model loaded yet."""
     builder = JUDGE_TYPES.get(cfg.type)
@@ -150,5 +173,8 @@ def build_annotator(cfg: AnnotatorConfig, *, policy_path: str | None = None, ref
 
     When ``annotator.model`` names the same model as the policy (``policy_path``), the LLM judge
     reuses the frozen ``reference`` model (the starting policy) instead of loading a second copy.
+    There is no policy being trained here, so ``annotator.model=policy`` is an error.
     """
+    if judges_with_policy(cfg):
+        raise AnnotatorError(NO_POLICY)
     return plan_annotator(cfg)(JudgeContext(policy_path, reference, tokenizer, cache_dir, device))

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from oaif.commands.annotate_inputs import Pair, load_pairs, load_sample_prompts, sample_pairs
-from oaif.commands.judge_options import add_annotator_arguments, quiet_judges
+from oaif.commands.judge_options import add_annotator_arguments, quiet_judges, refuse_policy_judge
 from oaif.redaction import redact, remember
 from oaif.stats import mean, outcomes, score, wilson_interval
 
@@ -234,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.against_labels and not args.out:
         raise ConfigError("--out is required (the preference file to write), except with --against-labels")
     cfg = load_annotator_config(args.annotator_config, args.sets)
+    refuse_policy_judge(cfg)
     remember(asdict(cfg))  # credentials in its URL are redacted from here on
     from oaif.run.run_dir import check_output_file
 

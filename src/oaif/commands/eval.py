@@ -48,7 +48,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from oaif.commands.judge_options import add_annotator_arguments, quiet_judges
+from oaif.commands.judge_options import add_annotator_arguments, quiet_judges, refuse_policy_judge
 
 # Heavy imports (torch, transformers, matplotlib, the judge) happen inside run(): the CLI imports
 # this module to build its parser.
@@ -141,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     steps = _parse_steps(args.steps)
     settings = settings_from(args)
     cfg = load_annotator_config(args.annotator_config, args.sets)
+    refuse_policy_judge(cfg)
     from dataclasses import asdict
 
     from oaif.redaction import remember

@@ -21,6 +21,16 @@ def add_annotator_arguments(parser: argparse.ArgumentParser, example: str) -> No
                    help=f"annotator key override, repeatable (e.g. {example})")
 
 
+def refuse_policy_judge(cfg) -> None:
+    """``annotator.model=policy`` judges with the policy being trained, which these commands do not have:
+    one line before any work."""
+    from oaif.annotators.build import NO_POLICY, judges_with_policy
+    from oaif.errors import ConfigError
+
+    if judges_with_policy(cfg):
+        raise ConfigError(NO_POLICY)
+
+
 @contextlib.contextmanager
 def quiet_judges(verbose: bool) -> Iterator[None]:
     """Unless ``verbose``, hide the judges' per-pair warnings (too_long, callable errors) for the

@@ -11,10 +11,11 @@ Everything users import is here: ``from oaif.config import Config, load_config``
 from oaif.config.load import load_annotator_config, load_config
 from oaif.config.overrides import flatten, set_key
 from oaif.config.schema import (AnnotatorConfig, Config, DataConfig, LoggingConfig, LoraConfig, LossConfig,
-                                ModelConfig, OptimConfig, SamplingConfig, TrainConfig, VllmConfig, describe)
+                                ModelConfig, OptimConfig, POLICY_JUDGE, SamplingConfig, TrainConfig, VllmConfig,
+                                describe)
 from oaif.config.validate import validate
 from oaif.config.yaml_io import dump_yaml
 
 __all__ = ["AnnotatorConfig", "Config", "DataConfig", "LoggingConfig", "LoraConfig", "LossConfig", "ModelConfig",
-           "OptimConfig", "SamplingConfig", "TrainConfig", "VllmConfig", "describe", "dump_yaml", "flatten",
+           "OptimConfig", "POLICY_JUDGE", "SamplingConfig", "TrainConfig", "VllmConfig", "describe", "dump_yaml", "flatten",
            "load_annotator_config", "load_config", "set_key", "validate"]

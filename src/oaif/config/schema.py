@@ -70,10 +70,21 @@ class SamplingConfig:
     backend: str = _f("shared_prefill", "shared_prefill (prompt prefilled once, KV cache shared by K samples), hf (transformers generate) or vllm (a vLLM engine or server, see the vllm group; sampling.batch_size does not apply).")
 
 
+#: ``annotator.model`` naming the policy being trained as its own judge (self-judging; oaif train only).
+POLICY_JUDGE = "policy"
+
+
 @dataclass
 class AnnotatorConfig:
     type: str = _f("llm", "llm (in-process judge model), openai (any OpenAI-compatible server), reward_model (a sequence-classification model at annotator.model), callable (a Python function) or ensemble.")
-    model: str = _f("smollm2-135m-instruct", "Judge model for type=llm (same forms as model.name_or_path).")
+    model: str = _f("smollm2-135m-instruct", "Judge model for type=llm (same forms as model.name_or_path), or "
+                                             "'policy': the policy being trained judges its own samples with its current "
+                                             "weights (self-judging, Online Self-Preferring, Zhai et al. 2024), in the "
+                                             "trainer's process, no second copy (a LoRA policy judges with its adapter on; "
+                                             "annotator.dtype does not apply: it judges in the policy's dtype under "
+                                             "train.mixed_precision). oaif train only; a type other than llm is refused. "
+                                             "Recommended with loss.soft_labels=true: OSP trains on the self-judged "
+                                             "preference strength. A model directory named policy: write ./policy.")
     rubric: str = _f("helpful", "A shipped rubric name (helpful, harmless, summarize, helpful_short, helpful_very_short) or a path to a rubric YAML file.")
     callable: str | None = _f(None, "type=callable: 'module:function' of (prompt, a, b) -> P(a better), or of (prompt, response) -> score.")
     both_orders: bool = _f(True, "Ask in both orders and average, cancelling position bias.")
@@ -115,7 +126,8 @@ class LossConfig:
     label_smoothing: float = _f(0.0, "dpo, ipo: the probability eps that a judge's label is wrong (cDPO, Mitchell "
                                      "2023): the label p becomes p(1-eps) + (1-p)eps; IPO's optimum margin then "
                                      "shrinks to (1-2eps)/(2 beta). In [0, 0.5); 0 disables.")
-    soft_labels: bool = _f(False, "Train on the annotator's probability instead of a hard 0/1 label.")
+    soft_labels: bool = _f(False, "Train on the annotator's probability instead of a hard 0/1 label (recommended with "
+                                  "annotator.model=policy: Online Self-Preferring trains on the self-judged preference strength).")
     min_confidence: float = _f(0.0, "Mask pairs whose judged probability is within this distance of 0.5 (ties).")
     missing_eos_penalty: float = _f(0.0, "TRL's missing_eos_penalty for a pairwise judge: subtracted from the Bradley-Terry score of a response that did not end within sampling.max_new_tokens when the other one did, i.e. P(it is better) = sigmoid(logit(p) - penalty); .inf makes it lose. 0 disables.")
 

@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 from oaif.config.overrides import apply_mapping, flatten, short
-from oaif.config.schema import AnnotatorConfig, Config, LossConfig
+from oaif.config.schema import POLICY_JUDGE, AnnotatorConfig, Config, LossConfig
 from oaif.errors import ConfigError
 
 
@@ -176,6 +176,9 @@ def _validate_annotator(a: AnnotatorConfig, prefix: str) -> None:
     k = prefix
     _raise_first([
         (k + "model", a.type not in ("llm", "reward_model", "openai") or a.model.strip(), "must name a model"),
+        (k + "model", a.model != POLICY_JUDGE or a.type == "llm",
+         f"'policy' (the policy judging itself) needs type=llm, got type={a.type}"
+         + ("; set model: policy on its llm members" if a.type == "ensemble" else "")),
         (k + "rubric", a.type not in ("llm", "openai") or a.rubric.strip(), "must name a rubric"),
         (k + "members", a.type != "ensemble" or len(a.members) >= 1,
          "annotator.type=ensemble needs at least one member"),

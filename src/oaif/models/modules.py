@@ -64,6 +64,16 @@ def _unwrap(model):
     return model
 
 
+def without_ddp(model):
+    """The module inside DDP/accelerate wrappers, a peft model kept (its adapter is part of the policy).
+
+    It is the module ``accelerator.prepare`` patched, so its forward still runs under the run's
+    autocast (``train.mixed_precision``); calling it runs none of DDP's forward (no buffer broadcast,
+    no gradient-reducer hooks), so processes may call it different numbers of times.
+    """
+    return _unwrap(model)
+
+
 def is_peft(model) -> bool:
     try:
         from peft import PeftModel

@@ -167,7 +167,7 @@ def build_run(cfg: Config, annotator=None, sampler=None) -> RunParts:
 
             annotator = judge_plan(JudgeContext(policy_path=cfg.model.name_or_path, reference=reference,
                                                 tokenizer=tokenizer, cache_dir=cfg.model.cache_dir,
-                                                device=accelerator.device))
+                                                device=accelerator.device, policy=policy))
         if sampler is None:
             from oaif.generation.build import build_sampler
 
