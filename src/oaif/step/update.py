@@ -177,8 +177,9 @@ class PolicyUpdate:
             if prefs.size:
                 at = {f: i for i, f in enumerate(rows)}
                 c, r = [at[f] for f in prefs.chosen], [at[f] for f in prefs.rejected]
-                stats.loss = self._loss((logps[c], logps[r]), (ref_logps[c], ref_logps[r]) if ref_logps is not None else None, rollouts,
-                                        (prefs.chosen, prefs.rejected), self._labels(prefs, range(prefs.size)))
+                refs = (ref_logps[c], ref_logps[r]) if ref_logps is not None else None
+                stats.loss = self._loss((logps[c], logps[r]), refs, rollouts, (prefs.chosen, prefs.rejected),
+                                        self._labels(prefs, range(prefs.size)))
                 stats.loss = dataclasses.replace(stats.loss, losses=stats.loss.losses.detach())
                 stats.chosen_logps, stats.rejected_logps = logps[c], logps[r]
         if self.kl:
