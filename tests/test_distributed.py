@@ -45,8 +45,8 @@ def common(model_dir, out, batch_size):
             "logging.progress_bar=false", "sampling.max_new_tokens=10", *DEVICE]
 
 
-def assert_same_weights(a: Path, b: Path, atol: float) -> None:
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+def assert_same_weights(a: Path, b: Path, atol: float, file: str = "model.safetensors") -> None:
+    wa, wb = load_file(str(a / file)), load_file(str(b / file))
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0, msg=k)
@@ -99,6 +99,25 @@ def test_simpo_two_processes_match_one(tiny_model_dir, tmp_path):
         for key in ("loss", "logratio_margin", "rewards/chosen", "reward_accuracy"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
     assert_same_weights(tmp_path / "one" / "checkpoint-2", tmp_path / "two" / "checkpoint-2", atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_moving_reference_on_two_processes_matches_one(tiny_model_dir, tmp_path):
+    # TR-DPO's soft update after every step: each process moves its copy of the reference alike, the main
+    # process saves it, and the next step's rho and kl are measured against it on every process
+    extra = ["annotator.type=callable", "annotator.callable=oaif.annotators.rules:prefer_shorter",
+             "loss.reference_mix=0.5"]
+    run(common(tiny_model_dir, tmp_path / "one", 4) + extra, 1)
+    run(common(tiny_model_dir, tmp_path / "two", 2) + extra, 2)
+    one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in two] == [1, 2, 3] and two[0]["kl"] == 0.0 and two[1]["kl"] != 0.0
+    for a, b in zip(one, two):
+        assert a["pairs_used"] == b["pairs_used"] > 0
+        for key in ("loss", "logratio_margin", "kl"):  # differences of summed log-probs: float32 noise ~1e-5
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=2e-5), key
+    assert_same_weights(tmp_path / "one" / "checkpoint-3", tmp_path / "two" / "checkpoint-3", atol=1e-4)
+    assert_same_weights(tmp_path / "one" / "checkpoint-3" / "reference", tmp_path / "two" / "checkpoint-3" / "reference",
+                        atol=1e-4, file="weights.safetensors")
 
 
 JUDGES = Path(__file__).resolve().parent / "judges_for_tests.py"

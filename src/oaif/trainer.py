@@ -14,8 +14,8 @@ then counts the step's valid pairs over every process and runs
 4. :class:`oaif.step.update.PolicyUpdate`  on each micro-batch: policy and reference log-probs, the loss
    scaled so that the step's objective is the mean over all of the step's pairs, backward;
 
-and takes the optimizer step. The policy does not change while a step collects, so collecting
-first changes no sample. Once the step is complete, the sampler gets the new weights (a vLLM
+and takes the optimizer step (then a TR-DPO reference moves, :mod:`oaif.models.reference`). The
+policy does not change while a step collects, so collecting first changes no sample. Once the step is complete, the sampler gets the new weights (a vLLM
 engine or server; the transformers backends sample the policy itself). Offline mode replaces
 steps 1-2 with pairs read from a preference file.
 Setup lives in :mod:`oaif.run.build`, metric bookkeeping in :class:`oaif.run.metrics.StepMetrics`,
@@ -72,6 +72,7 @@ class Trainer:
         self.failures = FailureWindow(cfg.annotator.failure_window)
 
     def setup(self) -> "Trainer":
+        from oaif.models.reference import training_reference
         from oaif.run.checkpoint import RunCheckpoints
         from oaif.run.build import build_run, claim_run_dir, open_run_dir
         from oaif.step.update import PolicyUpdate
@@ -81,10 +82,12 @@ class Trainer:
         self.accelerator, self.policy, self.tokenizer = parts.accelerator, parts.policy, parts.tokenizer
         self.optimizer, self.scheduler, self.stream, self.annotator, self.sampler = (
             parts.optimizer, parts.scheduler, parts.stream, parts.annotator, parts.sampler)
-        self.update = PolicyUpdate(self.accelerator, self.policy, parts.reference, self.tokenizer.pad_token_id,
+        reference, self.moving_reference = training_reference(cfg.loss, self.unwrapped, parts.reference)
+        self.update = PolicyUpdate(self.accelerator, self.policy, reference, self.tokenizer.pad_token_id,
                                    cfg.loss, kl=cfg.train.mode == "online", forward_batch_size=cfg.train.forward_batch_size,
                                    share_prompts=cfg.train.share_prompt_forward)
-        self.checkpoints = RunCheckpoints(self.accelerator, cfg.train.output_dir, cfg.train.keep_last)
+        self.checkpoints = RunCheckpoints(self.accelerator, cfg.train.output_dir, cfg.train.keep_last,
+                                          reference=self.moving_reference)
         if cfg.train.resume:
             self.step = self.checkpoints.restore(cfg.train.resume, self.unwrapped, self.optimizer, self.scheduler,
                                                  self.stream, self.failures, config=redact(cfg.to_dict()))
@@ -154,6 +157,8 @@ class Trainer:
             grad_norm = float(self.accelerator.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.max_grad_norm))
         self.optimizer.step()  # without any pair no parameter has a gradient: the step leaves all alone
         self.optimizer.zero_grad(set_to_none=True)
+        if self.moving_reference is not None:  # TR-DPO: after the step, every process alike
+            self.moving_reference.after_step(self.unwrapped, self.step + 1)
         record = self._end_step(metrics, grad_norm, started)
         record["time_weight_sync_s"] = self.push_weights()  # after the step is complete: a failed push loses nothing
         return record

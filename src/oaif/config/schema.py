@@ -126,6 +126,18 @@ class LossConfig:
     label_smoothing: float = _f(0.0, "dpo, ipo: the probability eps that a judge's label is wrong (cDPO, Mitchell "
                                      "2023): the label p becomes p(1-eps) + (1-p)eps; IPO's optimum margin then "
                                      "shrinks to (1-2eps)/(2 beta). In [0, 0.5); 0 disables.")
+    reference: str = _f("initial", "What rho measures the policy against: initial (the starting policy; under LoRA the "
+                                   "base with the adapter off) or behavior (BPO, Xu et al. 2024: the policy that sampled "
+                                   "the step's responses, i.e. the weights before its update: the policy's own log-probs, "
+                                   "detached, so no reference forward runs, no copy is held, rho is 0 and no kl is logged; "
+                                   "online mode). Not with loss.type=simpo. README's Methods table.")
+    reference_sync_every: int = _f(0, "TR-DPO (Gorbatovski et al. 2024) hard update: after every N-th step the reference "
+                                      "becomes a copy of the policy (the paper's tau; TRL's default from it is 512). "
+                                      "With loss.reference_mix, mix every N steps instead of copying. 0: never.")
+    reference_mix: float = _f(0.0, "TR-DPO soft update: after every step (every loss.reference_sync_every steps when "
+                                   "set), ref <- alpha * policy + (1 - alpha) * ref, parameter by parameter (under LoRA "
+                                   "the adapter's A and B). In (0, 1]; the paper's alpha, TRL's default from it is 0.6. "
+                                   "0: no soft update.")
     soft_labels: bool = _f(False, "Train on the annotator's probability instead of a hard 0/1 label (recommended with "
                                   "annotator.model=policy: Online Self-Preferring trains on the self-judged preference strength).")
     min_confidence: float = _f(0.0, "Mask pairs whose judged probability is within this distance of 0.5 (ties).")

@@ -22,6 +22,7 @@ _CHOICES = {
     "annotator.ensemble_mode": {"mean", "majority"},
     "annotator.dtype": {"float32", "bfloat16", "float16", "auto"},
     "loss.type": {"dpo", "ipo", "slic", "simpo", "rpo", "rdpo"},
+    "loss.reference": {"initial", "behavior"},
     "optim.scheduler": {"constant", "linear", "cosine"},
     "train.mode": {"online", "offline"},
     "train.device": {"auto", "cpu", "cuda"},
@@ -72,6 +73,7 @@ def validate(cfg: Config) -> Config:
         ("loss.beta", cfg.loss.beta > 0, "must be > 0"),
         ("loss.min_confidence", 0 <= cfg.loss.min_confidence < 0.5, "must be in [0, 0.5)"),
         *_loss_checks(cfg.loss),
+        *_reference_checks(cfg.loss, cfg.train.mode),
         ("optim.lr", 0 <= cfg.optim.lr <= 1e30, "must be in [0, 1e30] (a larger step overflows float32 in AdamW)"),
         ("optim.weight_decay", cfg.optim.weight_decay >= 0, "must be >= 0"),
         ("optim.betas", _is_betas(cfg.optim.betas), f"must be two numbers in [0, 1), got {cfg.optim.betas!r}"),
@@ -134,6 +136,26 @@ def _loss_checks(loss: LossConfig) -> list:
         checks.append((f"loss.{key}", loss.type in types or getattr(loss, key) == defaults[key],
                        f"has no effect with loss.type={loss.type}{hint}; it is read by loss.type "
                        f"{' or '.join(types)}"))
+    return checks
+
+
+def _reference_checks(loss: LossConfig, mode: str) -> list:
+    """The reference's keys (README's Methods table): ranges, and settings that would be silently ignored."""
+    defaults = {f.name: f.default for f in dataclasses.fields(LossConfig)}
+    checks = [
+        ("loss.reference_sync_every", loss.reference_sync_every >= 0, "must be >= 0 (0: never)"),
+        ("loss.reference_mix", 0 <= loss.reference_mix <= 1, "must be in [0, 1] (0: no soft update)"),
+        ("loss.reference", loss.reference != "behavior" or mode == "online",
+         "behavior is the policy that sampled the step's responses, and offline mode samples none (use "
+         "train.mode=online, or TR-DPO's loss.reference_sync_every / loss.reference_mix)"),
+    ]
+    for key in ("reference", "reference_sync_every", "reference_mix"):
+        checks.append((f"loss.{key}", loss.type != "simpo" or getattr(loss, key) == defaults[key],
+                       "has no effect with loss.type=simpo, which has no reference model"))
+    for key in ("reference_sync_every", "reference_mix"):
+        checks.append((f"loss.{key}", loss.reference != "behavior" or getattr(loss, key) == defaults[key],
+                       "has no effect with loss.reference=behavior (the reference is already the policy before "
+                       "each step); TR-DPO moves loss.reference=initial"))
     return checks
 
 

@@ -111,11 +111,11 @@ def load_causal_lm(name_or_path: str, dtype: Any = "float32", cache_dir: str | N
     return model, tokenizer
 
 
-def load_policy_and_reference(cfg):
+def load_policy_and_reference(cfg, reference_copy: bool = True):
     """``(policy, reference, tokenizer)`` for a :class:`~oaif.config.ModelConfig`.
 
     Full fine-tuning: ``reference`` is a frozen (no grad, eval mode) deep copy of the starting
-    policy. LoRA (``cfg.lora.enabled``): ``policy`` is a peft model and ``reference`` is ``None``;
+    policy, or None without ``reference_copy`` (``loss.reference=behavior`` needs none). LoRA (``cfg.lora.enabled``): ``policy`` is a peft model and ``reference`` is ``None``;
     the reference is the policy with its adapter disabled (see
     :func:`~oaif.models.modules.reference_context`). The policy is returned in train mode, with
     gradient checkpointing if configured, and with every dropout off in both models when
@@ -150,9 +150,10 @@ def load_policy_and_reference(cfg):
             raise ModelError(f"model.dtype={cfg.dtype} loads {cfg.name_or_path} in float16, which full fine-tuning "
                              f"refuses (AdamW's eps and small squared gradients underflow to 0): set "
                              f"model.dtype=bfloat16 or float32, or model.lora.enabled=true")
-        reference = copy.deepcopy(policy)
-        reference.requires_grad_(False)
-        reference.eval()
+        reference = copy.deepcopy(policy) if reference_copy else None
+        if reference is not None:
+            reference.requires_grad_(False)
+            reference.eval()
         if cfg.gradient_checkpointing:
             _enable_gradient_checkpointing(policy)
     policy.train()

@@ -1,9 +1,10 @@
 """The loaded models as torch modules: the model inside the wrappers, dropout off, gradient
 checkpointing, the KV-cache argument name, and the reference context.
 
-The reference for the KL-anchored losses is either a frozen copy of the starting policy or, with
-LoRA, the policy itself with its adapter disabled. :func:`reference_context` hides the
-difference, so callers write the same code in both cases::
+The reference for the KL-anchored losses is a frozen copy of the starting policy (full fine-tuning)
+or, with LoRA, the policy itself with its adapter disabled, or (a LoRA reference that moves, see
+:mod:`oaif.models.reference`) with a :class:`ReferenceAdapter`'s weights in place of its adapter's.
+:func:`reference_context` hides the difference, so callers write the same code in every case::
 
     with reference_context(policy, reference) as ref_model:
         ref_logits = ref_model(input_ids, attention_mask=mask).logits
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import dataclass
+from typing import Any
 
 from oaif.errors import ModelError
 
@@ -108,17 +111,45 @@ def kv_cache_key() -> str:
     return "cache" if "cache" in names else "past_key_values"
 
 
+@dataclass
+class ReferenceAdapter:
+    """A LoRA reference that moves (TR-DPO): the frozen base with these adapter weights.
+
+    ``tensors`` maps the names of the policy's trainable (adapter) parameters to the reference's
+    values: one copy of the adapter, not of the model. :func:`reference_context` swaps them into
+    the policy's adapter for the reference's forward (the storage is exchanged, nothing is copied)
+    and back afterwards.
+    """
+
+    tensors: dict[str, Any]
+
+    @classmethod
+    def copy_of(cls, policy) -> "ReferenceAdapter":
+        """The policy's adapter as it is now (at setup, the starting policy's)."""
+        inner = _unwrap(policy)
+        return cls({name: p.detach().clone() for name, p in inner.named_parameters() if p.requires_grad})
+
+
+def _swap_adapter(inner, adapter: ReferenceAdapter) -> None:
+    """Exchange the storage of the policy's adapter parameters with ``adapter``'s tensors (a second call undoes it)."""
+    params = dict(inner.named_parameters())
+    for name, tensor in adapter.tensors.items():
+        p = params[name]
+        adapter.tensors[name], p.data = p.data, tensor
+
+
 @contextlib.contextmanager
 def reference_context(policy, reference=None):
     """Yield the model that computes reference log-probs, under ``torch.no_grad()``.
 
     With a separate ``reference`` model, that model. With ``reference=None`` and a LoRA (peft)
-    policy, the policy with its adapter disabled and in eval mode for the duration of the block;
-    its adapter and train/eval mode are restored on exit.
+    policy, the policy with its adapter disabled; with a :class:`ReferenceAdapter`, the policy with
+    that adapter's weights in place of its own; both in eval mode for the duration of the block.
+    The policy's adapter weights and train/eval mode are restored on exit.
     """
     import torch
 
-    if reference is not None:
+    if reference is not None and not isinstance(reference, ReferenceAdapter):
         with torch.no_grad():
             yield reference
         return
@@ -128,7 +159,15 @@ def reference_context(policy, reference=None):
     was_training = inner.training
     inner.eval()
     try:
-        with torch.no_grad(), inner.disable_adapter():
-            yield inner
+        if reference is None:
+            with torch.no_grad(), inner.disable_adapter():
+                yield inner
+        else:
+            with torch.no_grad():
+                _swap_adapter(inner, reference)
+                try:
+                    yield inner
+                finally:
+                    _swap_adapter(inner, reference)
     finally:
         inner.train(was_training)

@@ -10,7 +10,9 @@ audit log ``annotations.jsonl`` (both cut after the resumed step).
 Precision: ``accelerator.prepare`` wraps the policy's forward in the run's autocast context
 (``train.mixed_precision``). The reference goes through ``accelerator.prepare_model(...,
 evaluation_mode=True)`` (as TRL does), which wraps its forward in the same context without DDP,
-so the two forward identical batches identically. (A LoRA reference is the policy itself.)
+so the two forward identical batches identically. (A LoRA reference is the policy itself.) Under
+``loss.reference=behavior`` no copy is made; a reference that moves (:mod:`oaif.models.reference`) is
+never given to a judge, which stays the starting model.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def make_scheduler(optimizer, name: str, warmup: int, total: int):
 class RunParts:
     accelerator: Any
     policy: Any  # prepared: DDP-wrapped with several processes, autocast with mixed precision
-    reference: Any  # prepared the same way without DDP; None with LoRA (the policy with its adapter off)
+    reference: Any  # prepared the same way without DDP; None with LoRA (the policy with its adapter off) or behavior
     tokenizer: Any
     encode: Callable[[Any], list[int]]  # prompt -> templated token ids
     prompts: Any  # oaif.data.split.TrainingPrompts
@@ -140,7 +142,7 @@ def build_run(cfg: Config, annotator=None, sampler=None) -> RunParts:
         raise DataError("train.device=cuda but no CUDA device is available")
     check_process_group(accelerator, cfg.train.device)
     set_seed(cfg.train.seed)
-    policy, reference, tokenizer = load_policy_and_reference(cfg.model)
+    policy, reference, tokenizer = load_policy_and_reference(cfg.model, cfg.loss.reference != "behavior")
 
     def encode(prompt) -> list[int]:
         return encode_prompt(tokenizer, prompt, cfg.model.chat_template, cfg.model.system_prompt)
@@ -165,7 +167,10 @@ def build_run(cfg: Config, annotator=None, sampler=None) -> RunParts:
         if annotator is None:
             from oaif.annotators.build import JudgeContext
 
-            annotator = judge_plan(JudgeContext(policy_path=cfg.model.name_or_path, reference=reference,
+            from oaif.models.reference import moves
+
+            starting = None if moves(cfg.loss) else reference  # a judge never moves with the reference
+            annotator = judge_plan(JudgeContext(policy_path=cfg.model.name_or_path, reference=starting,
                                                 tokenizer=tokenizer, cache_dir=cfg.model.cache_dir,
                                                 device=accelerator.device, policy=policy))
         if sampler is None:

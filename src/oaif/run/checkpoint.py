@@ -5,6 +5,8 @@ Layout of ``<output_dir>/checkpoint-<step>/``::
     config.json, model.safetensors, generation_config.json, tokenizer files
         -> ``AutoModelForCausalLM.from_pretrained`` loads it (LoRA runs save merged weights)
     adapter/            LoRA runs only: the adapter, which resume loads
+    reference/          a TR-DPO run's moved reference (``loss.reference_sync_every``, ``loss.reference_mix``):
+                        its weights, or under LoRA its adapter, by the policy's parameter names
     trainer_state.pt    optimizer, scheduler, RNG states, data position, step, counters: tensors
                         and plain containers only, so ``torch.load(weights_only=True)`` reads it
     trainer_state.json  the same minus tensors, for people
@@ -34,7 +36,7 @@ import torch
 
 from oaif.errors import CheckpointError, CheckpointWriteError, OaifError, one_line
 from oaif.models.modules import is_peft
-from oaif.run.restore import restore_trainer_state
+from oaif.run.restore import REFERENCE_FILE, load_reference, restore_trainer_state
 
 log = logging.getLogger("oaif")
 
@@ -64,8 +66,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, state: dict[str, Any],
-                    keep_last: int = 2) -> Path:
+                    keep_last: int = 2, reference: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``checkpoint-<step>`` atomically and point ``latest`` at it. Returns its path.
+
+    ``reference``: a moving reference's tensors (:class:`oaif.models.reference.MovingReference`), kept in
+    ``reference/``.
 
     A write that fails (a full disk or a file size limit: torch's writer reports it as a
     RuntimeError, safetensors' as a SafetensorError) removes the partial copy and raises
@@ -80,7 +85,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, state: 
                                    f"away); {_kept(out)}")
     tmp = out / f".tmp-checkpoint-{step}-{os.getpid()}"
     try:
-        _write_files(tmp, model, tokenizer, state)
+        _write_files(tmp, model, tokenizer, state, reference)
         _put_in_place(tmp, final)
     except BaseException as e:  # also a second signal or Ctrl-C: no partial copy stays behind
         shutil.rmtree(tmp, ignore_errors=True)
@@ -117,10 +122,15 @@ def _kept(out: Path) -> str:
     return f"{kept.name} is kept as the last complete checkpoint" if kept else "no checkpoint of this run was saved"
 
 
-def _write_files(tmp: Path, model, tokenizer, state: dict[str, Any]) -> None:
+def _write_files(tmp: Path, model, tokenizer, state: dict[str, Any], reference: dict | None = None) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    if reference is not None:
+        from safetensors.torch import save_file
+
+        (tmp / REFERENCE_FILE).parent.mkdir()
+        save_file(reference, str(tmp / REFERENCE_FILE))
     if is_peft(model):
         _save_merged(model, tmp)
         model.save_pretrained(tmp / "adapter")
@@ -267,8 +277,9 @@ class RunCheckpoints:
     collective call, and a barrier there would deadlock.
     """
 
-    def __init__(self, accelerator, output_dir: str | Path, keep_last: int):
+    def __init__(self, accelerator, output_dir: str | Path, keep_last: int, reference=None):
         self.accelerator, self.out, self.keep_last = accelerator, Path(output_dir), keep_last
+        self.reference = reference  # a MovingReference (TR-DPO), saved and restored with the rest
         self.last_saved = -1
 
     def save(self, step: int, model, tokenizer, state, *, collective: bool = True) -> Path:
@@ -286,7 +297,9 @@ class RunCheckpoints:
         if collective:
             self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            path = save_checkpoint(self.out, step, model, tokenizer, state(), keep_last=self.keep_last)
+            reference = self.reference.state_dict() if self.reference is not None else None
+            path = save_checkpoint(self.out, step, model, tokenizer, state(), keep_last=self.keep_last,
+                                   reference=reference)
         self.last_saved = step
         if collective:
             self.accelerator.wait_for_everyone()
@@ -319,5 +332,7 @@ class RunCheckpoints:
             log.warning("train.resume=true but %s has no checkpoint: starting from step 0", self.out)
             return 0
         step = self.last_saved = restore_trainer_state(ckpt, model, optimizer, scheduler, stream, failures, config)
+        if self.reference is not None:
+            load_reference(ckpt, self.reference)
         log.info("resumed from %s at step %d", ckpt, step)
         return step

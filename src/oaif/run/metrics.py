@@ -33,7 +33,8 @@ METRICS: dict[str, str] = {
     "reward_accuracy": "pairs: fraction with rho > 0",
     "logps/chosen": "pairs: log pi(y_c | x), summed over the response's tokens",
     "logps/rejected": "pairs: log pi(y_r | x), summed over the response's tokens",
-    "kl": ("responses (online only): k1 estimate of KL(pi || pi_ref), the mean over every sampled response "
+    "kl": ("responses (online, with a reference model: not simpo, not loss.reference=behavior; under TR-DPO "
+           "pi_ref is the moved reference): k1 estimate of KL(pi || pi_ref), the mean over every sampled response "
            "of sum_t [log pi(y_t) - log pi_ref(y_t)]; the responses are drawn at sampling.temperature and "
            "sampling.top_p, not from pi itself, so it is exact in expectation only at temperature 1, top_p 1"),
     "response_length": "responses: tokens, EOS included",

@@ -123,6 +123,20 @@ def _runtime_names(model, sd: dict[str, torch.Tensor], checkpoint: Path) -> dict
                               f"model.name_or_path?): its weights do not convert to the model's ({one_line(e)})") from None
 
 
+#: Where a checkpoint keeps a moving reference's tensors (TR-DPO; :mod:`oaif.models.reference`).
+REFERENCE_FILE = "reference/weights.safetensors"
+
+
+def load_reference(checkpoint: Path, reference) -> None:
+    """Put a checkpoint's moved reference back into ``reference`` (a MovingReference). A checkpoint without one
+    (its run had a fixed reference; a resume that may change loss.reference*) leaves the starting model."""
+    path = Path(checkpoint) / REFERENCE_FILE
+    if not path.is_file():
+        log.warning("%s holds no moved reference: the reference starts from the starting model", checkpoint)
+        return
+    reference.load_state_dict(_read_safetensors(path), path)
+
+
 #: Keys every ``trainer_state.pt`` holds.
 STATE_KEYS = ("step", "optimizer", "scheduler", "stream", "rng", "failures", "config")
 

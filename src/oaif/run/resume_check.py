@@ -7,7 +7,8 @@ named in ``train.resume_allow_changes``. :data:`SAFE_KEYS` may always change: ho
 how often and how much to save, where the run lives, logging, and how to reach the annotator
 server (its timeout, retries, concurrency, URL and key variable), and the update's forward batch
 size (speed and memory only), none of which changes what a
-step computes. (``train.max_steps`` changes the length of a decaying schedule; the step's lr is
+step computes. The reference (``loss.reference*``) is the loss's anchor: changing it is refused like
+the loss itself, also against a checkpoint saved before those keys existed (:data:`ASSUMED_WHEN_ABSENT`). (``train.max_steps`` changes the length of a decaying schedule; the step's lr is
 then recomputed for the new length, see :func:`reschedule`; it may not fall below the checkpoint's
 step.) An allowed change of ``optim.*`` takes effect: the restored optimizer and schedule get the
 new config's lr, betas, eps and weight decay back (:func:`reapply`).
@@ -30,10 +31,15 @@ def _safe(key: str, allowed: list[str]) -> bool:
     return any(key == s or (s.endswith(".") and key.startswith(s)) for s in (*SAFE_KEYS, *allowed))
 
 
+#: Keys added to oaif since some checkpoints were saved, with the value such a checkpoint's run had: a resume
+#: compares them with it (a run anchored at its starting policy may not silently go on against a moving one).
+ASSUMED_WHEN_ABSENT = {"loss.reference": "initial", "loss.reference_sync_every": 0, "loss.reference_mix": 0.0}
+
+
 def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
     """``{key: (saved value, new value)}`` for every key whose value differs; keys the checkpoint
-    does not know (added to oaif since) are not compared."""
-    old, new = flatten(saved), flatten(current)
+    does not know (added to oaif since) are not compared, except :data:`ASSUMED_WHEN_ABSENT`'s."""
+    old, new = ASSUMED_WHEN_ABSENT | flatten(saved), flatten(current)
     return {k: (old[k], new[k]) for k in new if k in old and old[k] != new[k]}
 
 

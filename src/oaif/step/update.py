@@ -14,6 +14,13 @@ forwarded without gradients so that ``kl`` covers every sampled response of the 
 
 A reference-free loss (``simpo``) runs no reference forward at all, so it logs no ``kl``. The
 length-normalised losses (simpo, rpo, rdpo) read each response's token count from the rollouts.
+
+``loss.reference=behavior`` (BPO) measures rho against the policy that sampled the step, i.e. the
+weights before this step's update. The policy does not change until the optimizer steps after the
+last micro-batch, so every pass's own log-probs, detached, *are* the behaviour policy's: rho is 0
+in value (the loss is its value at rho = 0) and its gradient is the policy's. No reference
+forward runs and no ``kl`` is logged (it would be 0). The reference of a TR-DPO run
+(:mod:`oaif.models.reference`) is forwarded like the initial one.
 """
 
 from __future__ import annotations
@@ -88,9 +95,19 @@ class PolicyUpdate:
         return self.loss_cfg.type not in REFERENCE_FREE
 
     @property
+    def behavior(self) -> bool:
+        """Whether the reference is the behaviour policy (BPO): the policy's own log-probs, detached."""
+        return self.uses_reference and self.loss_cfg.reference == "behavior"
+
+    @property
+    def forwards_reference(self) -> bool:
+        """Whether a reference model runs (a loss with a reference, other than the behaviour policy)."""
+        return self.uses_reference and not self.behavior
+
+    @property
     def kl(self) -> bool:
-        """Whether the update measures ``kl`` (online mode, and a loss with a reference)."""
-        return self.want_kl and self.uses_reference
+        """Whether the update measures ``kl`` (online mode, and a reference model that runs)."""
+        return self.want_kl and self.forwards_reference
 
     def _loss(self, policy: tuple, reference: tuple | None, rollouts: Rollouts, sides: tuple[list, list],
               labels) -> PreferenceLossOutput:
@@ -148,10 +165,11 @@ class PolicyUpdate:
             groups = forward_groups(rollouts, rows, self.forward_batch_size)
             batches = [self._pack(rollouts, g) for g in groups]
             ref = ({f: v for g, b in zip(groups, batches) for f, v in zip(g, self._reference_logps(b).tolist())}
-                   if self.uses_reference else None)
+                   if self.forwards_reference else None)
             pol = self._policy_passes(rollouts, groups, batches, ref, prefs, global_pairs)
             logps = torch.tensor([pol[f] for f in rows], dtype=torch.float32, device=device)
-            ref_logps = torch.tensor([ref[f] for f in rows], dtype=torch.float32, device=device) if ref else None
+            ref_logps = (torch.tensor([ref[f] for f in rows], dtype=torch.float32, device=device) if ref is not None
+                         else logps.clone() if self.behavior else None)
             if used:
                 if self.kl:
                     kl_parts.append(logps - ref_logps)
@@ -159,8 +177,9 @@ class PolicyUpdate:
             if prefs.size:
                 at = {f: i for i, f in enumerate(rows)}
                 c, r = [at[f] for f in prefs.chosen], [at[f] for f in prefs.rejected]
-                stats.loss = self._loss((logps[c], logps[r]), (ref_logps[c], ref_logps[r]) if ref else None, rollouts,
-                                        (prefs.chosen, prefs.rejected), self._labels(prefs, range(prefs.size)))
+                refs = (ref_logps[c], ref_logps[r]) if ref_logps is not None else None
+                stats.loss = self._loss((logps[c], logps[r]), refs, rollouts, (prefs.chosen, prefs.rejected),
+                                        self._labels(prefs, range(prefs.size)))
                 stats.loss = dataclasses.replace(stats.loss, losses=stats.loss.losses.detach())
                 stats.chosen_logps, stats.rejected_logps = logps[c], logps[r]
         if self.kl:
@@ -189,8 +208,7 @@ class PolicyUpdate:
                     chosen, rejected = [prefs.chosen[j] for j in pairs], [prefs.rejected[j] for j in pairs]
                     c = torch.tensor([row[f] for f in chosen], device=logps.device)
                     r = torch.tensor([row[f] for f in rejected], device=logps.device)
-                    refs = tuple(torch.tensor([ref[f] for f in side], device=logps.device)
-                                 for side in (chosen, rejected)) if ref else None
+                    refs = self._pair_references(ref, logps, (c, r), (chosen, rejected))
                     out = self._loss((logps[c], logps[r]), refs, rollouts, (chosen, rejected), self._labels(prefs, pairs))
                     loss = out.losses.sum() * scale
                 else:  # no pair here (must_backward): a zero loss that still runs a backward
@@ -198,3 +216,10 @@ class PolicyUpdate:
                 self.accelerator.backward(loss)
             pol.update(zip(group, logps.detach().tolist()))
         return pol
+
+    def _pair_references(self, ref: dict[int, float] | None, logps: torch.Tensor, at: tuple, sides: tuple):
+        """The (chosen, rejected) reference log-probs of a pass's pairs: the reference's, or (behavior) the
+        pass's own policy log-probs, detached; None for a reference-free loss."""
+        if ref is not None:
+            return tuple(torch.tensor([ref[f] for f in side], device=logps.device) for side in sides)
+        return tuple(logps[i].detach() for i in at) if self.behavior else None
