@@ -30,7 +30,9 @@ def _train(args: argparse.Namespace) -> int:
 
     from oaif.run.loop import summary_text
 
-    print(summary_text(train(cfg)))
+    summary = train(cfg)
+    if summary["main"]:  # with several processes, one summary
+        print(summary_text(summary))
     return 0
 
 

@@ -53,7 +53,7 @@ def run_steps(t) -> dict:
         t.close()
     return {"final_checkpoint": str(final), "steps": t.step, "last": last,
             "skipped_inputs": dict(t.parts.prompts.skipped), "judge": t.judge_noise.summary(),
-            "output_dir": str(cfg.train.output_dir)}
+            "output_dir": str(cfg.train.output_dir), "main": t.is_main}
 
 
 SUMMARY_KEYS = ("loss", "reward_accuracy", "logratio_margin", "kl", "response_length", "eos_rate",
