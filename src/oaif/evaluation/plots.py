@@ -213,7 +213,8 @@ def plot_training_curves(metrics: list[dict], path: Path, eval_steps: Sequence[i
     return _save(fig, path)
 
 
-def plot_stacked(metrics: list[dict], keys: dict[str, str], path: Path, title: str, ylabel: str) -> str | None:
+def plot_stacked(metrics: list[dict], keys: dict[str, str], path: Path, title: str, ylabel: str,
+                 integers: bool = False) -> str | None:
     """Stacked bars per step of the ``keys`` (key -> legend label) that ``metrics`` has."""
     keys = {k: label for k, label in keys.items() if any(isinstance(m.get(k), (int, float)) for m in metrics)}
     if not keys:
@@ -231,6 +232,10 @@ def plot_stacked(metrics: list[dict], keys: dict[str, str], path: Path, title: s
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if integers:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     return _save(fig, path)
 
 
@@ -252,8 +257,9 @@ def plot_run(metrics: list[dict], out_dir: Path, judge_lines: dict[str, tuple[fl
         "training": plot_training_curves(metrics, out_dir / "training.png", panels=RUN_PANELS,
                                          title="Training: loss, margin, KL and the sampled responses"),
         "judge": plot_training_curves(metrics, out_dir / "judge.png", panels=JUDGE_PANELS, lines=judge_lines,
-                                      title="The judge (dashed: under this, with the other, labels are noise)"),
-        "pairs": plot_stacked(metrics, PAIR_KEYS, out_dir / "pairs.png", "Pairs per step", "pairs"),
+                                      title="The judge: its labels are coin flips when both curves run under "
+                                            "their dashed lines"),
+        "pairs": plot_stacked(metrics, PAIR_KEYS, out_dir / "pairs.png", "Pairs per step", "pairs", integers=True),
         "time": plot_stacked(metrics, TIME_KEYS, out_dir / "time.png", "Seconds per step, by phase", "seconds"),
     }
     return {k: v for k, v in plots.items() if v}
