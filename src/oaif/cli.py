@@ -26,9 +26,8 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     remember(cfg.to_dict())  # credentials in its URLs are redacted from here on
-    from oaif.trainer import train
-
     from oaif.run.loop import summary_text
+    from oaif.trainer import train
 
     summary = train(cfg)
     if summary["main"]:  # with several processes, one summary
