@@ -88,3 +88,10 @@ def fails_while_broken(prompt: str, a: str, b: str) -> float:
     if os.environ.get("OAIF_TEST_JUDGE_BROKEN") == "1":
         return float("nan")
     return shorter_unless_marked(prompt, a, b)
+
+
+def first_shown_mostly(prompt: str, a: str, b: str) -> float:
+    """A position-biased judge: P(shown first better) 0.8, nudged by 0.05 toward the shorter (characters).
+    Read in both orders its readings disagree on every pair and average to 0.45 or 0.55: labels that
+    follow length only by a hair, with a both-order consistency of 0 (what the embedded judge does)."""
+    return 0.8 + (0.05 if len(a) < len(b) else -0.05 if len(a) > len(b) else 0.0)

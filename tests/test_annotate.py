@@ -269,8 +269,15 @@ def test_against_labels_numbers_match_a_hand_computation(tmp_path, capsys):
     rows = [json.loads(line) for line in judgments.read_text().splitlines()]
     assert len(rows) == 6 and [r["agree"] for r in rows if r["failure"] is None] == [1.0, 1.0, 0.0, 0.5, 1.0]
     assert rows[3]["consistent"] is False and rows[4]["failure"] == "callable_error"
-    out = capsys.readouterr().out
-    assert "agreement        0.700" in out and "Wilson" in out
+    captured = capsys.readouterr()
+    assert "agreement        0.700" in captured.out and "Wilson" in captured.out
+    # consistency 0.8, mean |P - 0.5| 0.32: labels, not coin flips (the training run's thresholds)
+    assert rep["judge_noise"] == {"noise": False, "distance": pytest.approx(0.32), "min_consistency": 0.5,
+                                  "min_distance": 0.1}
+    assert "verdict          both-order consistency 0.800 (noise under 0.5), mean |P - 0.5| 0.320" in captured.out
+    assert next(line for line in captured.out.splitlines() if line.startswith("verdict")).endswith(
+        "(noise under 0.1): better than coin flips")
+    assert "oaif: warning" not in captured.err
 
 
 def test_against_labels_accepts_a_plain_preference_file_and_limit(tmp_path):
@@ -284,6 +291,27 @@ def test_against_labels_accepts_a_plain_preference_file_and_limit(tmp_path):
                  "--set", "type=callable", "--set", f"callable={SHORTER}", "--set", "both_orders=false"]) == 0
     rep = json.loads(report.read_text())
     assert rep["pairs"] == 2 and rep["agreement"] == 0.5 and rep["limit"] == 2
+
+
+def test_against_labels_says_when_the_judge_is_noise(tmp_path, capsys):
+    # a judge that picks the response shown first: its two orders never agree and average near 0.5
+    src = write_jsonl(tmp_path / "labelled.jsonl", [
+        {"prompt": "q", "chosen": "short", "rejected": "a much longer reply"},
+        {"prompt": "q", "chosen": "a much longer reply", "rejected": "short"},
+        {"prompt": "q", "chosen": "tiny", "rejected": "not so tiny"},
+    ])
+    report = tmp_path / "r.json"
+    judges = Path(__file__).resolve().parent / "judges_for_tests.py"
+    assert main(["annotate", str(src), "--against-labels", "--report", str(report), "--no-progress",
+                 "--set", "type=callable", "--set", f"callable={judges}:first_shown_mostly"]) == 0
+    rep = json.loads(report.read_text())
+    assert rep["position_consistency"] == 0.0 and rep["mean_confidence"] == pytest.approx(0.55)
+    assert rep["judge_noise"]["noise"] is True and rep["judge_noise"]["distance"] == pytest.approx(0.05)
+    captured = capsys.readouterr()
+    assert ("verdict          both-order consistency 0.000 (noise under 0.5), mean |P - 0.5| 0.050 (noise under "
+            "0.1): no better than coin flips") in captured.out
+    warning = [line for line in captured.err.splitlines() if line.startswith("oaif: warning: ")]
+    assert len(warning) == 1 and "use a stronger judge (README, \"Which judge runs here?\")" in warning[0]
 
 
 def test_against_labels_rejects_unlabelled_pairs(tmp_path, capsys):

@@ -85,6 +85,25 @@ def test_online_two_processes_run_the_loop_and_match_one(tiny_model_dir, tmp_pat
 
 
 @pytest.mark.slow
+def test_the_judge_noise_warning_counts_every_process_and_comes_from_the_main_one(tiny_model_dir, tmp_path):
+    # 2 processes x 2 prompts: 4 pairs a step, 2 of them on each process. An 8-pair window fills at step 2
+    # only with both processes' pairs (each alone judges 6 in 3 steps); the warning is printed once.
+    judge = f"annotator.callable={JUDGES}:first_shown_mostly"
+    result = run(common(tiny_model_dir, tmp_path / "two", 2) + ["annotator.type=callable", judge,
+                                                                "annotator.noise_window=8"], 2)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("oaif: warning: the judge's labels")]
+    assert len(warnings) == 1, result.stderr[-3000:]
+    assert "both-order consistency 0.000 (noise under 0.5)" in warnings[0]
+    records = read_metrics(tmp_path / "two" / "metrics.jsonl")
+    judged = [r["pairs_judged"] - r["pairs_failed"] for r in records]
+    assert sum(judged[:2]) >= 8 > sum(judged) / 2, judged
+    assert f"over {sum(judged[:2])} judged pairs (annotator.noise_window=8)" in warnings[0]
+    summary = [line for line in result.stdout.splitlines() if line.startswith("judge: ")]
+    assert len(summary) == 1 and summary[0].endswith("no better than coin flips; use a stronger judge (README, \"Which judge runs "
+                                           "here?\") or a rule or reward model (annotator.type=callable or reward_model)")
+
+
+@pytest.mark.slow
 def test_simpo_two_processes_match_one(tiny_model_dir, tmp_path):
     # the reference-free loss: no reference forward and no kl on any process, response lengths from each
     # process's own rollouts; the step is still the mean over the global batch's pairs

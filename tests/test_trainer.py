@@ -437,3 +437,89 @@ def test_offline_pairs_are_tokenized_like_online_samples(end_of_turn_model_dir, 
     assert summary["skipped_inputs"] == {"too_long": 1}
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert all(r["responses_truncated"] == 3 and "judge_confidence" not in r for r in records)
+
+
+# -- the judge noise check (oaif.run.judge_noise) -------------------------------------------------
+def judged_step(consistent: int, both: int, confidence: float, judged: int) -> StepMetrics:
+    m = StepMetrics()
+    m.add("judge_consistency", consistent, both)
+    m.add("judge_confidence", confidence * judged, judged)
+    return m
+
+
+def test_the_noise_window_measures_the_last_pairs_and_warns_once():
+    from oaif.run.judge_noise import NoiseWindow
+
+    w = NoiseWindow(8)
+    w.add(judged_step(4, 4, 0.95, 4))  # a clean step, then noise
+    assert w.warning() is None  # 4 pairs: the window is not full
+    w.add(judged_step(0, 4, 0.51, 4))
+    assert w.warning() is None  # 8 pairs, half of them clean: consistency 0.5 is not under 0.5
+    w.add(judged_step(0, 4, 0.52, 4))  # the clean step leaves the window
+    assert (w.window.consistency, w.window.judged) == (0.0, 8)
+    message = w.warning()
+    assert message.startswith("the judge's labels look no better than coin flips: both-order consistency 0.000")
+    assert "mean |P - 0.5| 0.015 (noise under 0.1) over 8 judged pairs (annotator.noise_window=8)" in message
+    assert "Which judge runs here?" in message
+    w.add(judged_step(0, 4, 0.5, 4))
+    assert w.warning() is None  # once per run
+    # over the whole run the clean first step lifts the mean preference past the threshold
+    assert w.summary() == ("both-order consistency 0.250 (noise under 0.5), mean |P - 0.5| 0.120 (noise under 0.1) "
+                           "over 16 judged pairs: better than coin flips")
+
+
+def test_a_judge_without_both_orders_is_not_called_noise_and_0_turns_the_warning_off():
+    from oaif.run.judge_noise import NoiseWindow
+
+    one_order = NoiseWindow(4)
+    one_order.add(judged_step(0, 0, 0.5, 4))  # both_orders=false: no consistency, a preference of exactly 0.5
+    assert one_order.warning() is None
+    assert one_order.summary().startswith("both-order consistency not measured")
+    off = NoiseWindow(0)
+    off.add(judged_step(0, 4, 0.5, 4))
+    assert off.warning() is None and off.summary().endswith("no better than coin flips; " + ADVICE_TEXT)
+    assert NoiseWindow(4).summary() is None  # nothing judged (offline)
+
+
+ADVICE_TEXT = ("use a stronger judge (README, \"Which judge runs here?\") or a rule or reward model "
+               "(annotator.type=callable or reward_model)")
+
+
+def demo_cli(out, *extra) -> list[str]:
+    """`oaif train configs/demo.yaml` as the README runs it, cut to 2 steps with a 4-pair noise window."""
+    return ["train", str(ROOT / "configs/demo.yaml"), f"train.output_dir={out}", "train.max_steps=2",
+            "annotator.noise_window=4", "logging.progress_bar=false", f"data.path={ROOT / 'data/prompts/demo_prompts.jsonl'}",
+            *extra]
+
+
+@pytest.mark.slow
+def test_the_demo_judge_warns_that_its_labels_are_coin_flips(smollm2_path, tmp_path, capsys):
+    # the demo itself (the embedded SmolLM2 judging its own samples, 4 pairs a step), with a 4-pair window
+    # instead of 32 so that 2 steps suffice: both windows are noise, the warning comes once
+    from oaif.cli import main
+
+    out = tmp_path / "demo"
+    assert main(demo_cli(out)) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("oaif: warning: the judge's labels")]
+    assert len(warnings) == 1, captured.err[-3000:]
+    assert "(annotator.noise_window=4); use a stronger judge" in warnings[0]
+    lines = captured.out.splitlines()
+    assert lines[0] == f"done: 2 steps, checkpoint {out / 'checkpoint-2'}"
+    judge = next(line for line in lines if line.startswith("judge: "))
+    assert judge.endswith("judged pairs: no better than coin flips; " + ADVICE_TEXT)
+    records = read_metrics(out / "metrics.jsonl")
+    assert all(r["judge_consistency"] < 0.5 and r["judge_confidence"] < 0.6 for r in records)
+    assert lines[-2].startswith(f"plots: oaif plot {out} ") and lines[-1].startswith(f"next: oaif eval --run {out} ")
+
+
+@pytest.mark.slow
+def test_the_rule_judge_does_not_warn(smollm2_path, tmp_path, capsys):
+    from oaif.cli import main
+
+    out = tmp_path / "rule"
+    assert main(demo_cli(out, "annotator.type=callable", f"annotator.callable={SHORTER}")) == 0
+    captured = capsys.readouterr()
+    assert "oaif: warning" not in captured.err
+    judge = next(line for line in captured.out.splitlines() if line.startswith("judge: "))
+    assert judge.startswith("judge: both-order consistency 1.000") and judge.endswith(": better than coin flips")

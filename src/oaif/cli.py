@@ -4,6 +4,7 @@
     oaif annotate ...                         label a file of pairs and write a preference file
     oaif eval ...                             win rate against a baseline, plots and a report
     oaif expo --base B --aligned A --alpha X --out DIR   ExPO: extrapolate an aligned model from its base
+    oaif plot RUN_DIR [--out DIR]             PNGs of a run's metrics over its steps, and a Markdown page
     oaif config show CONFIG [key=value ...]   print the resolved config
     oaif config keys                          list every config key with its help
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from oaif.errors import OaifError
@@ -26,14 +26,12 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     remember(cfg.to_dict())  # credentials in its URLs are redacted from here on
+    from oaif.run.loop import summary_text
     from oaif.trainer import train
 
     summary = train(cfg)
-    last = summary["last"]
-    keys = ("loss", "reward_accuracy", "logratio_margin", "kl", "response_length", "eos_rate", "judge_consistency", "time_step_s")
-    print(f"done: {summary['steps']} steps, checkpoint {summary['final_checkpoint']}")
-    print("last step: " + ", ".join(f"{k}={last[k]:.4g}" for k in keys if k in last))
-    print(f"metrics: {os.path.join(cfg.train.output_dir, 'metrics.jsonl')}")
+    if summary["main"]:  # with several processes, one summary
+        print(summary_text(summary))
     return 0
 
 
@@ -65,12 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     from oaif.commands import annotate as annotate_cmd
     from oaif.commands import eval as eval_cmd
     from oaif.commands import expo as expo_cmd
+    from oaif.commands import plot as plot_cmd
 
     for name, cmd, help_text in (
             ("annotate", annotate_cmd,
              "label pairs (or sampled pairs) with an annotator; compare with human labels"),
             ("eval", eval_cmd, "win rate of a model (or a run's checkpoints) against another, with a report"),
-            ("expo", expo_cmd, "ExPO: write aligned + alpha * (aligned - base) as a model directory")):
+            ("expo", expo_cmd, "ExPO: write aligned + alpha * (aligned - base) as a model directory"),
+            ("plot", plot_cmd, "PNGs of a run's metrics over its steps (loss, KL, length, judge, pairs, time)")):
         p = sub.add_parser(name, help=help_text, description=cmd.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         cmd.add_arguments(p)

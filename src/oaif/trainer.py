@@ -37,6 +37,7 @@ from oaif.config import Config
 from oaif.errors import AnnotatorError, TrainingError
 from oaif.generation.weights import policy_weights
 from oaif.redaction import redact
+from oaif.run.judge_noise import NoiseWindow
 from oaif.run.metrics import FailureWindow, StepMetrics
 from oaif.step.pairs import annotate_pairs, build_pairs, preference_rollouts
 from oaif.step.ranking import build_best_worst
@@ -70,6 +71,7 @@ class Trainer:
         self.cfg, self._annotator_override, self._sampler_override = cfg, annotator, sampler
         self.step = 0
         self.failures = FailureWindow(cfg.annotator.failure_window)
+        self.judge_noise = NoiseWindow(cfg.annotator.noise_window if cfg.train.mode == "online" else 0)
 
     def setup(self) -> "Trainer":
         from oaif.models.reference import training_reference
@@ -178,6 +180,7 @@ class Trainer:
         totals = metrics.reduce(self.accelerator)
         self.audit.flush(self.accelerator)
         self.failures.add(totals)
+        self.judge_noise.add(totals)  # every process holds the same sums; the main process speaks (run.loop)
         record = {"step": self.step, "lr": lr, **totals.record(self.accelerator.num_processes),
                   "time_step_s": time.perf_counter() - started, "prompts_seen": self.stream.position}
         if grad_norm is not None:

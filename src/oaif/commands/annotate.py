@@ -26,6 +26,9 @@ Measure agreement with human labels (HH transcripts, or JSONL with prompt/chosen
   consistency     fraction of judged pairs whose two orders pick the same winner
   first-position  fraction of single-order readings that pick the response shown first (0.5 = no bias)
   confidence      mean of max(p, 1 - p) over judged pairs
+  verdict         whether the labels are better than coin flips (consistency under 0.5 and
+                  confidence under 0.6 are noise, as during training; DEVELOPERS.md); noise also
+                  prints `oaif: warning: ...` with what to do
 
 Annotator options (defaults: the in-process SmolLM2 judge with the helpful rubric):
 
@@ -116,6 +119,15 @@ def judge_stats(judgments: list) -> dict:
         "first_position_rate": mean(first),
         "mean_confidence": mean([max(j.prob, 1.0 - j.prob) for j in ok]),
     }
+
+
+def noise_verdict(stats: dict) -> dict:
+    """Whether :func:`judge_stats`' labels are no better than coin flips, by the training run's thresholds."""
+    from oaif.run.judge_noise import MIN_CONSISTENCY, MIN_DISTANCE, is_noise
+
+    distance = stats["mean_confidence"] - 0.5 if stats["mean_confidence"] is not None else None
+    return {"noise": is_noise(stats["position_consistency"], distance), "distance": distance,
+            "min_consistency": MIN_CONSISTENCY, "min_distance": MIN_DISTANCE}
 
 
 def agreement_stats(judgments: list, swapped: list[bool]) -> dict:
@@ -342,6 +354,7 @@ def _run(args: argparse.Namespace, cfg, t0: float) -> int:
         report["written"] = save_preferences(args.out, records)
         report["ties"] = ties
         report["out"] = str(args.out)
+    report["judge_noise"] = noise_verdict(stats)
     report["annotator"] = redact(asdict(cfg))
     report["judge_seconds"] = round(judge_s, 3)
     report["seconds"] = round(time.perf_counter() - t0, 3)
@@ -375,9 +388,28 @@ def _print_summary(r: dict, args) -> None:
     lines += [f"consistency      {fmt(r['position_consistency'])} (pairs whose two orders agree)",
               f"first-position   {fmt(r['first_position_rate'])} (readings picking the response shown first)",
               f"confidence       {fmt(r['mean_confidence'])} (mean max(p, 1-p))",
+              f"verdict          {_verdict(r)}",
               f"time             {r['seconds']:.1f} s ({fmt(r['pairs_per_second'], 2)} pairs/s judging)"]
     if args.against_labels and args.out:
         lines.append(f"judgments        {args.out}")
     if args.report:
         lines.append(f"report           {args.report}")
     print("\n".join(lines))
+    if r["judge_noise"]["noise"]:
+        import sys
+
+        from oaif.run.judge_noise import ADVICE
+
+        sys.stderr.write(f"oaif: warning: the judge's labels look no better than coin flips: {_verdict(r)}; {ADVICE}\n")
+
+
+def _verdict(r: dict) -> str:
+    """The judge noise check in words: the numbers, the thresholds, the outcome."""
+    from oaif.evaluation.formats import fmt
+
+    v = r["judge_noise"]
+    if r["position_consistency"] is None:
+        return "not checked (no pair was read in both orders)"
+    return (f"both-order consistency {fmt(r['position_consistency'])} (noise under {v['min_consistency']}), mean "
+            f"|P - 0.5| {fmt(v['distance'])} (noise under {v['min_distance']}): "
+            + ("no better than coin flips" if v["noise"] else "better than coin flips"))

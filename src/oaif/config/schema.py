@@ -105,6 +105,9 @@ class AnnotatorConfig:
     audit_log: bool = _f(True, "Write every judgment to annotations.jsonl in the run directory.")
     max_failure_rate: float = _f(0.5, "Stop (after a checkpoint) when more than this fraction of pairs fail over the window.")
     failure_window: int = _f(64, "Number of most recent pairs over which the failure rate is measured.")
+    noise_window: int = _f(32, "Judged pairs over which the judge's both-order consistency and mean |P - 0.5| are "
+                               "measured; when both show labels no better than coin flips (consistency < 0.5 and "
+                               "|P - 0.5| < 0.1) the run prints one warning. 0: no warning.")
 
 
 @dataclass

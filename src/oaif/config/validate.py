@@ -218,6 +218,7 @@ def _validate_annotator(a: AnnotatorConfig, prefix: str) -> None:
         (k + "top_logprobs", 1 <= a.top_logprobs <= 20, "must be in [1, 20]"),
         (k + "max_failure_rate", 0 < a.max_failure_rate <= 1, "must be in (0, 1]"),
         (k + "failure_window", a.failure_window >= 1, "must be >= 1"),
+        (k + "noise_window", a.noise_window >= 0, "must be >= 0 (0: no judge noise warning)"),
     ])
     for i, spec in enumerate(a.members):
         where = f"{prefix}members[{i}]"

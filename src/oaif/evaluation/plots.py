@@ -1,4 +1,4 @@
-"""The evaluation's PNG plots, drawn from :mod:`oaif.evaluation.evaluate`'s result.
+"""The evaluation's PNG plots, drawn from :mod:`oaif.evaluation.evaluate`'s result, and a run's metrics.
 
 Plots (matplotlib, Agg canvas, imported only here and only when a report is written):
 
@@ -11,6 +11,9 @@ Plots (matplotlib, Agg canvas, imported only here and only when a report is writ
 * ``win_rate.png``             two-model mode: win rate and mean P(A better) with their CIs;
 * ``lengths.png``              histograms of response lengths (A and B; or the start model and the
   last checkpoint).
+
+``oaif plot RUN_DIR`` (:func:`plot_run`) draws a run's ``metrics.jsonl`` with the same functions:
+``training.png``, ``judge.png``, ``pairs.png``, ``time.png``.
 
 Without matplotlib (``pip install 'oaif[plots]'``) the report is written without plots and says so.
 """
@@ -169,8 +172,13 @@ def plot_win_rate(result: dict, path: Path) -> str:
     return _save(fig, path)
 
 
-def plot_training_curves(metrics: list[dict], path: Path, eval_steps: Sequence[int] = ()) -> str | None:
-    keys = [k for k in TRAINING_PANELS if any(isinstance(m.get(k), (int, float)) for m in metrics)]
+def plot_training_curves(metrics: list[dict], path: Path, eval_steps: Sequence[int] = (),
+                         panels: dict[str, tuple[str, str]] = TRAINING_PANELS,
+                         title: str = "Training curves from metrics.jsonl (dotted: evaluated checkpoints)",
+                         lines: dict[str, tuple[float, str]] | None = None) -> str | None:
+    """One panel per key of ``panels`` that ``metrics`` has; ``lines``: key -> (y, label) of a dashed
+    horizontal line in its panel (a threshold)."""
+    keys = [k for k in panels if any(isinstance(m.get(k), (int, float)) for m in metrics)]
     if not keys:
         return None
     cols = min(3, len(keys))
@@ -193,13 +201,68 @@ def plot_training_curves(metrics: list[dict], path: Path, eval_steps: Sequence[i
         ax.ticklabel_format(axis="y", useOffset=False)
         for s in eval_steps:
             ax.axvline(s, color="0.6", ls=":", lw=0.8)
-        title, ylabel = TRAINING_PANELS[key]
-        ax.set_title(title, fontsize=10)
+        if lines and key in lines:
+            ax.axhline(lines[key][0], color="0.3", ls="--", lw=1, label=lines[key][1])
+            ax.legend(fontsize=7)
+        panel_title, ylabel = panels[key]
+        ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(alpha=0.3)
-    fig.suptitle("Training curves from metrics.jsonl (dotted: evaluated checkpoints)", fontsize=11)
+    fig.suptitle(title, fontsize=11)
     return _save(fig, path)
+
+
+def plot_stacked(metrics: list[dict], keys: dict[str, str], path: Path, title: str, ylabel: str,
+                 integers: bool = False) -> str | None:
+    """Stacked bars per step of the ``keys`` (key -> legend label) that ``metrics`` has."""
+    keys = {k: label for k, label in keys.items() if any(isinstance(m.get(k), (int, float)) for m in metrics)}
+    if not keys:
+        return None
+    steps = [m.get("step", i + 1) for i, m in enumerate(metrics)]
+    fig = _figure(8.0, 3.8)
+    ax = fig.add_subplot()
+    bottom = [0.0] * len(metrics)
+    for i, (key, label) in enumerate(keys.items()):
+        values = [float(m.get(key) or 0) for m in metrics]
+        ax.bar(steps, values, bottom=bottom, width=0.8, color=COLORS[i % len(COLORS)], label=label)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if integers:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    return _save(fig, path)
+
+
+# `oaif plot RUN_DIR`: metrics.jsonl over the steps, one PNG per concern
+RUN_PANELS = {k: TRAINING_PANELS[k] for k in ("loss", "logratio_margin", "reward_accuracy", "kl",
+                                              "response_length", "eos_rate")}
+JUDGE_PANELS = {**{k: TRAINING_PANELS[k] for k in ("judge_consistency", "judge_confidence")},
+                "judge_label_mass": ("Judge label mass", "probability on the two label tokens")}
+PAIR_KEYS = {"pairs_used": "used (trained on)", "pairs_masked": "masked (identical or tied)",
+             "pairs_failed": "failed judgments"}
+TIME_KEYS = {"time_sample_s": "sampling", "time_annotate_s": "judging", "time_update_s": "update",
+             "time_weight_sync_s": "weight push (vLLM)"}
+
+
+def plot_run(metrics: list[dict], out_dir: Path, judge_lines: dict[str, tuple[float, str]]) -> dict[str, str]:
+    """``oaif plot``'s PNGs in ``out_dir``: {what: file name} for each plot that the metrics have values for.
+    ``judge_lines``: the noise thresholds drawn in the judge panels."""
+    plots = {
+        "training": plot_training_curves(metrics, out_dir / "training.png", panels=RUN_PANELS,
+                                         title="Training: loss, margin, KL and the sampled responses"),
+        "judge": plot_training_curves(metrics, out_dir / "judge.png", panels=JUDGE_PANELS, lines=judge_lines,
+                                      title="The judge: its labels are coin flips when both curves run under "
+                                            "their dashed lines"),
+        "pairs": plot_stacked(metrics, PAIR_KEYS, out_dir / "pairs.png", "Pairs per step", "pairs", integers=True),
+        "time": plot_stacked(metrics, TIME_KEYS, out_dir / "time.png", "Seconds per step, by phase", "seconds"),
+    }
+    return {k: v for k, v in plots.items() if v}
 
 
 def make_plots(result: dict, out_dir: Path, metrics: list[dict] | None = None) -> dict[str, str]:

@@ -5,6 +5,9 @@ which leaves the progress saved (or, for a non-finite step, the last finite chec
 
 from __future__ import annotations
 
+import os
+import sys
+
 from oaif.errors import AnnotatorError, CheckpointWriteError, TrainingError
 from oaif.run.finite_guard import NonFiniteError, check_step
 from oaif.run.stop_signals import StopSignals, Stopped
@@ -28,6 +31,8 @@ def run_steps(t) -> dict:
                 t.metrics.write(last)
                 bar.set_postfix({k: f"{last[k]:.3g}" for k in BAR_KEYS if k in last} | {"pairs": last["pairs_used"]})
                 bar.update(1)
+                if warning := t.judge_noise.warning():
+                    bar.write(f"oaif: warning: {warning}", file=sys.stderr)
             check_step(last, t.step, t.checkpoints.last_saved)
             t.check_failures()
             if signal_name := signals.requested(t.accelerator):
@@ -47,4 +52,23 @@ def run_steps(t) -> dict:
         bar.close()
         t.close()
     return {"final_checkpoint": str(final), "steps": t.step, "last": last,
-            "skipped_inputs": dict(t.parts.prompts.skipped)}
+            "skipped_inputs": dict(t.parts.prompts.skipped), "judge": t.judge_noise.summary(),
+            "output_dir": str(cfg.train.output_dir), "main": t.is_main}
+
+
+SUMMARY_KEYS = ("loss", "reward_accuracy", "logratio_margin", "kl", "response_length", "eos_rate",
+                "judge_consistency", "time_step_s")
+
+
+def summary_text(summary: dict) -> str:
+    """The end of a run in words: the checkpoint, the last step, the judge's numbers, and what to run next."""
+    last, out = summary["last"], summary["output_dir"]
+    lines = [f"done: {summary['steps']} steps, checkpoint {summary['final_checkpoint']}",
+             "last step: " + ", ".join(f"{k}={last[k]:.4g}" for k in SUMMARY_KEYS if k in last),
+             f"metrics: {os.path.join(out, 'metrics.jsonl')}"]
+    if summary.get("judge"):
+        lines.append(f"judge: {summary['judge']}")
+    lines += [f"plots: oaif plot {out}   (PNGs of every metric over the steps, in {os.path.join(out, 'plots')})",
+              f"next: oaif eval --run {out}   (each checkpoint's win rate against the start model on held-out "
+              f"prompts; add --annotator-config {os.path.join(out, 'config.yaml')} to judge with this run's judge)"]
+    return "\n".join(lines)

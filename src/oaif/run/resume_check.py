@@ -24,7 +24,7 @@ SAFE_KEYS = ("train.max_steps", "train.save_every", "train.keep_last", "train.re
              "train.overwrite_output_dir", "train.output_dir", "train.forward_batch_size",
              "train.share_prompt_forward", "model.cache_dir", "logging.",
              "annotator.request_timeout", "annotator.max_retries", "annotator.concurrency", "annotator.base_url",
-             "annotator.api_key_env", "annotator.audit_log")
+             "annotator.api_key_env", "annotator.audit_log", "annotator.noise_window")
 
 
 def _safe(key: str, allowed: list[str]) -> bool:
