@@ -176,3 +176,14 @@ def make_tiny_gguf(path, seed: int = 0, hidden: int = 64, layers: int = 2, heads
     writer.write_tensors_to_file()
     writer.close()
     return os.fspath(path)
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """Run ``oaif ARGV`` in this process; it must exit 2 with exactly one ``oaif: error:`` line and no traceback."""
+    from oaif.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("oaif: error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    return errors[0]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_tiny_llama
+from helpers import make_tiny_llama, one_line_error
 from oaif.cli import main
 from oaif.config import load_config
 from oaif.trainer import train
@@ -34,14 +34,6 @@ def run_args(model_dir, out, *extra) -> list[str]:
             "logging.progress_bar=false", f"data.path={PROMPTS}", *extra]
 
 
-def one_line_error(capsys, argv: list[str]) -> str:
-    """Run ``oaif ARGV`` in this process; it must exit 2 with exactly one ``oaif: error:`` line."""
-    code = main(argv)
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("oaif: error:")]
-    assert code == 2 and len(errors) == 1, err[-3000:]
-    assert "Traceback" not in err
-    return errors[0]
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import make_tiny_llama
+from helpers import make_tiny_llama, one_line_error
 from oaif.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,13 +32,6 @@ def expo(base, aligned, alpha, out, *extra) -> int:
                  *extra])
 
 
-def one_line_error(capsys, argv: list[str]) -> str:
-    """``oaif ARGV`` in this process exits 2 with exactly one ``oaif: error:`` line and no traceback."""
-    code = main(argv)
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("oaif: error:")]
-    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

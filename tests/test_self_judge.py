@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import one_line_error
 from oaif.annotators.base import PairRequest
 from oaif.annotators.build import build_annotator
 from oaif.annotators.llm_judge import LLMJudge
 from oaif.annotators.rubrics import load_rubric
-from oaif.cli import main
 from oaif.config import describe, load_annotator_config, load_config
 from oaif.errors import AnnotatorError, ConfigError
 from oaif.models.modules import without_ddp
@@ -178,12 +178,6 @@ def test_ensemble_members_may_self_judge_but_only_as_llm_judges():
         build_annotator(cfg.annotator)  # the Python API without a policy: one line, before any model loads
 
 
-def one_line_error(capsys, argv: list[str]) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("oaif: error:")]
-    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
-    return errors[0]
 
 
 def test_eval_and_annotate_have_no_policy_to_judge_with(tiny_model_dir, tmp_path, capsys):
