@@ -112,15 +112,70 @@ def test_a_vllm_run_that_cannot_sample_stops_with_one_line(tiny_model_dir, tmp_p
     assert "Traceback" not in result.stderr
 
 
-def test_colocated_engines_on_several_gpus_are_refused():
+# -- several processes with colocated engines: each on its own device ------------------------------
+def test_one_process_keeps_the_default_executor():
+    from oaif.generation.vllm_colocated import engine_placement
+
+    for device in ("cpu", "cuda", "cuda:0"):
+        placement = engine_placement(device)
+        assert placement.device == torch.device(device) and placement.engine_args == {} and placement.env == {}
+
+
+def test_several_cpu_processes_run_the_executor_several_gpus_run():
+    from oaif.generation.vllm_colocated import engine_placement
+
+    placement = engine_placement("cpu", process_index=1, local_process_index=1, num_processes=2)
+    assert placement.device == torch.device("cpu")  # the two-process CPU runs (test_vllm_trainer.py) run it
+    assert placement.engine_args == {"distributed_executor_backend": "external_launcher"}
+    assert placement.env == {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}
+
+
+@pytest.mark.parametrize("rank, local_rank, world", [(0, 0, 2), (1, 1, 2), (9, 1, 16)], ids=["main", "second", "node2"])
+def test_several_gpu_processes_each_get_an_engine_on_their_own_device(rank, local_rank, world):
+    from oaif.generation.vllm_colocated import engine_placement
+
+    placement = engine_placement(torch.device("cuda", local_rank), process_index=rank, local_process_index=local_rank,
+                                 num_processes=world)
+    assert placement.device == torch.device("cuda", local_rank)  # not cuda:0 for all, as the default executor would
+    assert placement.engine_args == {"distributed_executor_backend": "external_launcher"}
+    assert placement.env == {"RANK": str(rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world)}
+
+
+def test_an_engine_elsewhere_than_its_policy_is_one_line():
+    from oaif.generation.vllm_colocated import engine_placement
+
+    with pytest.raises(GenerationError, match=r"^process 1 trains on cuda:0 but its local rank is 1: .*vllm.mode=server$"):
+        engine_placement("cuda:0", process_index=1, local_process_index=1, num_processes=2)
+
+
+def test_the_startup_utilization_passes_vllms_free_memory_check_whatever_the_trainer_holds():
+    import math
+
+    from oaif.generation.vllm_colocated import startup_utilization
+
+    total = 143_771_000_000  # an H200's memory
+    assert startup_utilization(total, total) == 0.92  # a free device: vLLM's default
+    assert startup_utilization(int(0.5 * total), total) == 0.49
+    for share in range(3, 101):  # vLLM 0.32 (v1/worker/utils.py request_memory) refuses unless this holds
+        free = int(total * share / 100) - 1
+        assert math.ceil(total * startup_utilization(free, total)) <= free, share
+    with pytest.raises(GenerationError, match=r"^a colocated vLLM engine needs GPU memory, but 1.00 of 133.90 GiB"):
+        startup_utilization(2**30, total)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here: it would start")
+def test_colocated_engines_on_several_gpus_are_built_not_refused(tiny_model_dir):
     from oaif.generation.build import build_sampler
+    from oaif.models.load import load_causal_lm
 
-    class TwoGpus:  # stands in for a two-GPU accelerator, which this machine lacks; only these are read
-        num_processes, device = 2, torch.device("cuda", 0)
+    class SecondOfTwoGpus:  # stands in for a two-GPU accelerator, which this machine lacks; only these are read
+        num_processes, process_index, local_process_index, device = 2, 1, 1, torch.device("cuda", 1)
 
-    cfg = load_config(ROOT / "configs" / "vllm_demo.yaml")
-    with pytest.raises(ConfigError, match="vllm.mode=colocated runs one process only on a GPU"):
-        build_sampler(cfg, None, None, {2}, TwoGpus())
+    cfg = load_config(ROOT / "configs" / "vllm_demo.yaml", [f"model.name_or_path={tiny_model_dir}"])
+    policy, tok = load_causal_lm(tiny_model_dir)
+    # the engine is built (and here stops at the missing vLLM), no longer refused for several GPUs
+    with pytest.raises(GenerationError, match="the vLLM backend needs vLLM"):
+        build_sampler(cfg, policy, tok, {2}, SecondOfTwoGpus())
 
 
 @pytest.mark.parametrize("precision, weights, engine", [

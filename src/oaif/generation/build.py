@@ -16,13 +16,16 @@ from oaif.generation.base import Generator, StopRules
 
 
 def build_generator(settings: VllmConfig, *, model_path: str, eos_ids: set[int], max_model_len: int,
-                    policy_dtype: torch.dtype | None, seed: int, output_dir: str, vocab_size: int | None = None) -> Generator:
+                    policy_dtype: torch.dtype | None, seed: int, output_dir: str, vocab_size: int | None = None,
+                    placement=None) -> Generator:
     """A :class:`ColocatedVllm` over ``model_path`` or a :class:`VllmServer` client, per ``settings.mode``.
 
     ``model_path`` is the resolved policy (base model for LoRA) directory; ``eos_ids`` the ids that
     end a response (:func:`oaif.step.sampling.eos_token_ids`). The caller pushes the policy's weights
     with ``load_weights`` after every optimizer step, and once before the first sample. A server's
-    token ids are checked against ``vocab_size`` (the policy's), when given.
+    token ids are checked against ``vocab_size`` (the policy's), when given. ``placement``
+    (:func:`oaif.generation.vllm_colocated.engine_placement`) puts a colocated engine on this
+    process's device; by default the current one.
     """
     settings.validate()
     stop = StopRules(frozenset(int(i) for i in eos_ids))
@@ -33,7 +36,8 @@ def build_generator(settings: VllmConfig, *, model_path: str, eos_ids: set[int],
                           vocab_size=vocab_size)
     from oaif.generation.vllm_colocated import ColocatedVllm
 
-    return ColocatedVllm(model_path, stop, settings, max_model_len=max_model_len, policy_dtype=policy_dtype, seed=seed)
+    return ColocatedVllm(model_path, stop, settings, max_model_len=max_model_len, policy_dtype=policy_dtype, seed=seed,
+                         placement=placement)
 
 
 def policy_compute_dtype(cfg: Config, policy) -> torch.dtype:
@@ -48,7 +52,8 @@ def build_sampler(cfg: Config, policy, tokenizer, eos_ids: set[int], accelerator
 
     ``shared_prefill`` and ``hf`` sample the policy itself (:class:`LivePolicy`); ``vllm`` starts an
     engine in this process or connects to a server. With several processes each has its own
-    engine (colocated; CPU only) or they share the server, whose weights the main process pushes.
+    engine (colocated: on its own GPU, ``cuda:<local rank>``) or they share the server, whose
+    weights the main process pushes.
     """
     if cfg.sampling.backend != "vllm":
         from oaif.generation.live_policy import LivePolicy
@@ -62,15 +67,19 @@ def build_sampler(cfg: Config, policy, tokenizer, eos_ids: set[int], accelerator
                           f"embeddings of {cfg.model.name_or_path}, which makes them differ, but a vLLM engine holds them "
                           f"tied: leave embed_tokens and lm_head out of model.lora.target_modules, or use "
                           f"sampling.backend=shared_prefill")
-    several = accelerator.num_processes > 1
-    if cfg.vllm.mode == "colocated" and several and accelerator.device.type != "cpu":
-        raise ConfigError("vllm.mode=colocated runs one process only on a GPU (every engine would take the first "
-                          "device); use vllm.mode=server, or a single process")
+    placement = None
+    if cfg.vllm.mode == "colocated":
+        from oaif.generation.vllm_colocated import engine_placement
+
+        placement = engine_placement(accelerator.device, process_index=accelerator.process_index,
+                                     local_process_index=accelerator.local_process_index,
+                                     num_processes=accelerator.num_processes)
     generator = build_generator(cfg.vllm, model_path=resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir),
                                 eos_ids=eos_ids, max_model_len=cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
                                 policy_dtype=policy_compute_dtype(cfg, policy), seed=cfg.train.seed,
-                                output_dir=cfg.train.output_dir, vocab_size=policy.get_output_embeddings().weight.shape[0])
-    if cfg.vllm.mode == "server" and several:
+                                output_dir=cfg.train.output_dir, vocab_size=policy.get_output_embeddings().weight.shape[0],
+                                placement=placement)
+    if cfg.vllm.mode == "server" and accelerator.num_processes > 1:
         from oaif.generation.vllm_server import SharedServer
 
         generator = SharedServer(generator, accelerator)
