@@ -1,6 +1,6 @@
 """Shared pytest fixtures. Builders live in ``tests/helpers.py`` (importable as ``helpers``).
 
-Sections: models, llama.cpp server, vLLM engine and server. Add new fixtures under a section header of their own.
+Sections: devices, models, llama.cpp server, vLLM engine and server. Add new fixtures under a section header of their own.
 
 The embedded model is converted once into the normal cache ($OAIF_CACHE or ~/.cache/oaif), not
 a temporary directory, so later test runs reuse it instead of repeating the ~20 s conversion.
@@ -8,9 +8,29 @@ a temporary directory, so later test runs reuse it instead of repeating the ~20 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from helpers import EMBEDDED, make_tiny_gguf, make_tiny_llama
+
+
+# --------------------------------------------------------------------------- devices
+
+
+@pytest.fixture(scope="session")
+def train_device() -> str:
+    """The ``train.device`` of the tests marked ``gpu``: $OAIF_TEST_DEVICE (``scripts/gpu_check.sh`` sets
+    cuda), else cpu. Asked for cuda where torch sees none, the test fails rather than runs on the CPU."""
+    device = os.environ.get("OAIF_TEST_DEVICE", "cpu")
+    if device not in ("cpu", "cuda"):
+        pytest.fail(f"OAIF_TEST_DEVICE: expected cpu or cuda, got {device!r}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.fail("OAIF_TEST_DEVICE=cuda, but torch sees no CUDA device")
+    return device
 
 
 # --------------------------------------------------------------------------- models

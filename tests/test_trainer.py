@@ -57,9 +57,10 @@ def test_steps_run_alone_and_chosen_follows_the_annotator(tiny_model_dir, tmp_pa
         assert words(flat_texts[c]) < words(flat_texts[r])  # the rule prefers fewer words
 
 
-def test_online_training_changes_parameters_and_logs_correct_metrics(tiny_model_dir, tmp_path):
+@pytest.mark.gpu
+def test_online_training_changes_parameters_and_logs_correct_metrics(tiny_model_dir, tmp_path, train_device):
     out = tmp_path / "run"
-    summary = train(tiny_cfg(tiny_model_dir, out))
+    summary = train(tiny_cfg(tiny_model_dir, out, f"train.device={train_device}"))
     assert summary["steps"] == 3
     before, after = weights(tiny_model_dir), weights(out / "checkpoint-3")
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -219,13 +220,14 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state()
 
 
+@pytest.mark.gpu
 @pytest.mark.usefixtures("fresh_accelerator_state")
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("precision", [["train.mixed_precision=bf16"], ["model.dtype=bfloat16"]],
                          ids=["autocast_bf16", "weights_bf16"])
-def test_bf16_margin_and_kl_are_exactly_zero_at_step_0(tiny_model_dir, tmp_path, lora, precision):
+def test_bf16_margin_and_kl_are_exactly_zero_at_step_0(tiny_model_dir, tmp_path, lora, precision, train_device):
     cfg = tiny_cfg(tiny_model_dir, tmp_path / "run", *precision, f"model.lora.enabled={str(lora).lower()}",
-                   "model.lora.r=4", "model.lora.alpha=8")
+                   "model.lora.r=4", "model.lora.alpha=8", f"train.device={train_device}")
     t, mb = first_micro_batch(cfg)
     stats = t.update(mb.rollouts, mb.prefs, global_pairs=mb.prefs.size)
     assert stats.loss.margins.numel() == mb.prefs.size

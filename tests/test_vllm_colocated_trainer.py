@@ -47,12 +47,14 @@ def changed(model, start_dir) -> bool:
     return any(not torch.equal(v, start[k]) for k, v in model.state_dict().items() if k in start)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_a_trainer_step_pushes_the_updated_policy_into_the_engine(tiny, engine, tmp_path, lora):
+def test_a_trainer_step_pushes_the_updated_policy_into_the_engine(tiny, engine, tmp_path, lora, train_device):
     # a large learning rate, so that one step changes the greedy responses
     extra = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8", "optim.lr=5.0e-2"] if lora \
         else ["optim.lr=1.0e-2"]
-    t = Trainer(load_config(DEMO, train_overrides(tiny.first, tmp_path / "run", *extra)), sampler=engine).setup()
+    t = Trainer(load_config(DEMO, train_overrides(tiny.first, tmp_path / "run", *extra, f"train.device={train_device}")),
+                sampler=engine).setup()
     hf_before, vl_before = greedy(t, engine)
     assert vl_before == hf_before
     record = t.run_step()  # sample from the engine, judge, update, push

@@ -37,11 +37,11 @@ DEMO = ROOT / "configs" / "demo.yaml"
 
 
 @pytest.fixture(scope="module")
-def server_run(vllm_tiny, vllm_server, tmp_path_factory) -> Path:
-    """Three steps of one process sampling from the server."""
+def server_run(vllm_tiny, vllm_server, tmp_path_factory, train_device) -> Path:
+    """Three steps of one process sampling from the server (on ``train_device``)."""
     out = tmp_path_factory.mktemp("vllm_server_run") / "one"
     train(load_config(DEMO, train_overrides(vllm_tiny.first, out, "vllm.mode=server",
-                                            f"vllm.server_url={vllm_server.url}")))
+                                            f"vllm.server_url={vllm_server.url}", f"train.device={train_device}")))
     return out
 
 
@@ -50,6 +50,7 @@ def audit(run: Path) -> list[dict]:
     return [{k: v for k, v in line.items() if k != "latency_s"} for line in lines]
 
 
+@pytest.mark.gpu
 def test_three_steps_from_a_server_train_and_leave_it_with_the_last_weights(server_run, vllm_tiny, vllm_server,
                                                                              tmp_path):
     records = read_metrics(server_run / "metrics.jsonl")
