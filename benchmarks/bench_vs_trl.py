@@ -2,9 +2,10 @@
 
     .venv-bench/bin/python benchmarks/bench_vs_trl.py [--precision float32|bf16|bf16-weights] [--steps 4]
         [--rounds 2] [--batch 8] [--max-new-tokens 64] [--device cpu|cuda] [--backend shared_prefill|vllm]
-        [--threads N] [--forward-batch-size 8] [--no-floors] [--vllm-python PATH]
+        [--threads N] [--forward-batch-size 8] [--no-floors] [--vllm-python PATH] [--model NAME]
 
-The work (the same for both): SmolLM2-135M-Instruct (the embedded model), full fine-tuning, --batch
+The work (the same for both): SmolLM2-135M-Instruct (the embedded model; --model names another, e.g.
+a hub id already in the Hugging Face cache, as oaif's model.name_or_path does), full fine-tuning, --batch
 prompts per step x 2 samples, up to --max-new-tokens new tokens at temperature 0.9, DPO with beta
 0.1, learning rate 5e-7 (constant), gradient clipping at 1.0, and a length rule as the judge
 (fewer characters is better: TRL gets it as a reward function, oaif as a pointwise callable judge).
@@ -86,7 +87,7 @@ def oaif_config(args, out: Path):
                             for i, p in enumerate(prompts(args.batch * args.steps))))
     precision = {"float32": [], "bf16": ["train.mixed_precision=bf16"], "bf16-weights": ["model.dtype=bfloat16"]}
     return load_config(ROOT / "configs" / "demo.yaml", [
-        f"model.name_or_path={MODEL}", f"data.path={data}", "data.shuffle=false", "data.eval_fraction=0",
+        f"model.name_or_path={args.model}", f"data.path={data}", "data.shuffle=false", "data.eval_fraction=0",
         "sampling.num_samples=2", "sampling.temperature=0.9", "sampling.top_p=1.0",
         f"sampling.max_new_tokens={args.max_new_tokens}", f"sampling.backend={args.backend}",
         "annotator.type=callable", f"annotator.callable={Path(__file__).resolve()}:shorter_is_better",
@@ -204,7 +205,7 @@ def run_trl(args) -> dict:
     from oaif.models.resolve import resolve_model_path
 
     setup_threads(args.threads)
-    path = resolve_model_path(MODEL)
+    path = resolve_model_path(args.model)
     dtype = torch.bfloat16 if args.precision == "bf16-weights" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -267,7 +268,7 @@ def run_vllm(args) -> dict:
 
     token_prompts = json.loads(Path(args.prompt_file).read_text())
     dtype = {"float32": "float32", "bf16": "bfloat16", "bf16-weights": "bfloat16"}[args.precision]
-    llm = LLM(resolve_model_path(MODEL), dtype=dtype, enforce_eager=True, seed=0,
+    llm = LLM(resolve_model_path(args.model), dtype=dtype, enforce_eager=True, seed=0,
               max_model_len=max(map(len, token_prompts)) + args.max_new_tokens + 16,
               **({"kv_cache_memory_bytes": 1 << 30} if args.device == "cpu" else {}))
     params = SamplingParams(n=2, temperature=0.9, top_p=1.0, max_tokens=args.max_new_tokens, ignore_eos=True)
@@ -290,7 +291,7 @@ def run_vllm(args) -> dict:
 def worker_cmd(python: str, which: str, args, extra: list[str] = ()) -> list[str]:
     cmd = [python, __file__, "--worker", which]
     for key in ("precision", "steps", "batch", "max_new_tokens", "device", "backend", "threads",
-                "forward_batch_size", "floor_repeats"):
+                "forward_batch_size", "floor_repeats", "model"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     return cmd + ([] if args.floors else ["--no-floors"]) + list(extra)
 
@@ -334,6 +335,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="prompts per step (2 samples each)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--model", default=MODEL, help="the policy: the embedded model, a directory or a cached hub id")
     ap.add_argument("--backend", choices=["shared_prefill", "vllm"], default="shared_prefill",
                     help="oaif's sampling.backend (vllm runs oaif's process with --vllm-python)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in every process (0: torch's default)")
@@ -388,7 +390,7 @@ def report(args, results: dict, loads: list[str]) -> None:
     import torch
 
     threads = args.threads or torch.get_num_threads()
-    print(f"oaif vs TRL online DPO: {MODEL}, {args.precision}, {args.batch} prompts x 2 samples, <= {args.max_new_tokens} "
+    print(f"oaif vs TRL online DPO: {args.model}, {args.precision}, {args.batch} prompts x 2 samples, <= {args.max_new_tokens} "
           f"new tokens, temperature 0.9, DPO beta 0.1, length judge, full fine-tuning, device {args.device}, "
           f"{threads} threads, oaif sampling.backend={args.backend}, train.forward_batch_size={args.forward_batch_size}; "
           f"TRL {trl_version()} with gradient_checkpointing=False (its default, True, generates without a KV cache)")
