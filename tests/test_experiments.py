@@ -226,3 +226,64 @@ def test_rule_curve_smoke(tiny_model_dir, tmp_path):
     last = rows[-1]
     assert f"| 2 | {last['tokens_mean']:.1f} [{last['tokens_ci95'][0]:.1f}, {last['tokens_ci95'][1]:.1f}] " \
            f"| {last['win_rate']:.3f} " in md
+
+
+@pytest.mark.slow
+def test_expo_compare_smoke(tiny_model_dir, tmp_path):
+    """ExPO on a rule-curve run: each extrapolated model is aligned + alpha * (aligned - start) of the run's
+    final checkpoint and starting model, and is compared with the start and with that checkpoint under the
+    run evaluation's own prompts, generation settings, bootstrap and judge (so the start's and the
+    checkpoint's responses equal the run evaluation's); the summary equals the eval.json files."""
+    from safetensors import safe_open
+
+    curve = tmp_path / "curve"
+    run("rule_curve.py", "--model", tiny_model_dir, "--out", str(curve))
+    run_eval = json.loads((curve / "run" / "eval" / "eval.json").read_text())
+    out = tmp_path / "expo"
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "expo_compare.py"), "--curve", str(curve),
+                             "--alphas", "0.5,1", "--out", str(out)],
+                            capture_output=True, text=True, cwd=ROOT / "experiments", timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "$ oaif expo --base" in result.stdout and "$ oaif eval" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    aligned = curve / "run" / "checkpoint-2"
+    rows = summary["rows"]
+    assert [r["model"] for r in rows] == ["start", "aligned (checkpoint-2)", "ExPO alpha 0.5", "ExPO alpha 1"]
+    assert rows[0]["path"] == tiny_model_dir and rows[1]["path"] == str(aligned)
+    for r in rows[:2]:  # the start and the checkpoint as the run's evaluation measured them
+        label = "start" if r["model"] == "start" else "checkpoint-2"
+        assert r["tokens_mean"] == pytest.approx(run_eval["models"][label]["tokens"]["mean"])
+    assert rows[1]["vs_start"]["win_rate"] == next(c for c in run_eval["comparisons"] if c["step"] == 2)["win_rate"]
+    name = "model.layers.0.self_attn.q_proj.weight"
+    with safe_open(str(Path(tiny_model_dir) / "model.safetensors"), "pt") as f:
+        start_w = f.get_tensor(name)
+    with safe_open(str(aligned / "model.safetensors"), "pt") as f:
+        aligned_w = f.get_tensor(name)
+    for r in rows[2:]:
+        model = Path(r["path"])
+        assert json.loads((model / "expo.json").read_text())["alpha"] == r["alpha"]
+        with safe_open(str(model / "model.safetensors"), "pt") as f:
+            expo_w = f.get_tensor(name)
+        assert not aligned_w.equal(start_w)  # the run moved this tensor (LoRA on q_proj), so the check can fail
+        assert expo_w.float().allclose(aligned_w.float() + r["alpha"] * (aligned_w.float() - start_w.float()),
+                                       atol=1e-6)
+        for other, other_path in (("start", tiny_model_dir), ("aligned", str(aligned))):
+            w = r[f"vs_{other}"]
+            ev = json.loads(Path(w["eval_json"]).read_text())
+            assert ev["models"]["A"]["model"] == str(model) and ev["models"]["B"]["model"] == other_path
+            # the run evaluation's settings, prompts and judge
+            assert ev["generation"] == run_eval["generation"] and ev["bootstrap"] == run_eval["bootstrap"]
+            assert ev["judge"]["config"] == run_eval["judge"]["config"]
+            assert [s["id"] for s in ev["samples"]] == [s["id"] for s in run_eval["samples"]]
+            c = ev["comparisons"][0]
+            assert (w["win_rate"], w["ci95"], w["wins"], w["ties"], w["losses"]) == \
+                (c["win_rate"], c["ci95"], c["wins"], c["ties"], c["losses"])
+            assert r["tokens_mean"] == pytest.approx(ev["models"]["A"]["tokens"]["mean"])
+            assert r["empty"] == sum(not s["responses"]["A"].strip() for s in ev["samples"])
+        assert r["same_responses_in_both_evals"] == EVAL_PROMPTS
+    assert all(c["same_as_run_eval"] == c["prompts"] == EVAL_PROMPTS for c in summary["checks"])
+    assert len(summary["checks"]) == 4
+    md = (out / "summary.md").read_text()
+    last = rows[-1]
+    assert f"| ExPO alpha 1 | {last['tokens_mean']:.1f} [{last['tokens_ci95'][0]:.1f}, " in md
+    assert (out / "expo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
