@@ -192,7 +192,7 @@ class LoggingConfig:
 class VllmConfig:
     mode: str = _f("colocated", "colocated (a vLLM engine inside each training process; weights copied in place after "
                                 "every optimizer step) or server (an OpenAI-compatible vLLM server at vllm.server_url; it "
-                                "reloads the weights from vllm.weights_dir).")
+                                "reloads the weights from vllm.weights_dir or receives them, vllm.weight_sync).")
     server_url: str = _f("http://127.0.0.1:8000", "Server mode: base URL of the vLLM server (started with "
                                                   "VLLM_SERVER_DEV_MODE=1 so it accepts weight reloads).")
     server_model: str | None = _f(None, "Server mode: the served model name to request (default: the first the server lists).")
@@ -208,6 +208,18 @@ class VllmConfig:
     dtype: str = _f("auto", "Colocated: engine weights dtype (auto: the dtype the policy computes in, bfloat16 under train.mixed_precision=bf16, else its weights' dtype; float32, bfloat16, float16).")
     enforce_eager: bool = _f(True, "Colocated: run the model eagerly (no torch.compile; starts in seconds, the "
                                    "compile cache is not reused between runs).")
+    weight_sync: str = _f("disk", "Server mode: how new weights reach the server after each step: disk (written to "
+                                  "vllm.weights_dir, which the server reloads) or collective (sent over a process group "
+                                  "the trainer and the server's worker join: gloo on CPU, NCCL on GPUs; no file written).")
+    sync_host: str = _f("127.0.0.1", "weight_sync=collective: the trainer's address, as the server reaches it (the "
+                                     "trainer hosts the group's TCP store there).")
+    sync_port: int = _f(0, "weight_sync=collective: the TCP store's port on the trainer (0: a free port).")
+    sync_timeout_s: float = _f(300.0, "weight_sync=collective: seconds to wait for the server to join the group, or "
+                                      "for one transfer of the weights.")
+    sync_bucket_mib: int = _f(256, "weight_sync=collective: size of one bucket of packed tensors, in MiB (a larger "
+                                   "tensor is sent alone).")
+    sync_backend: str = _f("auto", "weight_sync=collective: auto (nccl when the policy is on a GPU, else gloo), gloo "
+                                   "or nccl.")
 
     def validate(self) -> None:
         """Check the values (also for a group built in code, e.g. ``VllmConfig(mode="server")``)."""
@@ -223,6 +235,24 @@ class VllmConfig:
             raise ConfigError(f"vllm.request_timeout_s: must be > 0, got {self.request_timeout_s}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"vllm.dtype: expected auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        self._validate_sync()
+
+    def _validate_sync(self) -> None:
+        if self.weight_sync not in ("disk", "collective"):
+            raise ConfigError(f"vllm.weight_sync: expected disk or collective, got {self.weight_sync!r}")
+        if self.weight_sync == "collective" and self.mode != "server":
+            raise ConfigError("vllm.weight_sync=collective: applies to vllm.mode=server only (a colocated engine is "
+                              "given the weights in place); set vllm.mode=server or vllm.weight_sync=disk")
+        if self.sync_backend not in ("auto", "gloo", "nccl"):
+            raise ConfigError(f"vllm.sync_backend: expected auto, gloo or nccl, got {self.sync_backend!r}")
+        if not 0 <= self.sync_port <= 65535:
+            raise ConfigError(f"vllm.sync_port: expected 0 (a free port) to 65535, got {self.sync_port}")
+        if not self.sync_timeout_s > 0 or self.sync_timeout_s == float("inf"):
+            raise ConfigError(f"vllm.sync_timeout_s: must be a finite number > 0, got {self.sync_timeout_s}")
+        if self.sync_bucket_mib < 1:
+            raise ConfigError(f"vllm.sync_bucket_mib: must be >= 1, got {self.sync_bucket_mib}")
+        if not self.sync_host.strip():
+            raise ConfigError("vllm.sync_host: empty; give the trainer's address as the server reaches it")
 
 
 @dataclass

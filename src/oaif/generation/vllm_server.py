@@ -19,11 +19,13 @@ Chunked prefill must be off on CPU: a seeded request whose prompt is prefilled i
 there ("CPU Generator does not use offset"). This client talks HTTP only (standard library); it
 does not import vLLM.
 
-On a GPU the fast path is to broadcast the tensors over NCCL instead of going through files:
-vLLM 0.32 serves ``/init_weight_transfer_engine``, ``/start_weight_update``, ``/update_weights``
-and ``/finish_weight_update`` for this (``vllm.distributed.weight_transfer.nccl_engine``; the
-trainer joins the server's NCCL group as rank 0 and sends each tensor). It is not built here:
-it needs a GPU to test, and this client does not claim it.
+``vllm.weight_sync=collective`` skips the directory: the trainer and the server's workers join one
+process group (gloo on CPU, NCCL on GPUs) on the first push, and every push sends the tensors in
+buckets through it (:mod:`oaif.generation.vllm_collective`, :mod:`oaif.generation.weight_group`); the
+prefix cache is reset as after a reload. The NCCL backend has not run here (no GPU); gloo is tested
+against a real server. vLLM 0.32 also serves its own NCCL weight-transfer routes
+(``/init_weight_transfer_engine`` ...), which oaif does not use: its worker extension works the same
+on CPU and GPUs.
 """
 
 from __future__ import annotations
@@ -79,6 +81,11 @@ class VllmServer:
         self.max_concurrency = settings.max_concurrency
         self.weights_dir = Path(weights_dir).resolve()
         self.model = settings.server_model or self._first_model()
+        self.collective = None
+        if settings.weight_sync == "collective":
+            from oaif.generation.vllm_collective import CollectiveSync
+
+            self.collective = CollectiveSync(self._request, settings, self.url)
 
     # -- HTTP ---------------------------------------------------------------------------------
     def _request(self, method: str, path: str, body: dict | None = None) -> dict | None:
@@ -158,14 +165,20 @@ class VllmServer:
 
     # -- weights ------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Save the weights to ``weights_dir`` and have the server reload them, then reset its prefix cache."""
-        save_weights(weights, self.weights_dir)
-        self._request("POST", "/collective_rpc", {"method": "oaif_reload_weights",
-                                                  "kwargs": {"weights_path": str(self.weights_dir)}})
+        """Send the weights (``vllm.weight_sync=collective``), or save them to ``weights_dir`` and have the
+        server reload them; then reset its prefix cache."""
+        if self.collective is not None:
+            self.collective.push(weights)
+        else:
+            save_weights(weights, self.weights_dir)
+            self._request("POST", "/collective_rpc", {"method": "oaif_reload_weights",
+                                                      "kwargs": {"weights_path": str(self.weights_dir)}})
         self._request("POST", "/reset_prefix_cache")
 
     def close(self) -> None:
-        """Nothing to free: the server belongs to whoever started it."""
+        """Leave the weight-sync group, if any; the server belongs to whoever started it."""
+        if self.collective is not None:
+            self.collective.close()
 
 
 class SharedServer:

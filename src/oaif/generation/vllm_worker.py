@@ -19,6 +19,11 @@ Server::
         --worker-extension-cls oaif.generation.vllm_worker.WeightSyncExtension ...
 
 then ``POST /collective_rpc {"method": "oaif_reload_weights", "kwargs": {"weights_path": DIR}}``.
+
+``vllm.weight_sync=collective`` (:mod:`oaif.generation.vllm_collective`, the trainer's side) calls
+``oaif_sync_info`` (one answer per worker: the group's size), ``oaif_join_group`` (the worker joins
+the trainer's group, :mod:`oaif.generation.weight_group`) and, at every push, ``oaif_receive_weights``,
+which loads the tensors bucket by bucket as they arrive, through the same reload as a directory.
 """
 
 from __future__ import annotations
@@ -83,3 +88,37 @@ class WeightSyncExtension:
         with _expected_warnings_dropped(model):
             self.reload_weights(weights_iterator=weights_iterator, weights_path=weights_path)  # type: ignore[attr-defined]
         return repack_lm_head(model)
+
+    # -- vllm.weight_sync=collective ------------------------------------------------------------
+    def oaif_sync_info(self) -> dict:
+        """This worker's rank among the server's workers (the trainer sizes the group by the answers)."""
+        return {"rank": int(getattr(self, "rank", 0))}
+
+    def oaif_join_group(self, host: str, port: int, size: int, backend: str, timeout_s: float) -> int:
+        """Join the trainer's weight-sync group as rank 1 + this worker's rank; returns that rank."""
+        from oaif.generation import weight_group as wg
+
+        old = getattr(self, "_oaif_group", None)
+        if old is not None:  # a group of an earlier run (a trainer that restarted)
+            old.close()
+            self._oaif_group = None
+        rank, port, size, timeout_s = 1 + int(getattr(self, "rank", 0)), int(port), int(size), float(timeout_s)
+        store = wg.connect_store(host, port, size, timeout_s)
+        self._oaif_group = wg.join_group(store, rank=rank, size=size, backend=backend, timeout_s=timeout_s,
+                                         address=wg.local_address_towards(host, port))
+        self._oaif_group.store = store
+        return rank
+
+    def oaif_receive_weights(self) -> bool:
+        """Receive one push from the trainer and load it in place (then re-pack a tied head)."""
+        from oaif.generation import weight_group as wg
+
+        group = getattr(self, "_oaif_group", None)
+        if group is None:
+            raise RuntimeError("oaif_receive_weights: no weight-sync group; call oaif_join_group first")
+        incoming = wg.receive_weights(group)
+        try:
+            return self.oaif_reload_weights(weights_iterator=incoming)
+        finally:
+            for _ in incoming:  # a load that stopped early: take the rest, so the trainer is not left waiting
+                pass
