@@ -63,9 +63,11 @@ def host_store(host: str, port: int, size: int, timeout_s: float) -> dist.TCPSto
         return dist.TCPStore(host, port, size, True, timeout=datetime.timedelta(seconds=timeout_s),
                              wait_for_workers=False)
     except (RuntimeError, OSError) as e:  # DistNetworkError is a RuntimeError
-        reason = "address already in use" if "EADDRINUSE" in str(e) or "already in use" in str(e) else _first_line(e)
-        raise ConfigError(f"vllm.sync_port={port}: cannot listen for the weight-sync group ({reason}); "
-                          f"use another port or 0 (a free one)") from e
+        if "EADDRINUSE" in str(e) or "already in use" in str(e):
+            raise ConfigError(f"vllm.sync_port={port}: cannot listen for the weight-sync group (address already "
+                              f"in use); use another port or 0 (a free one)") from e
+        raise ConfigError(f"vllm.sync_host={host}: cannot host the weight-sync group's store there "
+                          f"({_first_line(e)}); is it this machine's address, as the server reaches it?") from e
 
 
 def _first_line(e: BaseException) -> str:
