@@ -95,3 +95,13 @@ def first_shown_mostly(prompt: str, a: str, b: str) -> float:
     Read in both orders its readings disagree on every pair and average to 0.45 or 0.55: labels that
     follow length only by a hair, with a both-order consistency of 0 (what the embedded judge does)."""
     return 0.8 + (0.05 if len(a) < len(b) else -0.05 if len(a) > len(b) else 0.0)
+
+
+def kills_a_server(prompt: str, a: str, b: str) -> float:
+    """Like :func:`shorter_unless_marked`; the first call SIGKILLs the process group ``$OAIF_TEST_KILL_PGID``
+    (a vLLM server and its engine): a server that dies after a step's sampling, before its weight push."""
+    global _calls
+    _calls += 1
+    if _calls == 1:
+        os.killpg(int(os.environ["OAIF_TEST_KILL_PGID"]), signal.SIGKILL)
+    return shorter_unless_marked(prompt, a, b)

@@ -108,6 +108,13 @@ def test_core_import_is_light():
     ("loss.missing_eos_penalty=-.inf", "loss.missing_eos_penalty: must be a number or .inf, got -inf (.inf: an unfinished response loses)"),
     ("train.resume=", "train.resume: must be true, false or a checkpoint directory"),
     ("vllm.mode=remote", "vllm.mode: expected colocated or server, got 'remote'"),
+    ("vllm.weight_sync=nccl", "vllm.weight_sync: expected disk or collective, got 'nccl'"),
+    ("vllm.weight_sync=collective", "vllm.weight_sync=collective: applies to vllm.mode=server only (a colocated engine "
+                                    "is given the weights in place); set vllm.mode=server or vllm.weight_sync=disk"),
+    ("vllm.sync_backend=mpi", "vllm.sync_backend: expected auto, gloo or nccl, got 'mpi'"),
+    ("vllm.sync_port=70000", "vllm.sync_port: expected 0 (a free port) to 65535, got 70000"),
+    ("vllm.sync_timeout_s=0", "vllm.sync_timeout_s: must be a finite number > 0, got 0.0"),
+    ("vllm.sync_bucket_mib=0", "vllm.sync_bucket_mib: must be >= 1, got 0"),
 ])
 def test_new_keys_are_validated(override, message):
     with pytest.raises(ConfigError) as e:

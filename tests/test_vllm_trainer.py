@@ -88,6 +88,48 @@ def test_a_push_that_fails_after_a_step_leaves_that_step_saved(vllm_tiny, vllm_s
     assert t.step == 1 and latest_checkpoint(out).name == "checkpoint-1"  # the finished step is not lost
 
 
+COLLECTIVE = ("vllm.weight_sync=collective", "vllm.sync_timeout_s=60")
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_collective_push_after_a_step_gives_the_server_the_updated_policy(vllm_tiny, vllm_server, tmp_path, lora):
+    # the tiny policy has tied embeddings: the head is re-packed after the embeddings arrive
+    extra = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8", "optim.lr=5.0e-2"] if lora \
+        else ["optim.lr=1.0e-2"]
+    out = tmp_path / "run"
+    t = Trainer(load_config(DEMO, train_overrides(vllm_tiny.first, out, "vllm.mode=server", *COLLECTIVE, *extra,
+                                                  f"vllm.server_url={vllm_server.url}"))).setup()  # forms the group
+    try:
+        prompts = [encode_prompt(t.tokenizer, p) for p in PROMPTS]
+        hf_before, vl_before = greedy_both(t.unwrapped, t.tokenizer, t.sampler, prompts)
+        assert vl_before == hf_before
+        record = t.run_step()  # sample from the server, judge, update, push through the group
+        assert record["pairs_used"] > 0 and record["time_weight_sync_s"] > 0
+        if lora:
+            assert any(torch.count_nonzero(p) for n, p in t.unwrapped.named_parameters() if "lora_B" in n)
+        hf_after, vl_after = greedy_both(t.unwrapped, t.tokenizer, t.sampler, prompts)
+        assert vl_after == hf_after  # token for token (LoRA: the adapter merged in)
+        assert vl_after[0] != vl_before[0]  # which the step changed
+    finally:
+        t.close()
+    assert not (out / "vllm_weights").exists()  # nothing went through the disk
+
+
+def test_a_server_that_dies_mid_run_is_one_line_and_the_step_is_saved(vllm_tiny, tmp_path, monkeypatch):
+    from vllm_helpers import start_vllm_server
+
+    judge = f"annotator.callable={ROOT / 'tests' / 'judges_for_tests.py'}:kills_a_server"
+    with start_vllm_server(require_vllm_python(), vllm_tiny.first) as server:  # its own server: this test kills it
+        monkeypatch.setenv("OAIF_TEST_KILL_PGID", str(server.process.pid))
+        out = tmp_path / "run"
+        t = Trainer(load_config(DEMO, train_overrides(vllm_tiny.first, out, "vllm.mode=server", *COLLECTIVE, judge,
+                                                      "train.max_steps=2", f"vllm.server_url={server.url}"))).setup()
+        with pytest.raises(GenerationError) as e:
+            t.train()  # step 1 samples, then the judge kills the server: the step trains, its push fails
+    assert "\n" not in str(e.value) and "vLLM server" in str(e.value)
+    assert t.step == 1 and latest_checkpoint(out).name == "checkpoint-1"  # the finished step is not lost
+
+
 def launch(python: str, args: list[str]) -> None:
     """``oaif train`` in two processes (accelerate, gloo on CPU) under ``python``'s environment."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
@@ -98,12 +140,14 @@ def launch(python: str, args: list[str]) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("mode", ["server", "colocated"])
+@pytest.mark.parametrize("mode", ["server", "server-collective", "colocated"])
 def test_two_processes_sample_and_train_as_one(server_run, vllm_tiny, vllm_server, tmp_path, mode):
     out = tmp_path / "two"
-    if mode == "server":  # both processes sample from the one server; the main process pushes the weights
-        launch(sys.executable, train_overrides(vllm_tiny.first, out, "train.batch_size=2", "vllm.mode=server",
+    if mode.startswith("server"):  # both processes sample from the one server; the main process pushes the weights
+        sync = COLLECTIVE if mode == "server-collective" else ()  # against one process pushing through the disk
+        launch(sys.executable, train_overrides(vllm_tiny.first, out, "train.batch_size=2", "vllm.mode=server", *sync,
                                                f"vllm.server_url={vllm_server.url}"))
+        assert not sync or not (out / "vllm_weights").exists()
     else:  # an engine in each process
         launch(require_vllm_python(), train_overrides(vllm_tiny.first, out, "train.batch_size=2"))
     assert audit(out) == audit(server_run)  # the same responses, judged the same
