@@ -102,3 +102,15 @@ def test_port_in_use_and_backend_choice():
         host(store.port)
     assert wg.resolve_backend("auto", "cpu") == "gloo" and wg.resolve_backend("auto", "cuda:0") == "nccl"
     assert wg.resolve_backend("gloo", "cuda:0") == "gloo"
+
+
+def test_a_server_on_the_trainers_gpu_gets_gloo_or_a_one_line_refusal(monkeypatch):
+    # Fakes a GPU (none here): NCCL cannot hold two ranks on one GPU, so auto falls back to gloo there
+    from oaif.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(wg, "gpu_id", lambda device=None: "GPU-aaaa")
+    assert wg.resolve_backend("auto", "cuda:0", ["GPU-aaaa"]) == "gloo"
+    assert wg.resolve_backend("auto", "cuda:0", ["GPU-bbbb", None]) == "nccl"
+    with pytest.raises(ConfigError, match=r"^vllm.sync_backend=nccl: the vLLM server runs on the trainer's GPU"):
+        wg.resolve_backend("nccl", "cuda:0", ["GPU-aaaa"])

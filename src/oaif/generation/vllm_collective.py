@@ -64,10 +64,11 @@ class CollectiveSync:
             raise GenerationError(f"the vLLM server at {self.url} answered {method} without results: {str(reply)[:200]}")
         return results
 
-    def _join(self, backend: str) -> wg.WeightGroup:
+    def _join(self, device: torch.device) -> wg.WeightGroup:
         s = self.settings
-        workers = len(self._rpc("oaif_sync_info"))
-        size = 1 + workers
+        workers = self._rpc("oaif_sync_info")
+        backend = wg.resolve_backend(s.sync_backend, device, [w.get("gpu") for w in workers if isinstance(w, dict)])
+        size = 1 + len(workers)
         store = wg.host_store(s.sync_host, s.sync_port, size, s.sync_timeout_s)
         call = _Call(lambda: self._rpc("oaif_join_group", host=s.sync_host, port=store.port, size=size,
                                        backend=backend, timeout_s=s.sync_timeout_s))
@@ -95,7 +96,7 @@ class CollectiveSync:
             raise GenerationError("no weights to send")
         weights = itertools.chain([first], weights)
         if self.group is None:
-            self.group = self._join(wg.resolve_backend(self.settings.sync_backend, first[1].device))
+            self.group = self._join(first[1].device)
         call = _Call(lambda: self._rpc("oaif_receive_weights"))
         try:
             sent = wg.send_weights(self.group, weights, self.settings.sync_bucket_mib * 2**20)

@@ -91,8 +91,11 @@ class WeightSyncExtension:
 
     # -- vllm.weight_sync=collective ------------------------------------------------------------
     def oaif_sync_info(self) -> dict:
-        """This worker's rank among the server's workers (the trainer sizes the group by the answers)."""
-        return {"rank": int(getattr(self, "rank", 0))}
+        """This worker's rank among the server's workers (the trainer sizes the group by the answers) and its
+        GPU's UUID, if any (NCCL cannot put the trainer and a worker on one GPU)."""
+        from oaif.generation.weight_group import gpu_id
+
+        return {"rank": int(getattr(self, "rank", 0)), "gpu": gpu_id()}
 
     def oaif_join_group(self, host: str, port: int, size: int, backend: str, timeout_s: float) -> int:
         """Join the trainer's weight-sync group as rank 1 + this worker's rank; returns that rank."""

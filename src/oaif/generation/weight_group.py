@@ -50,11 +50,26 @@ class WeightGroup:
             pass
 
 
-def resolve_backend(setting: str, device: torch.device | str) -> str:
-    """``vllm.sync_backend``: ``auto`` is nccl when the weights are on a CUDA device, else gloo."""
+def gpu_id(device: torch.device | str | None = None) -> str | None:
+    """The UUID of a CUDA device (the current one by default); None on CPU."""
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None and torch.cuda.is_available() \
+        else torch.device(device or "cpu")
+    if device.type != "cuda":
+        return None
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def resolve_backend(setting: str, device: torch.device | str, server_gpus: list[str | None] = ()) -> str:
+    """``vllm.sync_backend``: ``auto`` is nccl when the weights are on a CUDA device, else gloo. NCCL cannot
+    hold two ranks on one GPU: when a server worker is on the trainer's GPU, auto is gloo, and nccl is refused."""
+    mine = gpu_id(device) if torch.device(device).type == "cuda" and torch.cuda.is_available() else None
+    shared = mine is not None and mine in server_gpus
+    if setting == "nccl" and shared:
+        raise ConfigError(f"vllm.sync_backend=nccl: the vLLM server runs on the trainer's GPU ({device}), and NCCL "
+                          f"cannot join two ranks on one GPU; use auto or gloo, or start the server on another GPU")
     if setting != "auto":
         return setting
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+    return "nccl" if torch.device(device).type == "cuda" and not shared else "gloo"
 
 
 def host_store(host: str, port: int, size: int, timeout_s: float) -> dist.TCPStore:
