@@ -85,7 +85,7 @@ CMD[vllm_server]="VLLM_SERVER_DEV_MODE=1 $VPY -m vllm.entrypoints.openai.api_ser
 LIMIT[vllm_server]=150
 CMD[vllm_server_disk]="$PY -m oaif.cli train configs/vllm_demo.yaml $RULE $SHORT vllm.mode=server vllm.server_url=$SERVER_URL train.output_dir=$OUT/vllm_server_disk"
 LIMIT[vllm_server_disk]=90
-# TODO(owner, after merging the collective branch): vllm.weight_sync is that branch's key.
+# collective sync: NCCL when the server is on another GPU; on one GPU (the server on the trainer's) auto uses gloo.
 CMD[vllm_collective]="$PY -m oaif.cli train configs/vllm_demo.yaml $RULE $SHORT vllm.mode=server vllm.server_url=$SERVER_URL vllm.weight_sync=collective train.output_dir=$OUT/vllm_collective"
 LIMIT[vllm_collective]=90
 CMD[pytest_vllm_server]="OAIF_TEST_DEVICE=cuda OAIF_VLLM_PYTHON=$VPY $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_vllm_trainer.py"
