@@ -64,7 +64,13 @@ def test_two_processes_form_a_group_beside_none_and_receive_two_pushes_intact(tm
         group = wg.join_group(store, rank=0, size=2, backend="gloo", timeout_s=30, address="127.0.0.1")
         assert not dist.is_initialized()  # no default group: the trainer's own group is left alone
         weights = mixed_weights()
-        assert wg.send_weights(group, weights, 1024) > 0
+
+        def under_no_grad():  # as policy_weights gives them: a generator that turns gradients off while it runs
+            with torch.no_grad():
+                yield from weights
+
+        assert wg.send_weights(group, under_no_grad(), 1024) > 0
+        assert torch.is_grad_enabled()  # the trainer's next step still records gradients
         second = [(n, t + 1 if t.dtype.is_floating_point else t) for n, t in weights]
         wg.send_weights(group, second, 64)  # every tensor in a bucket of its own
         assert proc.wait(60) == 0

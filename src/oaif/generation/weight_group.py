@@ -169,7 +169,7 @@ def pack(tensors: list[tuple[str, torch.Tensor]], device: torch.device) -> tuple
     for (_, t), (_, _, _, start) in zip(tensors, entries):
         n = t.numel() * t.element_size()
         if n:
-            buffer[start:start + n].copy_(t.detach().reshape(-1).view(torch.uint8))
+            buffer[start:start + n].copy_(t.detach().reshape(-1).view(torch.uint8))  # detached: no grad kept
     return json.dumps(entries).encode(), buffer
 
 
@@ -204,17 +204,18 @@ def send_weights(group: WeightGroup, weights: Iterable[tuple[str, torch.Tensor]]
             works += [_broadcast(group, head), _broadcast(group, buffer)]
         return [(w, (sizes, head, buffer)) for w in works]  # the tensors stay alive until their work is done
 
-    with torch.no_grad():
-        for bucket in buckets(weights, bucket_bytes):
-            header, buffer = pack(bucket, group.device)
-            sent += buffer.numel()
-            for work, _ in in_flight:  # the previous bucket is delivered before a third one is packed
-                work.wait()
-            in_flight = launch(header, buffer)
-        for work, _ in in_flight:
+    # no torch.no_grad() here: ``weights`` may be a generator that sets the grad mode itself (policy_weights),
+    # and a block around its end would restore the mode it found, not the caller's
+    for bucket in buckets(weights, bucket_bytes):
+        header, buffer = pack(bucket, group.device)
+        sent += buffer.numel()
+        for work, _ in in_flight:  # the previous bucket is delivered before a third one is packed
             work.wait()
-        for work, _ in launch(b"", torch.empty(0, dtype=torch.uint8, device=group.device)):
-            work.wait()
+        in_flight = launch(header, buffer)
+    for work, _ in in_flight:
+        work.wait()
+    for work, _ in launch(b"", torch.empty(0, dtype=torch.uint8, device=group.device)):
+        work.wait()
     return sent
 
 
