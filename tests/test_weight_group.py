@@ -4,6 +4,7 @@ a group that does not form or whose peer is gone raising instead of hanging."""
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import time
@@ -69,7 +70,9 @@ def test_two_processes_form_a_group_beside_none_and_receive_two_pushes_intact(tm
             with torch.no_grad():
                 yield from weights
 
-        assert wg.send_weights(group, under_no_grad(), 1024) > 0
+        pushed = under_no_grad()
+        first = next(pushed)  # CollectiveSync.push looks at the first tensor (its device) before sending
+        assert wg.send_weights(group, itertools.chain([first], pushed), 1024) > 0
         assert torch.is_grad_enabled()  # the trainer's next step still records gradients
         second = [(n, t + 1 if t.dtype.is_floating_point else t) for n, t in weights]
         wg.send_weights(group, second, 64)  # every tensor in a bucket of its own
