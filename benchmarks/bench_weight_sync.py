@@ -94,13 +94,14 @@ def main() -> None:
     from oaif.generation.base import StopRules
     from oaif.generation.vllm_colocated import ColocatedVllm
     from oaif.generation.vllm_server import VllmServer
+    from oaif.generation.weights import policy_weights
     from oaif.models.load import load_causal_lm
     from oaif.models.resolve import resolve_model_path
 
     path = str(resolve_model_path(args.model))
     model, tok = load_causal_lm(path)
     stop = StopRules(frozenset({tok.eos_token_id}))
-    size_mib = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+    size_mib = sum(t.numel() * t.element_size() for _, t in policy_weights(model)) / 2**20  # what a push sends
     with tempfile.TemporaryDirectory(prefix="bench_weight_sync_") as tmp, vllm_server(path, Path(tmp) / "server.log") as url:
         ways = {
             "disk": VllmServer(stop, VllmConfig(mode="server", server_url=url), weights_dir=Path(tmp) / "weights"),
