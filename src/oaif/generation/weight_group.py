@@ -74,6 +74,12 @@ def resolve_backend(setting: str, device: torch.device | str, server_gpus: list[
 
 def host_store(host: str, port: int, size: int, timeout_s: float) -> dist.TCPStore:
     """The trainer's store (it listens on every interface; ``port`` 0 picks a free one: ``store.port``)."""
+    try:  # an address of another machine: said here, before torch's store retries it noisily
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, 0))
+    except OSError as e:
+        raise ConfigError(f"vllm.sync_host={host}: cannot host the weight-sync group's store there ({e.strerror or e}); "
+                          f"is it this machine's address, as the server reaches it?") from e
     try:
         return dist.TCPStore(host, port, size, True, timeout=datetime.timedelta(seconds=timeout_s),
                              wait_for_workers=False)
