@@ -72,8 +72,10 @@ def test_lora_with_the_hf_sampler_and_the_policy_as_judge_matches_one_process(ti
     # sampling (transformers generate) and the self-judge run a number of forwards that differs between the
     # processes: they run on the gathered base; the reference is the same sharded base with the adapter off
     prompts = marked_prompts(tmp_path / "prompts.jsonl", ["", "", "", ""])
+    # hard labels: the tiny random judge's P is 0.5 +- 1e-4, so a soft label's gradient (P - sigmoid(beta rho))
+    # would be a difference of nearly equal numbers, whose rounding with 2 processes (with or without FSDP) exceeds 1e-4
     extra = ["model.lora.enabled=true", "sampling.backend=hf", "annotator.type=llm", "annotator.model=policy",
-             "loss.soft_labels=true", "annotator.max_failure_rate=1.0"]
+             "annotator.max_failure_rate=1.0"]
     run(marked(tiny_model_dir, tmp_path / "one", prompts, 4, *extra), 1)
     run(marked(tiny_model_dir, tmp_path / "two", prompts, 2, *extra, *FSDP), 2)
     one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
