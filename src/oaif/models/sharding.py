@@ -134,11 +134,18 @@ def full_parameters(model, write_back: bool = False) -> Iterator[None]:
     for _, _, p in slots:
         if id(p) not in full:
             full[id(p)] = torch.nn.Parameter(p.detach().full_tensor(), requires_grad=p.requires_grad)
+    # FSDP2's post-load hooks re-read each module's parameter as its shard; while the full tensors stand in (a
+    # resume loads into them) they stay off, and write_back puts each shard in place instead
+    hooks = {id(m): (m, m._load_state_dict_post_hooks) for m, _, _ in slots}
     for module, name, p in slots:
         module._parameters[name] = full[id(p)]
+    for module, _ in hooks.values():
+        module._load_state_dict_post_hooks = type(module._load_state_dict_post_hooks)()
     try:
         yield
     finally:
+        for module, saved in hooks.values():
+            module._load_state_dict_post_hooks = saved
         for module, name, p in slots:
             module._parameters[name] = p
         if write_back:
