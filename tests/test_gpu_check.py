@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 CHECKS = ["pytest_trainer", "train_cli", "vllm_colocated", "pytest_vllm_colocated", "vllm_server", "vllm_server_disk",
           "vllm_collective", "pytest_vllm_server", "fsdp", "bench_smollm2", "colocated_2gpu", "bench_qwen"]
-# TODO(owner): keys other branches add (fsdp: train.fsdp; collective: vllm.weight_sync). Once merged, the
+# TODO(owner): keys other branches add (collective: vllm.weight_sync). Once merged, the
 # test below fails for each, naming it: then delete it here, and the script's commands are checked in full.
-PENDING_KEYS = {"train.fsdp", "vllm.weight_sync"}
+PENDING_KEYS = {"vllm.weight_sync"}
 KEY = re.compile(r"^([a-z_]+(?:\.[a-z_]+)+)=(.*)$")
 
 
