@@ -12,9 +12,11 @@ process reports:
   grads    bytes of the gradients it holds at the optimizer step (its shards under FSDP)
   adam     bytes of AdamW's states it holds after the step (its shards under FSDP)
   held     weights + grads + adam: counted from the tensors themselves, exact
-  peak RSS the process's peak resident memory over setup and steps (``ru_maxrss``): also the Python
-           runtime, libraries, activations and, under FSDP, the layers gathered for a forward; it
-           depends on the machine and its allocator
+  steps RSS  the process's largest resident memory while it takes the steps (sampled every 5 ms): also
+           the Python runtime, libraries, activations and, under FSDP, the layers gathered for a forward
+  setup RSS  its peak resident memory over the whole run (``ru_maxrss``), which here is loading: every
+           process loads the full policy and copies the reference before sharding them
+Both RSS figures depend on the machine and its allocator.
 
 ``--model tiny`` is a random 2-layer Llama with SmolLM2's tokenizer (a quick check of the script).
 """
@@ -53,6 +55,30 @@ def full_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in unique)
 
 
+class RssSampler:
+    """The largest resident set size of this process while the block runs, sampled every 5 ms."""
+
+    def __enter__(self):
+        import threading
+
+        import psutil  # an accelerate dependency
+
+        self.peak, self._stop, proc = 0, threading.Event(), psutil.Process()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, proc.memory_info().rss)
+                self._stop.wait(0.005)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def worker(out: Path, overrides: list[str]) -> None:
     """One process of a configuration: build the run, take the steps, write ``rank-<i>.json``."""
     from oaif.config import load_config
@@ -64,16 +90,18 @@ def worker(out: Path, overrides: list[str]) -> None:
     grads = []
     trainer.optimizer.optimizer.register_step_pre_hook(
         lambda opt, args, kwargs: grads.append(local_bytes(p.grad for g in opt.param_groups for p in g["params"])))
+    sampler = RssSampler()
     try:
-        for _ in range(cfg.train.max_steps):
-            trainer.run_step()
+        with sampler:
+            for _ in range(cfg.train.max_steps):
+                trainer.run_step()
     finally:
         trainer.close()
     weights = local_bytes([*policy.parameters(), *(reference.parameters() if reference is not None else [])])
     adam = local_bytes(v for s in trainer.optimizer.optimizer.state.values() for v in s.values()
                        if hasattr(v, "numel") and v.dim() > 0)
     report = {"rank": trainer.accelerator.process_index, "weights": weights, "grads": max(grads, default=0),
-              "adam": adam, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "adam": adam, "steps_rss": sampler.peak, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
               "model_full": full_bytes(policy)}
     (out / f"rank-{report['rank']}.json").write_text(json.dumps(report))
 
@@ -124,14 +152,14 @@ def run_config(name: str, model: str, steps: int, tmp: Path) -> list[dict]:
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    lines = ["| configuration | process | weights MiB | grads MiB | adam MiB | held MiB | peak RSS MiB |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| configuration | process | weights MiB | grads MiB | adam MiB | held MiB | steps RSS MiB | setup RSS MiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     names = {"one": "1 process", "ddp": "2 processes", "fsdp": "2 processes, train.fsdp=true"}
     for name, ranks in results.items():
         for r in ranks:
             held = r["weights"] + r["grads"] + r["adam"]
             lines.append(f"| {names[name]} | {r['rank']} | {r['weights'] / MiB:.0f} | {r['grads'] / MiB:.0f} | "
-                         f"{r['adam'] / MiB:.0f} | {held / MiB:.0f} | {r['peak_rss'] / MiB:.0f} |")
+                         f"{r['adam'] / MiB:.0f} | {held / MiB:.0f} | {r['steps_rss'] / MiB:.0f} | {r['peak_rss'] / MiB:.0f} |")
     return "\n".join(lines)
 
 

@@ -20,7 +20,6 @@ plain AdamW state dict, so a checkpoint resumes with or without FSDP on any numb
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterator
 
@@ -28,7 +27,6 @@ import torch
 
 from oaif.errors import ConfigError
 
-log = logging.getLogger("oaif")
 
 ONE_PROCESS_NOTE = "train.fsdp=true on one process shards nothing"
 
