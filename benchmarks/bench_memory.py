@@ -12,7 +12,8 @@ process reports:
   grads    bytes of the gradients it holds at the optimizer step (its shards under FSDP)
   adam     bytes of AdamW's states it holds after the step (its shards under FSDP)
   held     weights + grads + adam: counted from the tensors themselves, exact
-  steps RSS  the process's largest resident memory while it takes the steps (sampled every 5 ms): also
+  steps RSS  the process's largest resident memory while it takes the steps (sampled every 5 ms; before
+           them, memory freed during setup is handed back to the OS with glibc's malloc_trim): also
            the Python runtime, libraries, activations and, under FSDP, the layers gathered for a forward
   setup RSS  its peak resident memory over the whole run (``ru_maxrss``), which here is loading: every
            process loads the full policy and copies the reference before sharding them
@@ -55,6 +56,18 @@ def full_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in unique)
 
 
+def release_freed_memory() -> None:
+    """Hand memory that the process freed back to the OS (glibc's ``malloc_trim``; nothing elsewhere)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class RssSampler:
     """The largest resident set size of this process while the block runs, sampled every 5 ms."""
 
@@ -90,6 +103,7 @@ def worker(out: Path, overrides: list[str]) -> None:
     grads = []
     trainer.optimizer.optimizer.register_step_pre_hook(
         lambda opt, args, kwargs: grads.append(local_bytes(p.grad for g in opt.param_groups for p in g["params"])))
+    release_freed_memory()  # the full copies each process loaded before sharding: freed, but kept by malloc
     sampler = RssSampler()
     try:
         with sampler:
