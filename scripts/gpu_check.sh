@@ -90,7 +90,7 @@ CMD[vllm_collective]="$PY -m oaif.cli train configs/vllm_demo.yaml $RULE $SHORT 
 LIMIT[vllm_collective]=90
 CMD[pytest_vllm_server]="OAIF_TEST_DEVICE=cuda OAIF_VLLM_PYTHON=$VPY $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_vllm_trainer.py"
 LIMIT[pytest_vllm_server]=150
-# TODO(owner, after merging the fsdp branch): train.fsdp is that branch's key. One GPU: one process.
+# One GPU: one process (train.fsdp is then a no-op with a note); several GPUs: one process each, sharded.
 CMD[fsdp]="$PY -m accelerate.commands.launch ${MULTI}--num_processes $N --num_machines 1 --mixed_precision no --dynamo_backend no -m oaif.cli train configs/demo.yaml $RULE $SHORT train.fsdp=true train.output_dir=$OUT/fsdp"
 LIMIT[fsdp]=120
 ONLY=$([ "$BPY" = "$PY" ] && echo " --only oaif")

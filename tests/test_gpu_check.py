@@ -23,9 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 CHECKS = ["pytest_trainer", "train_cli", "vllm_colocated", "pytest_vllm_colocated", "vllm_server", "vllm_server_disk",
           "vllm_collective", "pytest_vllm_server", "fsdp", "bench_smollm2", "colocated_2gpu", "bench_qwen"]
-# TODO(owner): keys other branches add (fsdp: train.fsdp). Once merged, the
-# test below fails for each, naming it: then delete it here, and the script's commands are checked in full.
-PENDING_KEYS = {"train.fsdp"}
 KEY = re.compile(r"^([a-z_]+(?:\.[a-z_]+)+)=(.*)$")
 
 
@@ -74,10 +71,8 @@ def test_every_oaif_command_and_config_key_it_names_exists(dry_run):
         assert command in commands and (ROOT / config).is_file(), name
         keys = {KEY.match(o).group(1) for o in overrides}
         assert all(KEY.match(o) for o in overrides), (name, overrides)
-        for key in keys & PENDING_KEYS:
-            assert key not in known, f"{key} exists now: remove it from PENDING_KEYS"
-        assert keys - PENDING_KEYS <= known, (name, keys - PENDING_KEYS - known)
-        load_config(ROOT / config, [o for o in overrides if KEY.match(o).group(1) not in PENDING_KEYS])  # valid values
+        assert keys <= known, (name, keys - known)
+        load_config(ROOT / config, overrides)  # valid values
         callables = [KEY.match(o).group(2) for o in overrides if o.startswith("annotator.callable=")]
         for target in callables:
             module, attr = target.split(":")

@@ -21,6 +21,11 @@ steps 1-2 with pairs read from a preference file.
 Setup lives in :mod:`oaif.run.build`, metric bookkeeping in :class:`oaif.run.metrics.StepMetrics`,
 the audit log in :mod:`oaif.run.audit`, checkpoint state in :mod:`oaif.run.checkpoint`, and the run
 around the steps (progress, saves, stops) in :mod:`oaif.run.loop`.
+
+Under ``train.fsdp`` (:mod:`oaif.models.sharding`) the transformers samplers and an in-process judge
+run on the policy (and reference) gathered whole for the phase, since their number of forwards differs
+between processes; checkpoints, the optimizer state and the weight push read the weights gathered
+one tensor at a time, on every process together.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from oaif.annotators.base import Judgment
 from oaif.config import Config
 from oaif.errors import AnnotatorError, TrainingError
 from oaif.generation.weights import policy_weights
+from oaif.models.sharding import full_optimizer_state, full_parameters, gathered, plain
 from oaif.redaction import redact
 from oaif.run.judge_noise import NoiseWindow
 from oaif.run.metrics import FailureWindow, StepMetrics
@@ -91,8 +97,9 @@ class Trainer:
         self.checkpoints = RunCheckpoints(self.accelerator, cfg.train.output_dir, cfg.train.keep_last,
                                           reference=self.moving_reference)
         if cfg.train.resume:
-            self.step = self.checkpoints.restore(cfg.train.resume, self.unwrapped, self.optimizer, self.scheduler,
-                                                 self.stream, self.failures, config=redact(cfg.to_dict()))
+            with full_parameters(self.unwrapped, write_back=True):  # sharded: each process keeps its shard
+                self.step = self.checkpoints.restore(cfg.train.resume, self.unwrapped, self.optimizer, self.scheduler,
+                                                     self.stream, self.failures, config=redact(cfg.to_dict()))
         self.lock = claim_run_dir(cfg, self.accelerator)  # everything that can fail has been built
         self.push_weights()  # the sampler starts from the policy as it is now (resumed, or whatever a server held)
         self._committed_stream = self.stream.state_dict()  # the stream as of the last finished step
@@ -112,12 +119,20 @@ class Trainer:
         a = self.accelerator
         return self.stream.take_for_rank(self.cfg.train.batch_size * a.num_processes, a.process_index, a.num_processes)
 
+    def _whole(self, *models):
+        """The block in which ``models`` (sharded: gathered whole) run forwards whose count differs between processes."""
+        return gathered(*models) if self.parts.sharded else nullcontext()
+
     def sample(self, batch) -> Rollouts:
-        return sample_rollouts(self.sampler, self.tokenizer, batch, self.parts.prompts.prompt_tokens,
-                               self.cfg.sampling, self.cfg.train.seed)
+        live = self.cfg.sampling.backend != "vllm"  # the transformers backends sample the policy itself
+        with self._whole(self.unwrapped) if live else nullcontext():
+            return sample_rollouts(self.sampler, self.tokenizer, batch, self.parts.prompts.prompt_tokens,
+                                   self.cfg.sampling, self.cfg.train.seed)
 
     def annotate(self, rollouts: Rollouts) -> tuple[PairPlan, list[Judgment]]:
-        return annotate_pairs(self.annotator, rollouts, self.cfg.sampling.pairing)
+        in_process = self.cfg.annotator.type in ("llm", "ensemble")  # may judge with the policy or the reference
+        with self._whole(self.unwrapped, self.parts.reference) if in_process else nullcontext():
+            return annotate_pairs(self.annotator, rollouts, self.cfg.sampling.pairing)
 
     def collect(self, batch, metrics: StepMetrics) -> MicroBatch:
         """Steps 1-3 for one micro-batch: sample, annotate, build pairs (offline: a preference file's pairs)."""
@@ -150,13 +165,14 @@ class Trainer:
         several = self.accelerator.num_processes > 1
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            # DDP all-reduces gradients in the last micro-batch's backward: every process must run one
-            with metrics.timed("update"), nullcontext() if last or not several else self.accelerator.no_sync(self.policy):
+            # DDP/FSDP reduce gradients in the last micro-batch's backward: every process must run one
+            with metrics.timed("update"), nullcontext() if last else self.update.no_sync():
                 metrics.add_update(self.update(mb.rollouts, mb.prefs, global_pairs,
                                                must_backward=last and several and global_pairs > 0))
         grad_norm = None
         if global_pairs > 0 and self.cfg.optim.max_grad_norm > 0:
-            grad_norm = float(self.accelerator.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.max_grad_norm))
+            grad_norm = float(plain(self.accelerator.clip_grad_norm_(self.policy.parameters(),
+                                                                     self.cfg.optim.max_grad_norm)))
         self.optimizer.step()  # without any pair no parameter has a gradient: the step leaves all alone
         self.optimizer.zero_grad(set_to_none=True)
         if self.moving_reference is not None:  # TR-DPO: after the step, every process alike
@@ -168,8 +184,9 @@ class Trainer:
     def push_weights(self) -> float:
         """Give the sampler the policy's current weights (vLLM; nothing to do for the transformers backends); seconds."""
         started = time.perf_counter()
-        if self.sampler is not None:
-            self.sampler.load_weights(policy_weights(self.unwrapped))
+        if self.sampler is not None:  # sharded: gathered on every process, the main one sends (vLLM)
+            with full_parameters(self.unwrapped) if self.cfg.sampling.backend == "vllm" else nullcontext():
+                self.sampler.load_weights(policy_weights(self.unwrapped))
         return time.perf_counter() - started
 
     def _end_step(self, metrics: StepMetrics, grad_norm: float | None, started: float) -> dict:
@@ -190,15 +207,19 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------
     def save(self) -> Path:
         """Write ``checkpoint-<step>`` (see :class:`oaif.run.checkpoint.RunCheckpoints`); every process calls it."""
-        return self.checkpoints.save(self.step, self.unwrapped, self.tokenizer, self.state)
+        if not self.parts.sharded:
+            return self.checkpoints.save(self.step, self.unwrapped, self.tokenizer, self.state)
+        optimizer = full_optimizer_state(self.optimizer)  # gathered on every process, written by the main one
+        with full_parameters(self.unwrapped):
+            return self.checkpoints.save(self.step, self.unwrapped, self.tokenizer, lambda: self.state(optimizer))
 
-    def state(self) -> dict:
-        """The trainer state a checkpoint holds (``trainer_state.pt``)."""
+    def state(self, optimizer: dict | None = None) -> dict:
+        """The trainer state a checkpoint holds (``trainer_state.pt``); ``optimizer``: its state, gathered whole."""
         from oaif.run.checkpoint import trainer_state
 
         # the stream as of the last finished step: an interrupted step's prompts are drawn again
-        return trainer_state(self.step, self._committed_stream, self.optimizer, self.scheduler, self.failures,
-                             redact(self.cfg.to_dict()))  # as saved: no credentials from a URL
+        return trainer_state(self.step, self._committed_stream, optimizer or self.optimizer, self.scheduler,
+                             self.failures, redact(self.cfg.to_dict()))  # as saved: no credentials from a URL
 
     def check_failures(self, end: bool = False) -> None:
         """Stop when the annotator failed too often: over the last full window, or (``end``) over

@@ -178,6 +178,9 @@ class TrainConfig:
     device: str = _f("auto", "auto, cpu or cuda.")
     mixed_precision: str = _f("no", "Accelerate mixed precision: no, bf16 or fp16 (fp16 needs a GPU).")
     forward_batch_size: int = _f(8, "Sequences per forward pass in the update (0: a micro-batch's sequences in one pass). Passes group sequences of similar length, so each pads to its own longest; a prompt's responses always share a pass. Changes speed and memory, not the result.")
+    fsdp: bool = _f(False, "Shard the policy and the reference over the launched processes with FSDP2 (each decoder "
+                           "layer, then the model): each holds 1/N of the weights, gradients and optimizer states. "
+                           "Launch as for several processes; on one process it shards nothing. Checkpoints stay full.")
     share_prompt_forward: bool = _f(True, "Forward each prompt once for all its responses in the update (they continue its KV cache), policy and reference alike; false forwards one [prompt | response] row per response, as oaif did before. The same result up to float rounding. Off by itself where the policy takes no KV cache in training (gradient checkpointing).")
 
 

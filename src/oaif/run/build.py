@@ -10,7 +10,10 @@ audit log ``annotations.jsonl`` (both cut after the resumed step).
 Precision: ``accelerator.prepare`` wraps the policy's forward in the run's autocast context
 (``train.mixed_precision``). The reference goes through ``accelerator.prepare_model(...,
 evaluation_mode=True)`` (as TRL does), which wraps its forward in the same context without DDP,
-so the two forward identical batches identically. (A LoRA reference is the policy itself.) Under
+so the two forward identical batches identically. (A LoRA reference is the policy itself.) With
+``train.fsdp`` on several processes (:mod:`oaif.models.sharding`) neither model goes through
+``prepare`` (which would wrap the policy in DDP): both are sharded before the optimizer is built,
+the accelerator runs without autocast, and ``bf16`` is FSDP2's mixed precision on both. Under
 ``loss.reference=behavior`` no copy is made; a reference that moves (:mod:`oaif.models.reference`) is
 never given to a judge, which stays the starting model.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +60,10 @@ def preflight(cfg: Config, plan_judge: bool = True):
     check_run_entries(cfg.train.output_dir, cfg.train.overwrite_output_dir)
     if cfg.train.resume is True:
         check_resumable(cfg.train.output_dir)
+    if cfg.train.fsdp:
+        from oaif.models.sharding import refuse_settings
+
+        refuse_settings(cfg)
     if cfg.train.mixed_precision == "fp16" and (cfg.train.device == "cpu" or not torch.cuda.is_available()):
         raise ConfigError("train.mixed_precision: fp16 needs a GPU; on CPU accelerate would silently train in "
                           "float32 (use no, or bf16)")
@@ -111,8 +119,8 @@ def make_scheduler(optimizer, name: str, warmup: int, total: int):
 @dataclass
 class RunParts:
     accelerator: Any
-    policy: Any  # prepared: DDP-wrapped with several processes, autocast with mixed precision
-    reference: Any  # prepared the same way without DDP; None with LoRA (the policy with its adapter off) or behavior
+    policy: Any  # prepared: DDP-wrapped with several processes, autocast with mixed precision; or sharded (fsdp)
+    reference: Any  # prepared the same way without DDP (or sharded); None with LoRA (the policy with its adapter off) or behavior
     tokenizer: Any
     encode: Callable[[Any], list[int]]  # prompt -> templated token ids
     prompts: Any  # oaif.data.split.TrainingPrompts
@@ -123,6 +131,7 @@ class RunParts:
     sampler: Any  # an oaif.generation.base.Generator; None in offline mode
     stop_ids: set[int]  # the ids sampling stops on
     end_of_turn: int  # the id offline responses end with
+    sharded: bool = False  # train.fsdp on several processes: policy and reference sharded with FSDP2
 
 
 def build_run(cfg: Config, annotator=None, sampler=None) -> RunParts:
@@ -137,12 +146,26 @@ def build_run(cfg: Config, annotator=None, sampler=None) -> RunParts:
     from oaif.step.sampling import eos_token_ids
 
     judge_plan = preflight(cfg, plan_judge=annotator is None)  # a given annotator replaces the configured one
-    accelerator = Accelerator(cpu=on_cpu(cfg.train.device), mixed_precision=cfg.train.mixed_precision)
+    sharding = cfg.train.fsdp and launched_processes() > 1
+    accelerator = Accelerator(cpu=on_cpu(cfg.train.device),  # under FSDP its MixedPrecisionPolicy, not autocast
+                              mixed_precision="no" if sharding else cfg.train.mixed_precision)
     if cfg.train.device == "cuda" and accelerator.device.type != "cuda":
         raise DataError("train.device=cuda but no CUDA device is available")
     check_process_group(accelerator, cfg.train.device)
+    if cfg.train.fsdp:
+        from oaif.models.sharding import ONE_PROCESS_NOTE, refuse_launcher
+
+        refuse_launcher(accelerator)
+        if not sharding:
+            sys.stderr.write(f"oaif: note: {ONE_PROCESS_NOTE}\n")
     set_seed(cfg.train.seed)
     policy, reference, tokenizer = load_policy_and_reference(cfg.model, cfg.loss.reference != "behavior")
+    if sharding:
+        from oaif.models.sharding import shard
+
+        for model in (policy, reference):
+            if model is not None:
+                shard(model.to(accelerator.device), cfg.train.mixed_precision)
 
     def encode(prompt) -> list[int]:
         return encode_prompt(tokenizer, prompt, cfg.model.chat_template, cfg.model.system_prompt)
@@ -158,9 +181,12 @@ def build_run(cfg: Config, annotator=None, sampler=None) -> RunParts:
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.optim.scheduler, cfg.optim.warmup_steps, cfg.train.max_steps)
     watch_first_update(optimizer, speak=accelerator.is_main_process)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    if reference is not None:
-        reference = accelerator.prepare_model(reference, evaluation_mode=True)
+    if sharding:  # no DDP around a sharded model
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        policy, optimizer = accelerator.prepare(policy, optimizer)
+        if reference is not None:
+            reference = accelerator.prepare_model(reference, evaluation_mode=True)
     if cfg.train.mode == "offline":
         annotator = sampler = None
     else:
@@ -178,7 +204,7 @@ def build_run(cfg: Config, annotator=None, sampler=None) -> RunParts:
 
             sampler = build_sampler(cfg, accelerator.unwrap_model(policy), tokenizer, stop_ids, accelerator)
     return RunParts(accelerator, policy, reference, tokenizer, encode, prompts, stream, optimizer, scheduler,
-                    annotator, sampler, stop_ids, end_of_turn_id(tokenizer, stop_ids))
+                    annotator, sampler, stop_ids, end_of_turn_id(tokenizer, stop_ids), sharding)
 
 
 def claim_run_dir(cfg: Config, accelerator):

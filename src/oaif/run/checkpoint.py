@@ -36,6 +36,7 @@ import torch
 
 from oaif.errors import CheckpointError, CheckpointWriteError, OaifError, one_line
 from oaif.models.modules import is_peft
+from oaif.models.sharding import is_sharded
 from oaif.run.restore import REFERENCE_FILE, load_reference, restore_trainer_state
 
 log = logging.getLogger("oaif")
@@ -262,8 +263,10 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def trainer_state(step: int, stream_state: dict, optimizer, scheduler, failures, config: dict) -> dict[str, Any]:
-    """What ``trainer_state.pt`` holds besides the weights: enough to continue exactly."""
-    return {"step": step, "stream": stream_state, "optimizer": optimizer.state_dict(),
+    """What ``trainer_state.pt`` holds besides the weights: enough to continue exactly. ``optimizer``: the
+    optimizer, or its state dict already gathered (sharded models)."""
+    optimizer = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+    return {"step": step, "stream": stream_state, "optimizer": optimizer,
             "scheduler": scheduler.state_dict(), "rng": rng_state(), "failures": failures.state_dict(),
             "config": config}
 
@@ -314,6 +317,11 @@ class RunCheckpoints:
     def save_after_error(self, step: int, model, tokenizer, state, error: BaseException) -> None:
         alone = self.accelerator.num_processes == 1
         if step <= max(0, self.last_saved) or not (alone or self.accelerator.is_main_process):
+            return
+        if not alone and is_sharded(model):  # gathering the shards needs every process, which may be stuck
+            log.error("stopped at step %d (%s); a sharded model (train.fsdp) cannot be saved by one process: "
+                      "progress since step %d is lost, rerun with train.resume=true", step, type(error).__name__,
+                      max(0, self.last_saved))
             return
         try:
             path = self.save(step, model, tokenizer, state, collective=alone)

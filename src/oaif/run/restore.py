@@ -17,6 +17,7 @@ import torch
 
 from oaif.errors import CheckpointError, one_line
 from oaif.models.modules import is_peft
+from oaif.models.sharding import load_full_optimizer_state
 
 log = logging.getLogger("oaif")
 
@@ -173,7 +174,7 @@ def restore_trainer_state(checkpoint: Path, model, optimizer, scheduler, stream,
         check_resume_config(state["config"], config, checkpoint)
         check_resume_step(int(state["step"]), config["train"]["max_steps"], checkpoint)
     built = optimizer_settings(optimizer, scheduler)  # the new config's (an allowed change differs from the saved)
-    optimizer.load_state_dict(state["optimizer"])
+    load_full_optimizer_state(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     reapply(optimizer, scheduler, built)  # and the lr of this step under the new run's schedule
     stream.load_state_dict(state["stream"])

@@ -6,7 +6,7 @@ two runs in one ``metrics.jsonl``, so it is refused with the keys that differ, u
 named in ``train.resume_allow_changes``. :data:`SAFE_KEYS` may always change: how long to train,
 how often and how much to save, where the run lives, logging, and how to reach the annotator
 server (its timeout, retries, concurrency, URL and key variable), and the update's forward batch
-size (speed and memory only), none of which changes what a
+size (speed and memory only) and ``train.fsdp`` (checkpoints are full either way), none of which changes what a
 step computes. The reference (``loss.reference*``) is the loss's anchor: changing it is refused like
 the loss itself, also against a checkpoint saved before those keys existed (:data:`ASSUMED_WHEN_ABSENT`). (``train.max_steps`` changes the length of a decaying schedule; the step's lr is
 then recomputed for the new length, see :func:`reschedule`; it may not fall below the checkpoint's
@@ -22,7 +22,7 @@ from oaif.errors import ConfigError
 #: Keys (or groups, ending in '.') a resume may change without being allowed explicitly.
 SAFE_KEYS = ("train.max_steps", "train.save_every", "train.keep_last", "train.resume", "train.resume_allow_changes",
              "train.overwrite_output_dir", "train.output_dir", "train.forward_batch_size",
-             "train.share_prompt_forward", "model.cache_dir", "logging.",
+             "train.share_prompt_forward", "train.fsdp", "model.cache_dir", "logging.",
              "annotator.request_timeout", "annotator.max_retries", "annotator.concurrency", "annotator.base_url",
              "annotator.api_key_env", "annotator.audit_log", "annotator.noise_window")
 

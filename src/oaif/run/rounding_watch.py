@@ -22,11 +22,16 @@ STRIDE = 97  # every 97th element of each tensor: about 1% of the weights, enoug
 WARN_BELOW = 0.5
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``p`` (its shard under FSDP, where ``p`` is a DTensor)."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
 def changed_share(before: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """The share of sampled elements that differ now from their copies in ``before`` ((param, sample) pairs)."""
     changed = total = 0
     for p, old in before:
-        changed += int((p.detach().reshape(-1)[::STRIDE] != old).sum())
+        changed += int((_local(p).detach().reshape(-1)[::STRIDE] != old).sum())
         total += old.numel()
     return changed / total if total else 1.0
 
@@ -43,7 +48,7 @@ def watch_first_update(optimizer: torch.optim.Optimizer, *, speak: bool) -> None
     def before(opt, args, kwargs):
         lr[0] = max(group["lr"] for group in opt.param_groups)
         sample[:] = [] if lr[0] <= 0 else [
-            (p, p.detach().reshape(-1)[::STRIDE].clone()) for group in opt.param_groups
+            (p, _local(p).detach().reshape(-1)[::STRIDE].clone()) for group in opt.param_groups
             for p in group["params"] if p.grad is not None and p.dtype in LOW_PRECISION]
 
     def after(opt, args, kwargs):

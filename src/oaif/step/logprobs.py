@@ -122,8 +122,11 @@ CHUNK_TOKENS = 256  # response tokens per output-head chunk: a (256, vocab) floa
 def _plain_output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The transformers model's output head when its logits are exactly ``hidden @ weight.T``, else None."""
     from oaif.models.modules import base_model
+    from oaif.models.sharding import is_sharded
 
     base = base_model(model)
+    if is_sharded(base):  # FSDP: its head's weight is a shard outside the model's own forward
+        return None
     get = getattr(base, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if type(head) is not torch.nn.Linear or head.bias is not None:

@@ -12,6 +12,12 @@ before any update, the log-ratio margin and the KL estimate are exactly 0.
 Responses that entered no pair (tied, failed, identical) carry no loss; in online mode they are
 forwarded without gradients so that ``kl`` covers every sampled response of the step.
 
+Sharded models (``train.fsdp``, :mod:`oaif.models.sharding`): every forward and backward is a collective
+call, so each micro-batch first agrees on the most passes any process runs (one all-reduce) and a
+process with fewer runs padding passes on a one-row batch (a zero loss: no gradient, no metric). A
+process whose pairs were all masked still runs them. Gradients are reduced only in the step's last
+backward (FSDP2's ``set_requires_gradient_sync``; DDP's ``no_sync`` otherwise).
+
 A reference-free loss (``simpo``) runs no reference forward at all, so it logs no ``kl``. The
 length-normalised losses (simpo, rpo, rdpo) read each response's token count from the rollouts.
 
@@ -31,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from oaif.models.sharding import gradient_sync_off, is_sharded, max_over_processes
 from oaif.step.logprobs import SequenceBatch, pack_sequences, sequence_logprobs, takes_kv_cache
 from oaif.step.losses import LENGTH_NORMALISED, REFERENCE_FREE, PreferenceLossOutput, preference_loss
 from oaif.step.records import PreferenceBatch, Rollouts
@@ -89,6 +96,13 @@ class PolicyUpdate:
         self.pad_id, self.loss_cfg, self.want_kl = pad_id, loss_cfg, kl
         self.forward_batch_size = forward_batch_size
         self.share_prompts = share_prompts and takes_kv_cache(policy)
+        self.sharded = is_sharded(accelerator.unwrap_model(policy))
+
+    def no_sync(self):
+        """A block whose backwards reduce no gradient (they accumulate until a backward outside one)."""
+        if self.sharded:
+            return gradient_sync_off(self.accelerator.unwrap_model(self.policy))
+        return self.accelerator.no_sync(self.policy) if self.accelerator.num_processes > 1 else nullcontext()
 
     @property
     def uses_reference(self) -> bool:
@@ -135,16 +149,23 @@ class PolicyUpdate:
         with torch.no_grad(), reference_context(self.accelerator.unwrap_model(self.policy), self.reference) as ref:
             return sequence_logprobs(ref, batch, share_prompts=self.share_prompts)[0]
 
-    def _kl_only(self, rollouts: Rollouts, rest: list[int]) -> list[torch.Tensor]:
-        """log pi - log pi_ref of responses in no pair, without gradients."""
+    def _kl_only(self, rollouts: Rollouts, groups: list[list[int]], passes: int) -> list[torch.Tensor]:
+        """log pi - log pi_ref of responses in no pair, without gradients; ``passes`` >= len(groups) (padding)."""
         parts = []
-        for group in forward_groups(rollouts, rest, self.forward_batch_size):
-            batch = self._pack(rollouts, group)
+        for i in range(passes):
+            batch = self._pack(rollouts, groups[i] if i < len(groups) else [0])
             ref = self._reference_logps(batch)
             with torch.no_grad():
                 policy = self.accelerator.unwrap_model(self.policy)
-                parts.append(sequence_logprobs(policy, batch, share_prompts=self.share_prompts)[0] - ref)
+                logps = sequence_logprobs(policy, batch, share_prompts=self.share_prompts)[0]
+            if i < len(groups):
+                parts.append(logps - ref)
         return parts
+
+    def _pass_counts(self, kl_groups: list, groups: list) -> tuple[int, int]:
+        """(kl-only passes, update passes) this process runs: its own, or under FSDP the most of any process."""
+        counts = [len(kl_groups), len(groups)]
+        return tuple(max_over_processes(counts, self.accelerator.device) if self.sharded else counts)
 
     def __call__(self, rollouts: Rollouts, prefs: PreferenceBatch, global_pairs: int,
                  must_backward: bool = False) -> UpdateStats:
@@ -156,24 +177,29 @@ class PolicyUpdate:
         used = prefs.responses_used()
         in_pairs = set(used)
         rest = [f for f in range(rollouts.num_prompts * rollouts.k) if f not in in_pairs] if self.kl else []
-        kl_parts = self._kl_only(rollouts, rest) if rest else []
+        rows = used or ([0] if must_backward else [])
+        kl_groups = forward_groups(rollouts, rest, self.forward_batch_size) if rest else []
+        groups = forward_groups(rollouts, rows, self.forward_batch_size) if rows else []
+        kl_passes, passes = self._pass_counts(kl_groups, groups)
+        kl_parts = self._kl_only(rollouts, kl_groups, kl_passes)
         empty = torch.zeros(0, device=self.accelerator.device)
         stats = UpdateStats(None, empty, empty, None, 0)
-        rows = used or ([0] if must_backward else [])
-        if rows:
+        batches = [self._pack(rollouts, g) for g in groups] + [self._pack(rollouts, [0])] * (passes - len(groups))
+        if batches:
             device = self.accelerator.device
-            groups = forward_groups(rollouts, rows, self.forward_batch_size)
-            batches = [self._pack(rollouts, g) for g in groups]
-            ref = ({f: v for g, b in zip(groups, batches) for f, v in zip(g, self._reference_logps(b).tolist())}
-                   if self.forwards_reference else None)
+            ref = None
+            if self.forwards_reference:  # padding passes (the batches past groups) forward too, their values unused
+                ref = {f: v for g, b in zip(groups + [[]] * (passes - len(groups)), batches)
+                       for f, v in zip(g, self._reference_logps(b).tolist())}
             pol = self._policy_passes(rollouts, groups, batches, ref, prefs, global_pairs)
+        if rows:
             logps = torch.tensor([pol[f] for f in rows], dtype=torch.float32, device=device)
             ref_logps = (torch.tensor([ref[f] for f in rows], dtype=torch.float32, device=device) if ref is not None
                          else logps.clone() if self.behavior else None)
             if used:
                 if self.kl:
                     kl_parts.append(logps - ref_logps)
-                stats.train_tokens = sum(int(b.response_mask.sum()) for b in batches)
+                stats.train_tokens = sum(int(b.response_mask.sum()) for b in batches[:len(groups)])
             if prefs.size:
                 at = {f: i for i, f in enumerate(rows)}
                 c, r = [at[f] for f in prefs.chosen], [at[f] for f in prefs.rejected]
@@ -194,13 +220,13 @@ class PolicyUpdate:
     def _policy_passes(self, rollouts: Rollouts, groups, batches, ref: dict[int, float] | None,
                        prefs: PreferenceBatch, global_pairs: int) -> dict[int, float]:
         """Forward and backward each pass with the loss of its pairs; the policy's log-probs, detached."""
-        several = self.accelerator.num_processes > 1
         scale = self.accelerator.num_processes / global_pairs if global_pairs else 0.0
         pol: dict[int, float] = {}
-        for i, (group, batch) in enumerate(zip(groups, batches)):
-            last = i == len(groups) - 1
-            # only the micro-batch's last backward may all-reduce (the trainer's no_sync covers the others)
-            with nullcontext() if last or not several else self.accelerator.no_sync(self.policy):
+        for i, batch in enumerate(batches):
+            group = groups[i] if i < len(groups) else []  # past groups: a padding pass (FSDP), no pair
+            last = i == len(batches) - 1
+            # only the micro-batch's last backward may reduce gradients (the trainer's no_sync covers the others)
+            with nullcontext() if last else self.no_sync():
                 logps = sequence_logprobs(self.policy, batch, share_prompts=self.share_prompts)[0]
                 row = {f: j for j, f in enumerate(group)}
                 pairs = [j for j, f in enumerate(prefs.chosen) if f in row]
