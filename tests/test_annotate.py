@@ -311,7 +311,7 @@ def test_against_labels_says_when_the_judge_is_noise(tmp_path, capsys):
     assert ("verdict          both-order consistency 0.000 (noise under 0.5), mean |P - 0.5| 0.050 (noise under "
             "0.1): no better than coin flips") in captured.out
     warning = [line for line in captured.err.splitlines() if line.startswith("oaif: warning: ")]
-    assert len(warning) == 1 and "use a stronger judge (README, \"Which judge runs here?\")" in warning[0]
+    assert len(warning) == 1 and "use a stronger judge (docs/judges.md, \"Which judge runs here?\")" in warning[0]
 
 
 def test_against_labels_rejects_unlabelled_pairs(tmp_path, capsys):
