@@ -10,7 +10,7 @@
 # .venv-vllm/bin/python, else $OAIF_PYTHON when it imports vLLM) runs vLLM; .venv-bench/bin/python
 # (TRL) runs the benchmark when present, else oaif's side of it alone. Logs: $OAIF_GPU_CHECK_DIR
 # (default a new /tmp/oaif-gpu-check.* directory). Exit status: 0 when every check that ran passed.
-# Without a GPU it says so in one line and exits 1. The README's "GPU" section says what each checks.
+# Without a GPU it says so in one line and exits 1. docs/scaling.md's "GPU" section says what each checks.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$PWD

@@ -9,6 +9,8 @@ the GGUF conversion path in seconds instead of the full model's ~20 s.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 from pathlib import Path
 
 EMBEDDED = "smollm2-135m-instruct"
@@ -187,3 +189,85 @@ def one_line_error(capsys, argv: list[str]) -> str:
     errors = [line for line in err.splitlines() if line.startswith("oaif: error:")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
     return errors[0]
+
+
+# -- the commands printed in README.md and docs/*.md ---------------------------------------------
+# Every command in a ```bash block of the docs is claimed by exactly one test, which gets it through
+# one of the four helpers below with the command (or, for doc_commands, a part of it) as a literal
+# string; tests/test_docs.py finds those calls in the test sources and checks the claims.
+DOC_ROOT = Path(__file__).resolve().parent.parent
+CLAIM_HELPERS = ("doc_command", "doc_commands", "doc_argv", "doc_oaif_args")
+
+
+def doc_files() -> list[Path]:
+    return [DOC_ROOT / "README.md", *sorted((DOC_ROOT / "docs").glob("*.md"))]
+
+
+def _strip_comment(line: str) -> str:
+    """``line`` without a trailing ``# comment`` (a ``#`` at its start or after a space, outside quotes)."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i]
+    return line
+
+
+def bash_commands(text: str) -> list[str]:
+    """The commands of the ```bash blocks in ``text``: continued lines (a trailing backslash, an open quote)
+    joined, comments dropped, whitespace runs made one space."""
+    commands = []
+    for block in re.findall(r"^ *```bash\n(.*?)^ *```", text, re.S | re.M):
+        pending = ""
+        for raw in block.splitlines():
+            inside_quotes = pending.count('"') % 2 == 1  # a quoted string that spans lines
+            pending += " " + (raw if inside_quotes else _strip_comment(raw))
+            if pending.rstrip().endswith("\\"):
+                pending = pending.rstrip()[:-1]
+                continue
+            if pending.count('"') % 2:
+                continue
+            command = " ".join(pending.split())
+            if command:
+                commands.append(command)
+            pending = ""
+        assert not pending.strip(), f"unfinished command at the end of a bash block: {pending!r}"
+    return commands
+
+
+def documented_commands() -> dict[str, list[str]]:
+    """Every command of README.md and docs/*.md, with the files that print it."""
+    found: dict[str, list[str]] = {}
+    for path in doc_files():
+        for command in bash_commands(path.read_text()):
+            found.setdefault(command, []).append(str(path.relative_to(DOC_ROOT)))
+    return found
+
+
+def doc_command(text: str) -> str:
+    """``text``, after asserting the docs print exactly this command (this claims it for the calling test)."""
+    assert text in documented_commands(), f"README.md and docs/ print no command {text!r}"
+    return text
+
+
+def doc_commands(part: str) -> list[str]:
+    """Every documented command that contains ``part`` (at least one); claims them all."""
+    commands = [c for c in documented_commands() if part in c]
+    assert commands, f"README.md and docs/ print no command containing {part!r}"
+    return commands
+
+
+def doc_argv(text: str) -> list[str]:
+    """The documented command ``text`` split as the shell splits it."""
+    return shlex.split(doc_command(text))
+
+
+def doc_oaif_args(text: str) -> list[str]:
+    """The arguments after ``oaif`` of the documented command ``text`` (its last ``&&`` part, run by
+    ``oaif``, ``.venv/bin/oaif`` or ``.venv-vllm/bin/oaif``)."""
+    argv = shlex.split(doc_command(text).split("&&")[-1])
+    assert argv and Path(argv[0]).name == "oaif", f"not an oaif command: {text!r}"
+    return argv[1:]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import doc_oaif_args
 from oaif.cli import main
 from oaif.config import load_annotator_config
 from oaif.data.preferences import load_preferences
@@ -311,7 +312,7 @@ def test_against_labels_says_when_the_judge_is_noise(tmp_path, capsys):
     assert ("verdict          both-order consistency 0.000 (noise under 0.5), mean |P - 0.5| 0.050 (noise under "
             "0.1): no better than coin flips") in captured.out
     warning = [line for line in captured.err.splitlines() if line.startswith("oaif: warning: ")]
-    assert len(warning) == 1 and "use a stronger judge (README, \"Which judge runs here?\")" in warning[0]
+    assert len(warning) == 1 and "use a stronger judge (docs/judges.md, \"Which judge runs here?\")" in warning[0]
 
 
 def test_against_labels_rejects_unlabelled_pairs(tmp_path, capsys):
@@ -360,3 +361,17 @@ def test_cli_errors_are_one_line(tmp_path, case):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("oaif: error:") and expect in lines[0], proc.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_the_documented_annotate_command_measures_a_judge_against_the_shipped_labels(tiny_model_dir, tmp_path,
+                                                                                    capsys, monkeypatch):
+    # docs/judges.md's command, on the tiny model and the first 2 pairs
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    argv = doc_oaif_args("oaif annotate data/prompts/hh_harmless_preferences.jsonl --against-labels "
+                         "--set rubric=harmless")
+    report = tmp_path / "report.json"
+    assert main([*argv, "--set", f"model={tiny_model_dir}", "--limit", "2", "--report", str(report),
+                 "--no-progress"]) == 0
+    rep = json.loads(report.read_text())
+    assert rep["pairs"] == 2 and 0 <= rep["agreement"] <= 1 and rep["limit"] == 2
+    assert "verdict" in capsys.readouterr().out

@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from helpers import doc_oaif_args
+from oaif.cli import main
 from oaif.config import Config, describe, load_config
 from oaif.errors import ConfigError
 
@@ -72,6 +75,15 @@ def test_every_key_has_help():
     assert len(lines) > 50
     for line in lines:
         assert line.rsplit(")", 1)[1].strip(), f"no help for {line}"
+
+
+def test_the_docs_config_commands_list_every_key_and_print_the_resolved_config(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the commands name configs/ relative to the repository
+    assert main(doc_oaif_args("oaif config keys")) == 0
+    assert capsys.readouterr().out == describe() + "\n"
+    assert main(doc_oaif_args("oaif config show configs/demo.yaml model.lora.enabled=true")) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["model"]["lora"]["enabled"] is True and shown["annotator"]["rubric"] == "helpful"
 
 
 def oaif(*args: str) -> subprocess.CompletedProcess:
@@ -139,10 +151,12 @@ def test_best_worst_pairing_needs_three_samples_and_online_mode():
 
 
 def test_resume_takes_a_flag_or_a_checkpoint_path():
-    assert load_config(ROOT / "configs/demo.yaml", ["train.resume=true"]).train.resume is True
+    # the docs' resume commands (docs/training.md), parsed; test_checkpoint.py runs resumes
+    _, config, *overrides = doc_oaif_args("oaif train configs/demo.yaml train.resume=true")
+    assert load_config(ROOT / config, overrides).train.resume is True
     assert load_config(ROOT / "configs/demo.yaml", ["train.resume=false"]).train.resume is False
-    assert load_config(ROOT / "configs/demo.yaml", ["train.resume=runs/demo/checkpoint-10"]).train.resume == \
-        "runs/demo/checkpoint-10"
+    _, config, *overrides = doc_oaif_args("oaif train configs/demo.yaml train.resume=runs/demo/checkpoint-10")
+    assert load_config(ROOT / config, overrides).train.resume == "runs/demo/checkpoint-10"
     cfg = load_config(ROOT / "configs/lora_demo.yaml", ["model.lora.dropout=0.1", "model.disable_dropout=false",
                                                        "loss.missing_eos_penalty=.inf"])
     assert cfg.model.lora.dropout == 0.1 and cfg.loss.missing_eos_penalty == float("inf")

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from helpers import doc_oaif_args
 from oaif.config import load_config
 from oaif.run.metrics import read_metrics
 from oaif.trainer import train
@@ -26,13 +27,16 @@ def config(name, out, *overrides):
 
 
 @pytest.mark.slow
-def test_demo_config_two_online_steps_on_smollm2_with_llm_judge(tmp_path, smollm2_path):
+def test_demo_config_three_ipo_steps_on_smollm2_with_llm_judge(tmp_path, smollm2_path):
+    # the README's override example (3 steps, IPO), on smaller batches and responses
+    _, name, *overrides = doc_oaif_args("oaif train configs/demo.yaml train.max_steps=3 loss.type=ipo")
     out = tmp_path / "demo"
-    cfg = config("demo.yaml", out, "train.max_steps=2", "train.batch_size=2", "sampling.max_new_tokens=16",
+    cfg = config(Path(name).name, out, *overrides, "train.batch_size=2", "sampling.max_new_tokens=16",
                  "optim.lr=1.0e-5", "optim.warmup_steps=0")
+    assert cfg.loss.type == "ipo"
     summary = train(cfg)
     records = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2]
+    assert [r["step"] for r in records] == [1, 2, 3]
     assert all(r["pairs_judged"] == 2 - r["masked/identical"] for r in records)
     assert sum(r["pairs_used"] for r in records) > 0
     assert all(0.0 < r["judge_label_mass"] <= 1.0 and 0.5 <= r["judge_confidence"] <= 1.0 for r in records)
@@ -43,13 +47,14 @@ def test_demo_config_two_online_steps_on_smollm2_with_llm_judge(tmp_path, smollm
     model = AutoModelForCausalLM.from_pretrained(ckpt)
     start = AutoModelForCausalLM.from_pretrained(smollm2_path)
     changed = [n for (n, a), b in zip(model.named_parameters(), start.parameters()) if not torch.equal(a, b)]
-    assert changed, "two steps with lr 1e-5 must move the weights"
+    assert changed, "three steps with lr 1e-5 must move the weights"
 
 
 @pytest.mark.slow
 def test_offline_demo_config_runs(tmp_path, tiny_model_dir):
     out = tmp_path / "offline"
-    train(config("offline_demo.yaml", out, f"model.name_or_path={tiny_model_dir}", "train.max_steps=2",
+    _, name = doc_oaif_args("oaif train configs/offline_demo.yaml")
+    train(config(Path(name).name, out, f"model.name_or_path={tiny_model_dir}", "train.max_steps=2",
                  f"data.preference_path={ROOT / 'data/prompts/hh_harmless_preferences.jsonl'}"))
     records = read_metrics(out / "metrics.jsonl")
     assert [r["pairs_used"] for r in records] == [4, 4]
@@ -94,7 +99,8 @@ def test_vllm_demo_config_runs_in_the_vllm_environment(tmp_path, vllm_tiny):
             "sampling.max_new_tokens=8", "annotator.type=callable", "annotator.callable=oaif.annotators.rules:prefer_shorter",
             "optim.lr=1.0e-3", "optim.warmup_steps=0", "vllm.kv_cache_gib=0.25"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([python, "-m", "oaif.cli", "train", str(ROOT / "configs" / "vllm_demo.yaml"), *args],
+    command, name = doc_oaif_args(".venv-vllm/bin/oaif train configs/vllm_demo.yaml")  # docs/vllm.md, on a tiny model
+    result = subprocess.run([python, "-m", "oaif.cli", command, str(ROOT / name), *args],
                             env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     # oaif's worker extension keeps vLLM from calling the layers that take no weights failures at every push

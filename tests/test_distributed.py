@@ -14,18 +14,23 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from helpers import doc_argv
 from oaif.run.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = Path(sys.executable).parent / "accelerate"
-# where two processes would share one GPU, the tests compare them on the CPU; elsewhere they run the
-# README's command as printed, with the default train.device=auto
+# where two processes would share one GPU, the tests compare them on the CPU; elsewhere they run
+# docs/scaling.md's command as printed, with the default train.device=auto
 DEVICE = ["train.device=cpu"] if torch.cuda.is_available() else []
 
 
 def launch(procs: int) -> list[str]:
-    """The README's command: on a CPU-only machine accelerate starts several processes with --multi_gpu (gloo)."""
-    return [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(procs)]
+    """docs/scaling.md's launcher up to ``-m``: on a CPU-only machine accelerate starts several processes with
+    --multi_gpu (gloo)."""
+    argv = doc_argv("accelerate launch --multi_gpu --num_processes 2 -m oaif.cli train configs/demo.yaml")
+    launcher = argv[1:argv.index("-m")]
+    launcher[launcher.index("--num_processes") + 1] = str(procs)
+    return [str(ACCELERATE), *launcher]
 
 
 def run(args: list[str], procs: int) -> subprocess.CompletedProcess:
@@ -99,7 +104,7 @@ def test_the_judge_noise_warning_counts_every_process_and_comes_from_the_main_on
     assert sum(judged[:2]) >= 8 > sum(judged) / 2, judged
     assert f"over {sum(judged[:2])} judged pairs (annotator.noise_window=8)" in warnings[0]
     summary = [line for line in result.stdout.splitlines() if line.startswith("judge: ")]
-    assert len(summary) == 1 and summary[0].endswith("no better than coin flips; use a stronger judge (README, \"Which judge runs "
+    assert len(summary) == 1 and summary[0].endswith("no better than coin flips; use a stronger judge (docs/judges.md, \"Which judge runs "
                                            "here?\") or a rule or reward model (annotator.type=callable or reward_model)")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_tiny_llama
+from helpers import doc_oaif_args, make_tiny_llama
 from oaif.annotators.base import Judgment
 from oaif.commands import eval as eval_cmd
 from oaif.config import load_annotator_config
@@ -203,7 +203,9 @@ def test_eval_run_gives_a_curve_over_checkpoints(tiny_run, tiny_model_dir, tmp_p
     from oaif.models.chat import encode_prompt
     from oaif.models.load import load_tokenizer
 
-    assert cli("--run", str(tiny_run), "--limit", "4", "--bootstrap", "200", "--no-progress", *JUDGE) == 0
+    _, *argv = doc_oaif_args("oaif eval --run runs/demo")  # docs/training.md's command, on the tiny run
+    argv = [str(tiny_run) if a == "runs/demo" else a for a in argv]
+    assert cli(*argv, "--limit", "4", "--bootstrap", "200", "--no-progress", *JUDGE) == 0
     printed = capsys.readouterr().out
     out = tiny_run / "eval"
     result = json.loads((out / "eval.json").read_text())

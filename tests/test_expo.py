@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import make_tiny_llama, one_line_error
+from helpers import doc_oaif_args, make_tiny_llama, one_line_error
 from oaif.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,7 +83,9 @@ def test_the_output_loads_generates_and_evaluates_against_the_aligned_model(tiny
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "expo"
-    assert expo(tiny_model_dir, tiny_run, 0.3, out) == 0
+    paths = {"SFT_DIR": tiny_model_dir, "runs/demo": str(tiny_run), "runs/demo-expo": str(out)}
+    argv = doc_oaif_args("oaif expo --base SFT_DIR --aligned runs/demo --alpha 0.3 --out runs/demo-expo")
+    assert main([paths.get(a, a) for a in argv]) == 0  # docs/methods.md's command on the tiny run
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("Name a fruit.", return_tensors="pt")

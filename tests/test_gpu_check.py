@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import doc_argv
 from oaif.cli import build_parser
 from oaif.config import Config, flatten, load_config
 
@@ -34,7 +35,7 @@ def run_script(*args: str, **env: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def dry_run() -> dict[str, list[str]]:
-    result = run_script("--dry-run")
+    result = run_script(*doc_argv("scripts/gpu_check.sh --dry-run")[1:])  # docs/scaling.md
     assert result.returncode == 0 and result.stderr == "", result.stderr
     commands = {}
     for line in result.stdout.splitlines():
@@ -44,7 +45,8 @@ def dry_run() -> dict[str, list[str]]:
 
 
 def test_without_a_gpu_it_says_so_in_one_line_and_exits_nonzero():
-    result = run_script(CUDA_VISIBLE_DEVICES="")  # no GPU to torch, whatever this machine holds
+    # docs/scaling.md's command, with no GPU to torch whatever this machine holds
+    result = run_script(*doc_argv("scripts/gpu_check.sh")[1:], CUDA_VISIBLE_DEVICES="")
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.splitlines() == [f"gpu_check: no GPU here (torch at {sys.executable} sees no CUDA device); "
                                           f"nothing run. --dry-run lists the checks."]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import doc_oaif_args
 from oaif.cli import main
 from oaif.config import load_config
 from oaif.run.metrics import read_metrics
@@ -38,7 +39,8 @@ def tb_run(tiny_model_dir, tmp_path_factory) -> Path:
 
 def test_plot_writes_every_png_and_a_page(tb_run, tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    assert main(["plot", str(tb_run)]) == 0
+    argv = doc_oaif_args("oaif plot runs/demo")  # the README's command, on this run
+    assert main([str(tb_run) if a == "runs/demo" else a for a in argv]) == 0
     plots = tb_run / "plots"
     names = {"training.png", "judge.png", "pairs.png", "time.png"}
     assert {p.name for p in plots.glob("*.png")} == names

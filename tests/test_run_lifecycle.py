@@ -116,7 +116,7 @@ def test_a_second_sigterm_stops_at_once_through_a_judge_that_catches_exceptions(
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_stops_two_processes_together_with_a_checkpoint(tiny_model_dir, tmp_path):
     out = tmp_path / "two"
-    # the README's command as printed, with the default train.device=auto (cpu where two processes would share a GPU)
+    # docs/scaling.md's command (test_distributed.py claims it), with the default train.device=auto (cpu where two processes would share a GPU)
     device = "cpu" if torch.cuda.is_available() else "auto"
     cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "-m", "oaif.cli", "train",
            *args(tiny_model_dir, out, f"annotator.callable={JUDGES}:signal_after", "train.max_steps=6",

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import doc_oaif_args
 from oaif.config import load_config
 from oaif.errors import AnnotatorError, TrainingError
 from oaif.run.metrics import METRICS, RECORD_KEYS, StepMetrics, read_metrics
@@ -483,13 +484,14 @@ def test_a_judge_without_both_orders_is_not_called_noise_and_0_turns_the_warning
     assert NoiseWindow(4).summary() is None  # nothing judged (offline)
 
 
-ADVICE_TEXT = ("use a stronger judge (README, \"Which judge runs here?\") or a rule or reward model "
+ADVICE_TEXT = ("use a stronger judge (docs/judges.md, \"Which judge runs here?\") or a rule or reward model "
                "(annotator.type=callable or reward_model)")
 
 
 def demo_cli(out, *extra) -> list[str]:
-    """`oaif train configs/demo.yaml` as the README runs it, cut to 2 steps with a 4-pair noise window."""
-    return ["train", str(ROOT / "configs/demo.yaml"), f"train.output_dir={out}", "train.max_steps=2",
+    """The README's main job, `oaif train configs/demo.yaml`, cut to 2 steps with a 4-pair noise window."""
+    command, config = doc_oaif_args("scripts/setup.sh && .venv/bin/oaif train configs/demo.yaml")
+    return [command, str(ROOT / config), f"train.output_dir={out}", "train.max_steps=2",
             "annotator.noise_window=4", "logging.progress_bar=false", f"data.path={ROOT / 'data/prompts/demo_prompts.jsonl'}",
             *extra]
 

@@ -29,6 +29,7 @@ from oaif.run.metrics import read_metrics
 from oaif.models.chat import encode_prompt
 from oaif.models.load import load_causal_lm
 from oaif.trainer import Trainer, train
+from helpers import doc_oaif_args
 from vllm_helpers import PROMPTS, ROOT, greedy_both, require_vllm_python, train_overrides
 
 pytestmark = pytest.mark.slow
@@ -40,8 +41,11 @@ DEMO = ROOT / "configs" / "demo.yaml"
 def server_run(vllm_tiny, vllm_server, tmp_path_factory, train_device) -> Path:
     """Three steps of one process sampling from the server (on ``train_device``)."""
     out = tmp_path_factory.mktemp("vllm_server_run") / "one"
-    train(load_config(DEMO, train_overrides(vllm_tiny.first, out, "vllm.mode=server",
-                                            f"vllm.server_url={vllm_server.url}", f"train.device={train_device}")))
+    # docs/vllm.md's command, on the test's server (train_overrides makes vllm_demo.yaml equal demo.yaml)
+    _, name, *overrides = doc_oaif_args("oaif train configs/vllm_demo.yaml vllm.mode=server "
+                                        "vllm.server_url=http://127.0.0.1:8000")
+    overrides = [f"vllm.server_url={vllm_server.url}" if o.startswith("vllm.server_url=") else o for o in overrides]
+    train(load_config(ROOT / name, train_overrides(vllm_tiny.first, out, *overrides, f"train.device={train_device}")))
     return out
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
+from helpers import doc_argv
 from vllm_helpers import ROOT, require_vllm_python
 
 pytestmark = pytest.mark.slow
@@ -30,3 +33,14 @@ def test_colocated_engine_tests_pass_in_the_vllm_environment():
     assert result.returncode == 0, tail
     summary = result.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary and "failed" not in summary, tail
+
+
+def test_setup_vllm_finds_the_built_environment_and_says_so():
+    # docs/vllm.md's command; on a machine where .venv-vllm is built (CI: by setup.sh --tests) it only checks it
+    python = require_vllm_python()
+    argv = doc_argv("scripts/setup.sh --vllm")
+    if Path(python).resolve() != (ROOT / ".venv-vllm" / "bin" / "python").resolve():
+        pytest.skip(f"vLLM comes from {python}, not .venv-vllm: running setup.sh --vllm would build it")
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.fullmatch(r"setup done: \.venv-vllm \(vllm \S+ transformers \S+\)\n", result.stdout), result.stdout

@@ -128,15 +128,22 @@ def _healthy(url: str) -> bool:
 @contextlib.contextmanager
 def start_vllm_server(python: str, model_dir: str, *, max_model_len: int = ENGINE_MAX_LEN, dev_mode: bool = True,
                       startup_timeout: float = 420.0) -> Iterator[VllmServerProcess]:
-    """A real vLLM OpenAI-compatible server on loopback, set up as oaif's README says, stopped on exit."""
+    """A real vLLM OpenAI-compatible server on loopback, started with docs/vllm.md's command, stopped on exit."""
+    from helpers import doc_argv
+
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", "policy",
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--seed", "0",
-           "--max-model-len", str(max_model_len), "--no-enable-chunked-prefill",
-           "--max-num-batched-tokens", str(max(max_model_len, 2048)), "--max-num-seqs", "16",
-           "--kv-cache-memory-bytes", str(256 * 2**20),
-           "--worker-extension-cls", "oaif.generation.vllm_worker.WeightSyncExtension"]
+    documented = doc_argv("VLLM_SERVER_DEV_MODE=1 .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server "
+                          "--model DIR --worker-extension-cls oaif.generation.vllm_worker.WeightSyncExtension "
+                          "--no-enable-chunked-prefill --max-num-batched-tokens 2048 --max-model-len 2048")
+    assert documented[0] == "VLLM_SERVER_DEV_MODE=1" and documented[1].endswith("python")
+    values = {"--model": model_dir, "--max-model-len": str(max_model_len),  # the test's model and sizes
+              "--max-num-batched-tokens": str(max(max_model_len, 2048))}
+    cmd = [python]
+    for arg in documented[2:]:
+        cmd.append(values.get(cmd[-1], arg))
+    cmd += ["--served-model-name", "policy", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+            "--enforce-eager", "--seed", "0", "--max-num-seqs", "16", "--kv-cache-memory-bytes", str(256 * 2**20)]
     env = dict(os.environ, VLLM_SERVER_DEV_MODE="1" if dev_mode else "0",
                PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     fd, log_name = tempfile.mkstemp(prefix="vllm_server_", suffix=".log")

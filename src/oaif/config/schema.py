@@ -113,7 +113,7 @@ class AnnotatorConfig:
 @dataclass
 class LossConfig:
     type: str = _f("dpo", "dpo, ipo, slic, simpo (reference-free, Meng et al. 2024), rpo (DPO + chosen NLL, Pang et al. "
-                          "2024) or rdpo (length-regularised DPO, Park et al. 2024); README's Methods table.")
+                          "2024) or rdpo (length-regularised DPO, Park et al. 2024); docs/methods.md's table.")
     beta: float = _f(0.1, "Strength of the pull towards the reference model (dpo, ipo, slic, rpo, rdpo; simpo's scale "
                           "is loss.simpo_beta).")
     simpo_beta: float = _f(2.0, "simpo: the reward scale beta of beta * log pi(y)/|y| (the paper's 2.0; its README "
@@ -133,7 +133,7 @@ class LossConfig:
                                    "base with the adapter off) or behavior (BPO, Xu et al. 2024: the policy that sampled "
                                    "the step's responses, i.e. the weights before its update: the policy's own log-probs, "
                                    "detached, so no reference forward runs, no copy is held, rho is 0 and no kl is logged; "
-                                   "online mode). Not with loss.type=simpo. README's Methods table.")
+                                   "online mode). Not with loss.type=simpo. docs/methods.md's table.")
     reference_sync_every: int = _f(0, "TR-DPO (Gorbatovski et al. 2024) hard update: after every N-th step the reference "
                                       "becomes a copy of the policy (the paper's tau; TRL's default from it is 512). "
                                       "With loss.reference_mix, mix every N steps instead of copying. 0: never.")

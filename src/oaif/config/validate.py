@@ -140,7 +140,7 @@ def _loss_checks(loss: LossConfig) -> list:
 
 
 def _reference_checks(loss: LossConfig, mode: str) -> list:
-    """The reference's keys (README's Methods table): ranges, and settings that would be silently ignored."""
+    """The reference's keys (docs/methods.md's table): ranges, and settings that would be silently ignored."""
     defaults = {f.name: f.default for f in dataclasses.fields(LossConfig)}
     checks = [
         ("loss.reference_sync_every", loss.reference_sync_every >= 0, "must be >= 0 (0: never)"),

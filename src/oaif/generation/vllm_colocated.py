@@ -136,7 +136,7 @@ class ColocatedVllm:
         except ImportError as e:
             raise GenerationError("the vLLM backend needs vLLM, which is not installed here: on a GPU "
                                   "pip install 'oaif[vllm]'; on a CPU scripts/setup.sh --vllm builds .venv-vllm "
-                                  f"(see the README's vLLM section) ({e})") from e
+                                  f"(see docs/vllm.md) ({e})") from e
         os.environ.update(placement.env)
         try:
             self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=engine_dtype(settings, policy_dtype),

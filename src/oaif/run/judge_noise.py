@@ -30,7 +30,7 @@ MIN_CONSISTENCY = 0.5
 #: ... and the mean preference stays within this distance of 0.5.
 MIN_DISTANCE = 0.1
 #: What to do about it, for the warning and the summary.
-ADVICE = ("use a stronger judge (README, \"Which judge runs here?\") or a rule or reward model "
+ADVICE = ("use a stronger judge (docs/judges.md, \"Which judge runs here?\") or a rule or reward model "
           "(annotator.type=callable or reward_model)")
 
 
