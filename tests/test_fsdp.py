@@ -16,12 +16,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import one_line_error
+from helpers import doc_argv, one_line_error
 from oaif.run.metrics import read_metrics
 from test_distributed import (JUDGES, NOT_COMPARED, ROOT, assert_same_weights, launch, marked,
                               marked_prompts, run)
 
-FSDP = ["train.fsdp=true"]
+# docs/scaling.md's FSDP command: the overrides after its config (the launcher is test_distributed's `launch`)
+_DOC = doc_argv("accelerate launch --multi_gpu --num_processes 2 -m oaif.cli train configs/demo.yaml train.fsdp=true")
+FSDP = _DOC[_DOC.index("configs/demo.yaml") + 1:]
+assert FSDP == ["train.fsdp=true"]
 
 
 def assert_same_metrics(one: list[dict], two: list[dict], rel: float, abs_: float) -> None:

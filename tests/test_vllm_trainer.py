@@ -92,7 +92,10 @@ def test_a_push_that_fails_after_a_step_leaves_that_step_saved(vllm_tiny, vllm_s
     assert t.step == 1 and latest_checkpoint(out).name == "checkpoint-1"  # the finished step is not lost
 
 
-COLLECTIVE = ("vllm.weight_sync=collective", "vllm.sync_timeout_s=60")
+# docs/vllm.md's collective command: its weight_sync override (mode and URL are the test server's, below)
+COLLECTIVE = (*[o for o in doc_oaif_args("oaif train configs/vllm_demo.yaml vllm.mode=server "
+                                         "vllm.server_url=http://127.0.0.1:8000 vllm.weight_sync=collective")
+                if o.startswith("vllm.weight_sync=")], "vllm.sync_timeout_s=60")
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
