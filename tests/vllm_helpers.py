@@ -136,7 +136,8 @@ def start_vllm_server(python: str, model_dir: str, *, max_model_len: int = ENGIN
            "--max-model-len", str(max_model_len), "--no-enable-chunked-prefill",
            "--max-num-batched-tokens", str(max(max_model_len, 2048)), "--max-num-seqs", "16",
            "--kv-cache-memory-bytes", str(256 * 2**20),
-           "--worker-extension-cls", "oaif.generation.vllm_worker.WeightSyncExtension"]
+           "--worker-extension-cls", "oaif.generation.vllm_worker.WeightSyncExtension",
+           "--logprobs-mode", "raw_logprobs"]  # vLLM's default, stated: logprob_gap compares raw log-probs
     env = dict(os.environ, VLLM_SERVER_DEV_MODE="1" if dev_mode else "0",
                PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     fd, log_name = tempfile.mkstemp(prefix="vllm_server_", suffix=".log")
