@@ -25,8 +25,8 @@ from oaif.step.update import UpdateStats
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["What is 2+2?", "Name a color.", "Write a haiku about the sea, please."]
 #: Bounds of a synchronous run's logprob_gap on the tiny random Llama (initializer range 0.2, so that the
-#: log-probs are far from uniform) on this CPU, with room: measured at most 1.1e-6 (float32) and 2.4e-3 (bf16
-#: autocast) over 3 steps (see the report in the README's Metrics line for logprob_gap).
+#: log-probs are far from uniform) on a 2-core CPU, with room: measured at most 1.1e-6 (float32) and 2.4e-3 (bf16
+#: autocast) over these tests' 3 steps. A real model under bf16 sits higher (DEVELOPERS.md, Metrics).
 F32_BOUND, BF16_BOUND = 1e-5, 1e-2
 
 
@@ -147,8 +147,8 @@ def test_a_sampler_that_missed_the_updates_is_caught_and_warned_about(sharp_mode
     Trainer(gap_cfg(sharp_model_dir, tmp_path / "run", "optim.lr=1.0e-2"), sampler=LivePolicy(stale, tok)).setup().train()
     gaps = [r["logprob_gap"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     # step 1 samples the weights it updates (the copy equals the policy); from step 2 on it does not
-    assert gaps[0] < F32_BOUND and all(g > 0.05 for g in gaps[1:]), gaps
+    assert gaps[0] < F32_BOUND and all(g > 0.1 for g in gaps[1:]), gaps
     warnings = [line for line in capsys.readouterr().err.splitlines() if "logprob_gap" in line]
-    assert len(warnings) == 1 and warnings[0].startswith(f"oaif: warning: logprob_gap {gaps[1]:.4g} > 0.05: the "
+    assert len(warnings) == 1 and warnings[0].startswith(f"oaif: warning: logprob_gap {gaps[1]:.4g} > 0.1: the "
                                                          "sampler's weights differ from the policy's"), warnings
     assert math.isfinite(gaps[1])
