@@ -108,7 +108,7 @@ def test_core_import_is_light():
     ("loss.missing_eos_penalty=-.inf", "loss.missing_eos_penalty: must be a number or .inf, got -inf (.inf: an unfinished response loses)"),
     ("train.resume=", "train.resume: must be true, false or a checkpoint directory"),
     ("vllm.mode=remote", "vllm.mode: expected colocated or server, got 'remote'"),
-    ("train.logprob_gap_warn=-0.1", "train.logprob_gap_warn: must be >= 0 (0: no warning)"),
+    ("train.logprob_gap_warn=-0.1", "train.logprob_gap_warn: must be >= 0 (0: no warning; null: by precision)"),
 ])
 def test_new_keys_are_validated(override, message):
     with pytest.raises(ConfigError) as e:

@@ -68,6 +68,24 @@ def test_the_warning_comes_once_above_the_threshold_and_0_turns_it_off():
     assert GapWatch(0.0).warning({"step": 1, "logprob_gap": 5.0}) is None
 
 
+@pytest.mark.parametrize("overrides, limit", [
+    ([], 1e-3),  # float32 policy, transformers sampler
+    (["train.logprob_gap_warn=0.5"], 0.5),
+    (["train.logprob_gap_warn=0"], 0.0),
+    (["train.mixed_precision=bf16"], 0.1),
+    (["sampling.backend=vllm"], 1e-3),  # a colocated engine in the policy's float32
+    (["sampling.backend=vllm", "vllm.dtype=bfloat16"], 0.1),
+    (["sampling.backend=vllm", "vllm.mode=server"], 0.1),  # the server's dtype is whoever started it's
+])
+def test_the_default_threshold_follows_the_precision_policy_and_sampler_compute_in(overrides, limit):
+    from oaif.run.metrics import gap_warn_limit
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", overrides)
+    assert gap_warn_limit(cfg, torch.nn.Linear(2, 2)) == limit  # float32 weights
+    if not overrides:
+        assert gap_warn_limit(cfg, torch.nn.Linear(2, 2).to(torch.bfloat16)) == 0.1  # bfloat16 weights
+
+
 # -- the samplers report raw log-probs --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sharp_model_dir(tmp_path_factory, smollm2_path) -> str:
@@ -149,6 +167,6 @@ def test_a_sampler_that_missed_the_updates_is_caught_and_warned_about(sharp_mode
     # step 1 samples the weights it updates (the copy equals the policy); from step 2 on it does not
     assert gaps[0] < F32_BOUND and all(g > 0.1 for g in gaps[1:]), gaps
     warnings = [line for line in capsys.readouterr().err.splitlines() if "logprob_gap" in line]
-    assert len(warnings) == 1 and warnings[0].startswith(f"oaif: warning: logprob_gap {gaps[1]:.4g} > 0.1: the "
+    assert len(warnings) == 1 and warnings[0].startswith(f"oaif: warning: logprob_gap {gaps[1]:.4g} > 0.001: the "
                                                          "sampler's weights differ from the policy's"), warnings
     assert math.isfinite(gaps[1])

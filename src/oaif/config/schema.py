@@ -178,11 +178,12 @@ class TrainConfig:
     device: str = _f("auto", "auto, cpu or cuda.")
     mixed_precision: str = _f("no", "Accelerate mixed precision: no, bf16 or fp16 (fp16 needs a GPU).")
     forward_batch_size: int = _f(8, "Sequences per forward pass in the update (0: a micro-batch's sequences in one pass). Passes group sequences of similar length, so each pads to its own longest; a prompt's responses always share a pass. Changes speed and memory, not the result.")
-    logprob_gap_warn: float = _f(0.1, "Warn once when a step's logprob_gap (mean |log-prob in the update - the "
-                                      "sampler's| per response token, both untempered) exceeds this: the sampler "
-                                      "sampled other weights than the policy's (a missed weight push). Rounding "
-                                      "stays below it: about 1e-6 in float32, some hundredths under bf16 "
-                                      "(DEVELOPERS.md, Metrics); 0: no warning.")
+    logprob_gap_warn: float | None = _f(None, "Warn once when a step's logprob_gap (mean |log-prob in the update - "
+                                              "the sampler's| per response token, both untempered) exceeds this: the "
+                                              "sampler sampled other weights than the policy's (a missed weight "
+                                              "push). null: by precision, 1e-3 when policy and sampler compute in "
+                                              "float32 (rounding: about 1e-6), 0.1 under bf16/fp16 or a vLLM server "
+                                              "(rounding: some hundredths; DEVELOPERS.md, Metrics); 0: no warning.")
     share_prompt_forward: bool = _f(True, "Forward each prompt once for all its responses in the update (they continue its KV cache), policy and reference alike; false forwards one [prompt | response] row per response, as oaif did before. The same result up to float rounding. Off by itself where the policy takes no KV cache in training (gradient checkpointing).")
 
 

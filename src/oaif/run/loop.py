@@ -10,7 +10,7 @@ import sys
 
 from oaif.errors import AnnotatorError, CheckpointWriteError, TrainingError
 from oaif.run.finite_guard import NonFiniteError, check_step
-from oaif.run.metrics import GapWatch
+from oaif.run.metrics import GapWatch, gap_warn_limit
 from oaif.run.stop_signals import StopSignals, Stopped
 
 BAR_KEYS = ("loss", "reward_accuracy", "kl", "response_length", "judge_consistency")
@@ -24,7 +24,7 @@ def run_steps(t) -> dict:
     bar = tqdm(total=cfg.train.max_steps, initial=t.step, desc=f"oaif {cfg.train.mode} {cfg.loss.type}",
                disable=not (t.is_main and cfg.logging.progress_bar), dynamic_ncols=True)
     last: dict = {}
-    gap_watch = GapWatch(cfg.train.logprob_gap_warn)  # every step is synchronous: the sampler holds the policy
+    gap_watch = GapWatch(gap_warn_limit(cfg, t.unwrapped))  # every step is synchronous: the sampler holds the policy
     signals = StopSignals(immediate_second=t.accelerator.num_processes == 1).install()
     try:
         while t.step < cfg.train.max_steps:
