@@ -127,6 +127,7 @@ def test_core_import_is_light():
     ("vllm.sync_port=70000", "vllm.sync_port: expected 0 (a free port) to 65535, got 70000"),
     ("vllm.sync_timeout_s=0", "vllm.sync_timeout_s: must be a finite number > 0, got 0.0"),
     ("vllm.sync_bucket_mib=0", "vllm.sync_bucket_mib: must be >= 1, got 0"),
+    ("train.logprob_gap_warn=-0.1", "train.logprob_gap_warn: must be >= 0 (0: no warning; null: by precision)"),
 ])
 def test_new_keys_are_validated(override, message):
     with pytest.raises(ConfigError) as e:

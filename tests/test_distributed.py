@@ -85,6 +85,7 @@ def test_online_two_processes_run_the_loop_and_match_one(tiny_model_dir, tmp_pat
         assert a["pairs_judged"] == b["pairs_judged"] and a["pairs_used"] == b["pairs_used"]
         assert a["response_length"] == pytest.approx(b["response_length"])
         assert a["prompts_seen"] == b["prompts_seen"] == 4 * a["step"]
+        assert 0 <= b["logprob_gap"] < 1e-5  # every process's tokens, each sampling the policy (float32 rounding)
     assert_same_weights(tmp_path / "one" / "checkpoint-3", tmp_path / "two" / "checkpoint-3", atol=1e-4)
     assert len((tmp_path / "two" / "annotations.jsonl").read_text().splitlines()) > 0
 

@@ -174,7 +174,8 @@ def test_the_update_gives_the_length_losses_each_responses_token_count(collected
     # the tiny random model rarely ends a response early: cut response (b, k) by b + k (2 + 3b) tokens, so that
     # the responses of a pair, and the pairs, differ in length
     rollouts = dataclasses.replace(mb.rollouts, responses=[
-        [r[:max(1, len(r) - b - k * (2 + 3 * b))] for k, r in enumerate(rs)] for b, rs in enumerate(mb.rollouts.responses)])
+        [r[:max(1, len(r) - b - k * (2 + 3 * b))] for k, r in enumerate(rs)] for b, rs in enumerate(mb.rollouts.responses)],
+        sample_logprobs=None)  # the sampler's log-probs were of the uncut responses
     cfg = dataclasses.replace(t.cfg.loss, type=loss_type, rdpo_alpha=0.1, rpo_alpha=0.5)
     t.update.loss_cfg, saved = cfg, t.update.loss_cfg
     try:

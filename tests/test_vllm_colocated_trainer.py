@@ -20,6 +20,7 @@ from oaif.config import load_config  # noqa: E402
 from oaif.generation.weights import policy_weights  # noqa: E402
 from oaif.models.chat import encode_prompt  # noqa: E402
 from oaif.models.load import load_causal_lm  # noqa: E402
+from oaif.run.metrics import read_metrics  # noqa: E402
 from oaif.trainer import Trainer, train  # noqa: E402
 from vllm_helpers import PROMPTS, ROOT, greedy_both, train_overrides  # noqa: E402
 
@@ -86,3 +87,44 @@ def test_a_resumed_run_pushes_the_resumed_weights_before_its_first_sample(tiny, 
     assert t.train()["steps"] == 2  # the engine stays open after train(): the test owns it
     hf, vl = greedy(t, engine)
     assert vl == hf
+
+
+class SkipsOnePush:
+    """The engine, except that push number ``skip`` (1: the one at setup, 2: after the first step) is lost,
+    as a weight sync that failed silently would lose it."""
+
+    def __init__(self, engine, skip: int):
+        self.engine, self.skip, self.pushes = engine, skip, 0
+
+    def sample(self, *args, **kwargs):
+        return self.engine.sample(*args, **kwargs)
+
+    def load_weights(self, weights) -> None:
+        self.pushes += 1
+        if self.pushes != self.skip:
+            self.engine.load_weights(weights)
+
+    def close(self) -> None:
+        """The test owns the engine."""
+
+
+#: vLLM's float32 CPU kernels against transformers' on the same weights: measured at most 1.5e-6 (3 steps)
+VLLM_F32_BOUND = 1e-4
+
+
+@pytest.mark.parametrize("skip", [0, 2], ids=["every_push", "missed_push"])
+def test_the_logprob_gap_catches_an_engine_that_missed_a_push(tiny, engine, tmp_path, capsys, skip):
+    # a large learning rate, so that one step moves the log-probs far beyond the bound
+    wrapped = SkipsOnePush(engine, skip)
+    Trainer(load_config(DEMO, train_overrides(tiny.first, tmp_path / "run", "optim.lr=1.0e-2")),
+            sampler=wrapped).setup().train()
+    assert wrapped.pushes == 4  # setup and after each of the 3 steps
+    gaps = [r["logprob_gap"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "logprob_gap" in line]
+    if not skip:
+        assert all(g < VLLM_F32_BOUND for g in gaps) and not warnings, (gaps, warnings)
+        return
+    # step 2 samples the starting weights but updates step 1's; the push after step 2 arrives again
+    assert gaps[0] < VLLM_F32_BOUND and gaps[1] > 0.1 and gaps[2] < VLLM_F32_BOUND, gaps
+    assert len(warnings) == 1 and warnings[0].startswith(f"oaif: warning: logprob_gap {gaps[1]:.4g} > 0.001: the "
+                                                         "sampler's weights differ from the policy's"), warnings

@@ -236,8 +236,11 @@ class FakeVllm:
                 if self.path != "/v1/completions":  # a weight reload, a prefix cache reset: accepted
                     return self._send({})
                 tokens = fake.answer(body)
-                self._send({"choices": [{"index": 0, "text": "", "token_ids": [] if tokens == "die" else tokens}]},
-                           cut=tokens == "die")
+                extra = {}
+                if isinstance(tokens, dict):  # the token ids and more fields of the choice (logprobs)
+                    extra, tokens = tokens, tokens["token_ids"]
+                self._send({"choices": [{"index": 0, "text": "", **extra,
+                                         "token_ids": [] if tokens == "die" else tokens}]}, cut=tokens == "die")
 
         self.answer = answer
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -303,3 +306,40 @@ def test_a_run_on_a_misbehaving_vllm_server_stops_with_one_line(tiny_model_dir, 
     errors = [line for line in result.stderr.splitlines() if line.startswith("oaif: error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+NOT_ONE_PER_TOKEN = r"returned token_logprobs that are not one number per token: "
+
+
+def with_logprobs(tokens, logprobs) -> dict:
+    return {"token_ids": tokens, "logprobs": {"token_logprobs": logprobs}}
+
+
+@pytest.mark.parametrize("answer, message", [
+    (lambda body: {"token_ids": [7, 2]}, r"returned no logprobs\.token_logprobs"),
+    (lambda body: with_logprobs([7, 2], [-1.0]), NOT_ONE_PER_TOKEN + r"\[-1\.0\]"),
+    (lambda body: with_logprobs([7, 2], [-1.0, None]), NOT_ONE_PER_TOKEN + r"\[-1\.0, None\]"),
+], ids=["missing", "too_few", "null"])
+def test_a_server_whose_logprobs_are_missing_or_wrong_is_one_line(tmp_path, answer, message):
+    with FakeVllm(answer) as server:
+        with pytest.raises(GenerationError, match=r"the vLLM server at http://127\.0\.0\.1:\d+ " + message) as info:
+            misbehaving_client(server, tmp_path).sample([[1]], [0], k=1, seed=0, temperature=1.0, top_p=1.0,
+                                                        max_new_tokens=8, logprobs=True)
+        assert "\n" not in str(info.value)
+
+
+def test_the_client_asks_for_the_sampled_tokens_logprobs_and_cuts_them_with_the_response(tmp_path):
+    asked = []
+
+    def answer(body):
+        asked.append(body)
+        return with_logprobs([7, 2, 9], [-0.5, -1.5, -2.5])  # a stop id (2) before the end: cut after it
+
+    with FakeVllm(answer) as server:
+        client = misbehaving_client(server, tmp_path)
+        out = client.sample([[1]], [0], k=2, seed=0, temperature=0.7, top_p=0.9, max_new_tokens=8, logprobs=True)
+        assert out == ([[[7, 2], [7, 2]]], [[True, True]], [[[-0.5, -1.5], [-0.5, -1.5]]])
+        assert asked[0]["logprobs"] == 0 and asked[0]["return_tokens_as_token_ids"] is True
+        asked.clear()
+        assert len(client.sample([[1]], [0], k=1, seed=0, temperature=1.0, top_p=1.0, max_new_tokens=8)) == 2
+        assert "logprobs" not in asked[0]  # not asked for: not requested

@@ -135,7 +135,8 @@ def start_vllm_server(python: str, model_dir: str, *, max_model_len: int = ENGIN
     url = f"http://127.0.0.1:{port}"
     documented = doc_argv("VLLM_SERVER_DEV_MODE=1 .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server "
                           "--model DIR --worker-extension-cls oaif.generation.vllm_worker.WeightSyncExtension "
-                          "--no-enable-chunked-prefill --max-num-batched-tokens 2048 --max-model-len 2048")
+                          "--no-enable-chunked-prefill --max-num-batched-tokens 2048 --max-model-len 2048 "
+                          "--logprobs-mode raw_logprobs")
     assert documented[0] == "VLLM_SERVER_DEV_MODE=1" and documented[1].endswith("python")
     values = {"--model": model_dir, "--max-model-len": str(max_model_len),  # the test's model and sizes
               "--max-num-batched-tokens": str(max(max_model_len, 2048))}

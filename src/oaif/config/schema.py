@@ -181,6 +181,12 @@ class TrainConfig:
     fsdp: bool = _f(False, "Shard the policy and the reference over the launched processes with FSDP2 (each decoder "
                            "layer, then the model): each holds 1/N of the weights, gradients and optimizer states. "
                            "Launch as for several processes; on one process it shards nothing. Checkpoints stay full.")
+    logprob_gap_warn: float | None = _f(None, "Warn once when a step's logprob_gap (mean |log-prob in the update - "
+                                              "the sampler's| per response token, both untempered) exceeds this: the "
+                                              "sampler sampled other weights than the policy's (a missed weight "
+                                              "push). null: by precision, 1e-3 when policy and sampler compute in "
+                                              "float32 (rounding: about 1e-6), 0.1 under bf16/fp16 or a vLLM server "
+                                              "(rounding: some hundredths; DEVELOPERS.md, Metrics); 0: no warning.")
     share_prompt_forward: bool = _f(True, "Forward each prompt once for all its responses in the update (they continue its KV cache), policy and reference alike; false forwards one [prompt | response] row per response, as oaif did before. The same result up to float rounding. Off by itself where the policy takes no KV cache in training (gradient checkpointing).")
 
 

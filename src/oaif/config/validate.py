@@ -89,6 +89,8 @@ def validate(cfg: Config) -> Config:
         ("train.save_every", cfg.train.save_every >= 0, "must be >= 0 (0: only at the end)"),
         ("train.keep_last", cfg.train.keep_last >= 0, "must be >= 0 (0: keep all)"),
         ("train.forward_batch_size", cfg.train.forward_batch_size >= 0, "must be >= 0"),
+        ("train.logprob_gap_warn", cfg.train.logprob_gap_warn is None or cfg.train.logprob_gap_warn >= 0,
+         "must be >= 0 (0: no warning; null: by precision)"),
         ("data.eval_fraction", 0 <= cfg.data.eval_fraction < 1, "must be in [0, 1)"),
         ("train.mode", cfg.train.mode != "offline" or cfg.data.preference_path,
          "offline mode needs data.preference_path"),

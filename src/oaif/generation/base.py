@@ -68,13 +68,20 @@ def sample_rows(prompt_tokens: list[list[int]], positions: list[int], k: int, se
             for b, (p, pos) in enumerate(zip(prompt_tokens, positions)) for j in range(k)]
 
 
-def regroup(rows: list[SampleRow], outputs: list[list[int]], stop: StopRules, num_prompts: int, k: int):
-    """``(responses[b][k], ended_eos[b][k])`` from one output token list per row."""
+def regroup(rows: list[SampleRow], outputs: list[list[int]], stop: StopRules, num_prompts: int, k: int,
+            logprobs: list[list[float]] | None = None):
+    """``(responses[b][k], ended_eos[b][k])`` from one output token list per row; given ``logprobs``
+    (one list per row, a value per output token), ``(responses, ended_eos, logprobs[b][k])``, cut alike."""
     responses: list[list[list[int]]] = [[[] for _ in range(k)] for _ in range(num_prompts)]
     ended: list[list[bool]] = [[False] * k for _ in range(num_prompts)]
-    for row, tokens in zip(rows, outputs, strict=True):
+    lps: list[list[list[float]]] = [[[] for _ in range(k)] for _ in range(num_prompts)]
+    for i, (row, tokens) in enumerate(zip(rows, outputs, strict=True)):
         responses[row.b][row.k], ended[row.b][row.k] = stop.cut(tokens)
-    return responses, ended
+        if logprobs is not None:
+            if len(logprobs[i]) != len(tokens):
+                raise GenerationError(f"the sampler returned {len(logprobs[i])} log-probs for {len(tokens)} tokens")
+            lps[row.b][row.k] = [float(v) for v in logprobs[i][:len(responses[row.b][row.k])]]
+    return (responses, ended) if logprobs is None else (responses, ended, lps)
 
 
 def request_params(row_seed: int, temperature: float, top_p: float, max_new_tokens: int, stop: StopRules) -> dict:
@@ -95,9 +102,14 @@ class Generator(Protocol):
     """A sampling backend the trainer calls instead of :func:`oaif.step.sampling.sample_responses`."""
 
     def sample(self, prompt_tokens: list[list[int]], positions: list[int], *, k: int, seed: int,
-               temperature: float, top_p: float, max_new_tokens: int
-               ) -> tuple[list[list[list[int]]], list[list[bool]]]:
-        """``k`` responses per prompt: ``(responses[b][k], ended_eos[b][k])``, as ``sample_responses``."""
+               temperature: float, top_p: float, max_new_tokens: int, logprobs: bool = False) -> tuple:
+        """``k`` responses per prompt: ``(responses[b][k], ended_eos[b][k])``, as ``sample_responses``.
+
+        ``logprobs``: ``(responses, ended_eos, logprobs[b][k])``, the log-probability of each response
+        token under the weights that sampled it, from the raw logits (log-softmax without temperature
+        or top-p: what the update recomputes, so ``logprob_gap`` measures the weights); the third item
+        is None from a backend that cannot report them.
+        """
         ...
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -26,11 +26,11 @@ class LivePolicy:
         self.autocast = autocast
 
     def sample(self, prompt_tokens: list[list[int]], positions: list[int], *, k: int, seed: int,
-               temperature: float, top_p: float, max_new_tokens: int):
+               temperature: float, top_p: float, max_new_tokens: int, logprobs: bool = False):
         with self.autocast():
             return sample_responses(self.model, self.tokenizer, prompt_tokens, positions, k=k, seed=seed,
                                     temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                    backend=self.backend, batch_size=self.batch_size)
+                                    backend=self.backend, batch_size=self.batch_size, return_logprobs=logprobs)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Nothing to do: the weights are the model's own (``weights`` is not read)."""

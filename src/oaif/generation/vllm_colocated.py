@@ -144,13 +144,15 @@ class ColocatedVllm:
                            max_num_seqs=settings.max_num_seqs, enable_chunked_prefill=False,
                            max_num_batched_tokens=max(self.max_model_len, 2048), enable_prefix_caching=True,
                            kv_cache_memory_bytes=int(settings.kv_cache_gib * 2**30), worker_extension_cls=EXTENSION,
+                           logprobs_mode="raw_logprobs",  # before temperature and top-p: as the update computes them
                            **placement.engine_args, **_gpu_args(placement))
         except (ValueError, RuntimeError, OSError, NotImplementedError) as e:
             raise GenerationError(f"cannot start a vLLM engine for {model_path}: {' '.join(str(e).split())[:300]}") from e
 
     def sample(self, prompt_tokens: list[list[int]], positions: list[int], *, k: int, seed: int,
-               temperature: float, top_p: float, max_new_tokens: int):
-        """``(responses[b][k], ended_eos[b][k])``; one engine request per response, seeded per row."""
+               temperature: float, top_p: float, max_new_tokens: int, logprobs: bool = False):
+        """``(responses[b][k], ended_eos[b][k])``; one engine request per response, seeded per row.
+        ``logprobs``: also each sampled token's raw log-prob (the engine runs with ``logprobs_mode=raw_logprobs``)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -161,9 +163,14 @@ class ColocatedVllm:
                                       f"vllm.max_model_len={self.max_model_len}")
         prompts = [TokensPrompt(prompt_token_ids=row.prompt) for row in rows]
         params = [SamplingParams(**request_params(row.seed, temperature, top_p, max_new_tokens, self.stop),
-                                 detokenize=False) for row in rows]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return regroup(rows, [list(o.outputs[0].token_ids) for o in outputs], self.stop, len(prompt_tokens), k)
+                                 detokenize=False, logprobs=0 if logprobs else None) for row in rows]
+        outputs = [o.outputs[0] for o in self.llm.generate(prompts, params, use_tqdm=False)]
+        tokens = [list(o.token_ids) for o in outputs]
+        if not logprobs:
+            return regroup(rows, tokens, self.stop, len(prompt_tokens), k)
+        # logprobs=0: each step's dict holds the sampled token (and no other)
+        drawn = [[step[t].logprob for t, step in zip(ts, o.logprobs)] for ts, o in zip(tokens, outputs)]
+        return regroup(rows, tokens, self.stop, len(prompt_tokens), k, drawn)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy these weights (transformers names) into the engine in place, then drop its prefix cache.

@@ -13,7 +13,8 @@ see the directory (same machine or a shared file system). Start it, for example,
 
     VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server --model DIR \\
         --worker-extension-cls oaif.generation.vllm_worker.WeightSyncExtension \\
-        --no-enable-chunked-prefill --max-num-batched-tokens 2048 --max-model-len 2048
+        --no-enable-chunked-prefill --max-num-batched-tokens 2048 --max-model-len 2048 \\
+        --logprobs-mode raw_logprobs
 
 Chunked prefill must be off on CPU: a seeded request whose prompt is prefilled in chunks fails
 there ("CPU Generator does not use offset"). This client talks HTTP only (standard library); it
@@ -126,14 +127,27 @@ class VllmServer:
         return models[0]
 
     # -- sampling -----------------------------------------------------------------------------
-    def _complete(self, body: dict) -> list[int]:
+    def _complete(self, body: dict) -> tuple[list[int], list[float] | None]:
+        """The completion's token ids, and (``body`` asks for ``logprobs``) their log-probs."""
         reply = self._request("POST", "/v1/completions", body) or {}
         try:
             tokens = reply["choices"][0]["token_ids"]
         except (KeyError, IndexError, TypeError) as e:
             raise GenerationError(f"the vLLM server at {self.url} returned no token_ids (a vLLM server that "
                                   f"supports return_token_ids is needed): {_one_line(str(reply)[:200])}") from e
-        return self._checked(tokens, body["max_tokens"])
+        tokens = self._checked(tokens, body["max_tokens"])
+        if body.get("logprobs") is None:
+            return tokens, None
+        try:
+            logprobs = reply["choices"][0]["logprobs"]["token_logprobs"]
+        except (KeyError, IndexError, TypeError) as e:
+            raise GenerationError(f"the vLLM server at {self.url} returned no logprobs.token_logprobs: "
+                                  f"{_one_line(str(reply)[:200])}") from e
+        if (not isinstance(logprobs, list) or len(logprobs) != len(tokens)
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in logprobs)):
+            raise GenerationError(f"the vLLM server at {self.url} returned token_logprobs that are not one number "
+                                  f"per token: {_one_line(repr(logprobs), 200)}")
+        return tokens, [float(v) for v in logprobs]
 
     def _checked(self, tokens, max_tokens: int) -> list[int]:
         """The completion's token ids, if they can be a response of this policy to this request."""
@@ -150,18 +164,25 @@ class VllmServer:
         return tokens
 
     def sample(self, prompt_tokens: list[list[int]], positions: list[int], *, k: int, seed: int,
-               temperature: float, top_p: float, max_new_tokens: int):
-        """``(responses[b][k], ended_eos[b][k])``; one completion request per response, seeded per row."""
+               temperature: float, top_p: float, max_new_tokens: int, logprobs: bool = False):
+        """``(responses[b][k], ended_eos[b][k])``; one completion request per response, seeded per row.
+
+        ``logprobs``: also each sampled token's log-prob (``logprobs=0``: the sampled token's only). They
+        are raw (before temperature and top-p) when the server runs with ``--logprobs-mode raw_logprobs``,
+        vLLM's default; a server started with a ``processed_*`` mode sends others, which this client
+        cannot tell apart (``logprob_gap`` then also measures the sampling settings)."""
         rows = sample_rows(prompt_tokens, positions, k, seed)
         bodies = []
         for row in rows:
             params = request_params(row.seed, temperature, top_p, max_new_tokens, self.stop)
             params.pop("n")
+            extra = dict(logprobs=0, return_tokens_as_token_ids=True) if logprobs else {}
             bodies.append(dict(params, model=self.model, prompt=row.prompt, return_token_ids=True,
-                               skip_special_tokens=False, stream=False))
+                               skip_special_tokens=False, stream=False, **extra))
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, max(1, len(bodies)))) as pool:
             outputs = list(pool.map(self._complete, bodies))
-        return regroup(rows, outputs, self.stop, len(prompt_tokens), k)
+        tokens = [t for t, _ in outputs]
+        return regroup(rows, tokens, self.stop, len(prompt_tokens), k, [lp for _, lp in outputs] if logprobs else None)
 
     # -- weights ------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -10,6 +10,7 @@ import sys
 
 from oaif.errors import AnnotatorError, CheckpointWriteError, TrainingError
 from oaif.run.finite_guard import NonFiniteError, check_step
+from oaif.run.metrics import GapWatch, gap_warn_limit
 from oaif.run.stop_signals import StopSignals, Stopped
 
 BAR_KEYS = ("loss", "reward_accuracy", "kl", "response_length", "judge_consistency")
@@ -23,6 +24,7 @@ def run_steps(t) -> dict:
     bar = tqdm(total=cfg.train.max_steps, initial=t.step, desc=f"oaif {cfg.train.mode} {cfg.loss.type}",
                disable=not (t.is_main and cfg.logging.progress_bar), dynamic_ncols=True)
     last: dict = {}
+    gap_watch = GapWatch(gap_warn_limit(cfg, t.unwrapped))  # every step is synchronous: the sampler holds the policy
     signals = StopSignals(immediate_second=t.accelerator.num_processes == 1).install()
     try:
         while t.step < cfg.train.max_steps:
@@ -31,8 +33,9 @@ def run_steps(t) -> dict:
                 t.metrics.write(last)
                 bar.set_postfix({k: f"{last[k]:.3g}" for k in BAR_KEYS if k in last} | {"pairs": last["pairs_used"]})
                 bar.update(1)
-                if warning := t.judge_noise.warning():
-                    bar.write(f"oaif: warning: {warning}", file=sys.stderr)
+                for warning in (t.judge_noise.warning(), gap_watch.warning(last)):
+                    if warning:
+                        bar.write(f"oaif: warning: {warning}", file=sys.stderr)
             check_step(last, t.step, t.checkpoints.last_saved)
             t.check_failures()
             if signal_name := signals.requested(t.accelerator):

@@ -22,7 +22,7 @@ from oaif.errors import ConfigError
 #: Keys (or groups, ending in '.') a resume may change without being allowed explicitly.
 SAFE_KEYS = ("train.max_steps", "train.save_every", "train.keep_last", "train.resume", "train.resume_allow_changes",
              "train.overwrite_output_dir", "train.output_dir", "train.forward_batch_size",
-             "train.share_prompt_forward", "train.fsdp", "model.cache_dir", "logging.",
+             "train.share_prompt_forward", "train.fsdp", "train.logprob_gap_warn", "model.cache_dir", "logging.",
              "annotator.request_timeout", "annotator.max_retries", "annotator.concurrency", "annotator.base_url",
              "annotator.api_key_env", "annotator.audit_log", "annotator.noise_window")
 

@@ -263,3 +263,25 @@ def sequence_logprobs(model: torch.nn.Module, batch: SequenceBatch, *, chunk_tok
     picked = _HeadLogprobs.apply(states[real], head.weight, labels[real], dtype, chunk_tokens)
     per_token = torch.zeros(real.shape, dtype=torch.float32, device=picked.device).masked_scatter(real, picked)
     return per_token.sum(-1), per_token
+
+
+def logprob_gap(per_token: torch.Tensor, response_mask: torch.Tensor,
+                sampled: list[list[float] | None]) -> tuple[float, int]:
+    """``(sum, count)`` of |``per_token`` - ``sampled``| over the real tokens of the rows with sampler log-probs.
+
+    ``per_token`` (n, R) are a pass's per-token log-probs (:func:`sequence_logprobs`), ``response_mask``
+    its (n, R) mask, ``sampled[i]`` the sampler's log-probs of row i's tokens (one per token; None: the
+    sampler reported none, and the row is left out). Detached, in float64; the mean is ``sum / count``.
+    """
+    rows = [i for i, s in enumerate(sampled) if s is not None]
+    if not rows:
+        return 0.0, 0
+    mask = response_mask[rows].detach().cpu().double()
+    theirs = torch.zeros_like(mask)
+    for j, i in enumerate(rows):
+        n = int(mask[j].sum())
+        if len(sampled[i]) != n:
+            raise ValueError(f"row {i}: {len(sampled[i])} sampler log-probs for {n} response tokens")
+        theirs[j, :n] = torch.tensor(sampled[i], dtype=torch.float64)
+    ours = per_token[rows].detach().cpu().double()
+    return float(((ours - theirs).abs() * mask).sum()), int(mask.sum())

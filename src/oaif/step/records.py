@@ -23,6 +23,9 @@ class Rollouts:
     responses: list[list[list[int]]]  # [b][k] response token ids (EOS included when it ended)
     texts: list[list[str]]  # [b][k] decoded responses
     ended_eos: list[list[bool]]  # [b][k]
+    # [b][k][token]: each drawn token's log-prob under the weights that sampled it, from the raw logits (no
+    # temperature, no top-p), as the sampler reported it; None where the sampler reports none (offline: a file)
+    sample_logprobs: list[list[list[float]]] | None = None
 
     @property
     def num_prompts(self) -> int:

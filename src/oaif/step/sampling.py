@@ -9,6 +9,11 @@ from the temperature-scaled, top-p-filtered softmax with one uniform number u(r,
 depend on which other prompts share its batch, on the number of processes, or on whether the
 run was resumed. One number per row and step (not one per vocabulary entry), computed for the
 whole response up front, with no random generator state.
+
+With ``return_logprobs`` both also give the log-probability of each drawn token under the raw
+logits (log-softmax, no temperature, no top-p): the numbers the update recomputes from the same
+weights, so their difference (``logprob_gap``) measures the weights, not the sampling settings.
+One value per row and step is gathered; no full-vocabulary tensor is kept.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from oaif.step.logprobs import pad_rows, position_ids_from_mask
+from oaif.step.logprobs import pad_rows, position_ids_from_mask, token_logprobs
 from oaif.step.records import Rollouts
 
 
@@ -79,13 +84,18 @@ class RowSampler:
 
 class _RowDraws:
     """A ``generate`` logits processor: scores that are 0 at the row's draw and -inf elsewhere, so
-    greedy decoding takes the same draws as :class:`RowSampler`."""
+    greedy decoding takes the same draws as :class:`RowSampler`. It is the only processor (see
+    :func:`_own_generation_config`), so ``scores`` are the raw logits; with ``logprobs`` it keeps
+    each draw's raw log-probability, one ``(rows,)`` tensor per step."""
 
-    def __init__(self, sampler: RowSampler, temperature: float, top_p: float):
+    def __init__(self, sampler: RowSampler, temperature: float, top_p: float, logprobs: bool = False):
         self.sampler, self.temperature, self.top_p = sampler, temperature, top_p
+        self.logprobs: list[torch.Tensor] | None = [] if logprobs else None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         picked = self.sampler(scores, self.temperature, self.top_p)
+        if self.logprobs is not None:
+            self.logprobs.append(token_logprobs(scores, picked))
         return torch.full_like(scores, float("-inf")).scatter_(-1, picked[:, None], 0.0)
 
 
@@ -133,7 +143,7 @@ def _first_eos(tokens: torch.Tensor, eos: set[int]) -> tuple[torch.Tensor, torch
 
 
 @torch.no_grad()
-def _sample_shared_prefill(model, prompts, seeds, k, temperature, top_p, max_new_tokens, eos, pad_id):
+def _sample_shared_prefill(model, prompts, seeds, k, temperature, top_p, max_new_tokens, eos, pad_id, want_logprobs):
     from oaif.models.modules import kv_cache_key
 
     device = next(model.parameters()).device
@@ -152,10 +162,13 @@ def _sample_shared_prefill(model, prompts, seeds, k, temperature, top_p, max_new
     eos_t = torch.tensor(sorted(eos), device=device)
     tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
+    logprobs = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device) if want_logprobs else None
     # asking whether every row ended waits for the device: on an accelerator, ask every few tokens
     check_every = 1 if device.type == "cpu" else 8
     for t in range(max_new_tokens):
         nxt = sampler(logits, temperature, top_p)
+        if logprobs is not None:  # the draw's raw log-prob (rows already done are cut off later)
+            logprobs[:, t] = token_logprobs(logits, nxt)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         tokens[:, t] = nxt
         done |= torch.isin(nxt, eos_t)
@@ -165,7 +178,7 @@ def _sample_shared_prefill(model, prompts, seeds, k, temperature, top_p, max_new
                     use_cache=True, **{cache_key: cache})
         logits = out.logits[:, -1]
     lengths, ended = _first_eos(tokens, eos)
-    return tokens.cpu(), lengths.cpu(), ended.cpu()
+    return tokens.cpu(), lengths.cpu(), ended.cpu(), None if logprobs is None else logprobs.cpu()
 
 
 @contextmanager
@@ -189,7 +202,7 @@ def _own_generation_config(model):
 
 
 @torch.no_grad()
-def _sample_hf(model, prompts, seeds, k, temperature, top_p, max_new_tokens, eos, pad_id):
+def _sample_hf(model, prompts, seeds, k, temperature, top_p, max_new_tokens, eos, pad_id, want_logprobs):
     from transformers import GenerationConfig, LogitsProcessorList
 
     device = next(model.parameters()).device
@@ -197,7 +210,7 @@ def _sample_hf(model, prompts, seeds, k, temperature, top_p, max_new_tokens, eos
     # greedy decoding of the draws, under a config that sets nothing else (see _own_generation_config)
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                               eos_token_id=sorted(eos))
-    draws = _RowDraws(RowSampler(seeds, device, max_new_tokens), temperature, top_p)
+    draws = _RowDraws(RowSampler(seeds, device, max_new_tokens), temperature, top_p, want_logprobs)
     with _own_generation_config(model):
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                              logits_processor=LogitsProcessorList([draws]))
@@ -205,16 +218,24 @@ def _sample_hf(model, prompts, seeds, k, temperature, top_p, max_new_tokens, eos
     tokens = torch.full((gen.shape[0], max_new_tokens), pad_id, dtype=torch.long)
     tokens[:, :gen.shape[1]] = gen
     lengths, ended = _first_eos(tokens, eos)
-    return tokens, lengths, ended
+    logprobs = None
+    if want_logprobs:
+        logprobs = torch.zeros((gen.shape[0], max_new_tokens), dtype=torch.float32)
+        if draws.logprobs:
+            steps = torch.stack(draws.logprobs, dim=1).cpu()
+            logprobs[:, :steps.shape[1]] = steps
+    return tokens, lengths, ended, logprobs
 
 
 def sample_responses(model, tokenizer, prompt_tokens: list[list[int]], positions: list[int], *, k: int,
                      seed: int, temperature: float, top_p: float, max_new_tokens: int,
-                     backend: str = "shared_prefill", batch_size: int = 0):
+                     backend: str = "shared_prefill", batch_size: int = 0, return_logprobs: bool = False):
     """Sample ``k`` responses for each prompt.
 
     Returns ``(responses, ended_eos)``: ``responses[b][k]`` is the token list up to and including
     the first EOS (or ``max_new_tokens`` tokens), ``ended_eos[b][k]`` whether it stopped at EOS.
+    ``return_logprobs``: ``(responses, ended_eos, logprobs)``, ``logprobs[b][k]`` the raw (untempered,
+    unfiltered) log-probability of each token of ``responses[b][k]`` under the weights that drew it.
     """
     eos = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
@@ -223,30 +244,36 @@ def sample_responses(model, tokenizer, prompt_tokens: list[list[int]], positions
     model.eval()
     responses: list[list[list[int]]] = []
     ended_eos: list[list[bool]] = []
+    logprobs: list[list[list[float]]] = []
     step = batch_size if batch_size > 0 else len(prompt_tokens)
     try:
         for start in range(0, len(prompt_tokens), step):
             chunk = prompt_tokens[start:start + step]
             seeds = [row_seed(seed, pos, j) for pos in positions[start:start + step] for j in range(k)]
-            tokens, lengths, ended = fn(model, chunk, seeds, k, temperature, top_p, max_new_tokens, eos, pad_id)
+            tokens, lengths, ended, lps = fn(model, chunk, seeds, k, temperature, top_p, max_new_tokens, eos, pad_id,
+                                             return_logprobs)
             for b in range(len(chunk)):
                 rows = range(b * k, (b + 1) * k)
                 responses.append([tokens[r, : int(lengths[r])].tolist() for r in rows])
                 ended_eos.append([bool(ended[r]) for r in rows])
+                if return_logprobs:
+                    logprobs.append([lps[r, : int(lengths[r])].tolist() for r in rows])
     finally:
         model.train(was_training)
-    return responses, ended_eos
+    return (responses, ended_eos, logprobs) if return_logprobs else (responses, ended_eos)
 
 
 def sample_rollouts(generator, tokenizer, batch: list, prompt_tokens: dict[str, list[int]], cfg, seed: int) -> Rollouts:
     """Step 1 for ``(stream position, PromptRecord)`` pairs: ``generator.sample`` (any
     :class:`oaif.generation.base.Generator`) with the settings of ``cfg`` (a
-    :class:`oaif.config.SamplingConfig`), decoded into :class:`Rollouts`."""
+    :class:`oaif.config.SamplingConfig`), decoded into :class:`Rollouts`, with the sampler's
+    log-probabilities of the drawn tokens (None from a sampler that reports none)."""
     records = [rec for _, rec in batch]
     positions = [pos for pos, _ in batch]
     tokens = [prompt_tokens[r.id] for r in records]
-    responses, ended = generator.sample(tokens, positions, k=cfg.num_samples, seed=seed, temperature=cfg.temperature,
-                                        top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
+    responses, ended, logprobs = generator.sample(tokens, positions, k=cfg.num_samples, seed=seed,
+                                                  temperature=cfg.temperature, top_p=cfg.top_p,
+                                                  max_new_tokens=cfg.max_new_tokens, logprobs=True)
     texts = [[tokenizer.decode(r, skip_special_tokens=True).strip() for r in rs] for rs in responses]
     return Rollouts(positions=positions, prompt_ids=[r.id for r in records], prompt_texts=[r.text for r in records],
-                    prompt_tokens=tokens, responses=responses, texts=texts, ended_eos=ended)
+                    prompt_tokens=tokens, responses=responses, texts=texts, ended_eos=ended, sample_logprobs=logprobs)

@@ -27,6 +27,11 @@ last micro-batch, so every pass's own log-probs, detached, *are* the behaviour p
 in value (the loss is its value at rho = 0) and its gradient is the policy's. No reference
 forward runs and no ``kl`` is logged (it would be 0). The reference of a TR-DPO run
 (:mod:`oaif.models.reference`) is forwarded like the initial one.
+
+The policy's per-token log-probs of the responses in pairs, computed here before the optimizer
+steps, are the weights that sampled them in a synchronous run; their mean absolute difference from
+the log-probs the sampler reported (``logprob_gap``, both untempered) is near 0 unless the sampler
+held other weights (a missed push to a vLLM engine).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from oaif.models.sharding import gradient_sync_off, is_sharded, max_over_processes
-from oaif.step.logprobs import SequenceBatch, pack_sequences, sequence_logprobs, takes_kv_cache
+from oaif.step.logprobs import SequenceBatch, logprob_gap, pack_sequences, sequence_logprobs, takes_kv_cache
 from oaif.step.losses import LENGTH_NORMALISED, REFERENCE_FREE, PreferenceLossOutput, preference_loss
 from oaif.step.records import PreferenceBatch, Rollouts
 
@@ -52,6 +57,8 @@ class UpdateStats:
     rejected_logps: torch.Tensor  # (pairs,) log pi(y_r | x)
     kl: torch.Tensor | None  # (responses,) sum_t [log pi - log pi_ref] of every response (online, with a reference), else None
     train_tokens: int  # tokens of the responses in pairs (forwarded with gradients)
+    # (sum, tokens) of |log pi(y_t) - the sampler's log-prob| over the response tokens in pairs (logprob_gap)
+    logprob_gap: tuple[float, int] = (0.0, 0)
 
 
 def forward_groups(rollouts: Rollouts, flat: list[int], max_rows: int) -> list[list[int]]:
@@ -191,7 +198,7 @@ class PolicyUpdate:
             if self.forwards_reference:  # padding passes (the batches past groups) forward too, their values unused
                 ref = {f: v for g, b in zip(groups + [[]] * (passes - len(groups)), batches)
                        for f, v in zip(g, self._reference_logps(b).tolist())}
-            pol = self._policy_passes(rollouts, groups, batches, ref, prefs, global_pairs)
+            pol, stats.logprob_gap = self._policy_passes(rollouts, groups, batches, ref, prefs, global_pairs)
         if rows:
             logps = torch.tensor([pol[f] for f in rows], dtype=torch.float32, device=device)
             ref_logps = (torch.tensor([ref[f] for f in rows], dtype=torch.float32, device=device) if ref is not None
@@ -218,16 +225,18 @@ class PolicyUpdate:
         return torch.tensor([prefs.label_probs[j] for j in pairs], device=self.accelerator.device)
 
     def _policy_passes(self, rollouts: Rollouts, groups, batches, ref: dict[int, float] | None,
-                       prefs: PreferenceBatch, global_pairs: int) -> dict[int, float]:
-        """Forward and backward each pass with the loss of its pairs; the policy's log-probs, detached."""
+                       prefs: PreferenceBatch, global_pairs: int) -> tuple[dict[int, float], tuple[float, int]]:
+        """Forward and backward each pass with the loss of its pairs; the policy's log-probs, detached, and
+        the (sum, tokens) of their per-token distance to the sampler's over the responses in pairs."""
         scale = self.accelerator.num_processes / global_pairs if global_pairs else 0.0
         pol: dict[int, float] = {}
+        gap, sampled, paired = [0.0, 0], rollouts.sample_logprobs, set(prefs.chosen) | set(prefs.rejected)
         for i, batch in enumerate(batches):
             group = groups[i] if i < len(groups) else []  # past groups: a padding pass (FSDP), no pair
             last = i == len(batches) - 1
             # only the micro-batch's last backward may reduce gradients (the trainer's no_sync covers the others)
             with nullcontext() if last else self.no_sync():
-                logps = sequence_logprobs(self.policy, batch, share_prompts=self.share_prompts)[0]
+                logps, per_token = sequence_logprobs(self.policy, batch, share_prompts=self.share_prompts)
                 row = {f: j for j, f in enumerate(group)}
                 pairs = [j for j, f in enumerate(prefs.chosen) if f in row]
                 if pairs:
@@ -241,7 +250,12 @@ class PolicyUpdate:
                     loss = logps.sum() * 0.0
                 self.accelerator.backward(loss)
             pol.update(zip(group, logps.detach().tolist()))
-        return pol
+            # the weights that should have sampled: this step's, before the optimizer (not for a padding pass)
+            if sampled is not None and group:
+                s, n = logprob_gap(per_token, batch.response_mask,
+                                   [sampled[f // rollouts.k][f % rollouts.k] if f in paired else None for f in group])
+                gap[0], gap[1] = gap[0] + s, gap[1] + n
+        return pol, (gap[0], gap[1])
 
     def _pair_references(self, ref: dict[int, float] | None, logps: torch.Tensor, at: tuple, sides: tuple):
         """The (chosen, rejected) reference log-probs of a pass's pairs: the reference's, or (behavior) the
