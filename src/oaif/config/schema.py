@@ -178,6 +178,13 @@ class TrainConfig:
     device: str = _f("auto", "auto, cpu or cuda.")
     mixed_precision: str = _f("no", "Accelerate mixed precision: no, bf16 or fp16 (fp16 needs a GPU).")
     forward_batch_size: int = _f(8, "Sequences per forward pass in the update (0: a micro-batch's sequences in one pass). Passes group sequences of similar length, so each pads to its own longest; a prompt's responses always share a pass. Changes speed and memory, not the result.")
+    async_steps: int = _f(0, "0: each step samples and judges its batch, then updates (synchronous). N >= 1: a "
+                             "background worker samples and judges the next steps' batches while this one updates, "
+                             "from weights at most N optimizer steps old (policy_lag logs how old); the transformers "
+                             "backends then sample their own copy of the policy (one more copy of the weights in "
+                             "memory), vLLM gets the weights as before. Refused with a judge that reads the policy "
+                             "(annotator.model=policy), loss.reference=behavior, offline mode and a vLLM server shared "
+                             "by several processes. See docs/async.md.")
     share_prompt_forward: bool = _f(True, "Forward each prompt once for all its responses in the update (they continue its KV cache), policy and reference alike; false forwards one [prompt | response] row per response, as oaif did before. The same result up to float rounding. Off by itself where the policy takes no KV cache in training (gradient checkpointing).")
 
 
