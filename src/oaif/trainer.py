@@ -202,8 +202,10 @@ class Trainer:
         if self.ahead is None:
             record["time_weight_sync_s"] = self.push_weights()  # after the step is complete: a failed push loses nothing
             return record
-        if self.step < self.cfg.train.max_steps:  # queued behind the steps being collected; a failure shows next step
-            self.ahead.push(self.step)
+        self.ahead.push(self.step)  # queued behind the steps being collected; a failure shows at the next step
+        if self.step >= self.cfg.train.max_steps:  # the last step: the sampler ends with the final weights, as in sync
+            pushed, last_wait = self.ahead.wait_push()
+            push_wait += last_wait
         return record | {"time_weight_sync_s": pushed, "time_wait_s": waited + push_wait}
 
     def push_weights(self) -> float:
