@@ -39,8 +39,8 @@ from oaif.config import Config
 from oaif.errors import AnnotatorError, TrainingError
 from oaif.generation.weights import policy_weights
 from oaif.redaction import redact
-from oaif.run.judge_noise import NoiseWindow
 from oaif.run.async_collect import AsyncCollector, Collected
+from oaif.run.judge_noise import NoiseWindow
 from oaif.run.metrics import FailureWindow, StepMetrics
 from oaif.step.pairs import annotate_pairs, build_pairs, preference_rollouts
 from oaif.step.ranking import build_best_worst
