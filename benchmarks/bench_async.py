@@ -97,7 +97,8 @@ def run_once(out: Path, async_steps: int, judge_url: str, judge_model: str, args
                  "train.save_every=0", "train.overwrite_output_dir=true", "logging.progress_bar=false",
                  "annotator.type=openai", f"annotator.base_url={judge_url}/v1", f"annotator.model={judge_model}",
                  f"sampling.backend={args.backend}", f"sampling.max_new_tokens={args.max_new_tokens}",
-                 f"train.batch_size={args.batch_size}", "optim.warmup_steps=0", *args.set]
+                 f"train.batch_size={args.batch_size}", "optim.warmup_steps=0", "annotator.request_timeout=600",
+                 *args.set]
     train(load_config(DEMO, overrides))
     return read_metrics(out / "metrics.jsonl")
 

@@ -101,7 +101,7 @@ class Trainer:
         self._committed_stream = self.stream.state_dict()  # the stream as of the last finished step
         self.ahead, self._ahead_state = None, None
         if cfg.train.async_steps and cfg.train.mode == "online":  # the worker; a checkpoint's queued steps back in it
-            self.ahead = AsyncCollector(cfg.train.async_steps, self.gather, self.push_weights, version=self.step)
+            self.ahead = AsyncCollector(cfg.train.async_steps, self.gather, self.sampler.load_weights, version=self.step)
             self.ahead.restore(self.checkpoints.restored.get("async"), self.accelerator, self.stream)
         self.metrics, self.audit = open_run_dir(cfg, self.is_main, self.step if cfg.train.resume else None)
         return self
@@ -202,7 +202,9 @@ class Trainer:
         if self.ahead is None:
             record["time_weight_sync_s"] = self.push_weights()  # after the step is complete: a failed push loses nothing
             return record
-        self.ahead.push(self.step)  # queued behind the steps being collected; a failure shows at the next step
+        # listed here (LoRA merged now, not while a reference forward switches the adapter off), loaded by the worker
+        # behind the steps being collected; a failure shows at the next step
+        self.ahead.push(self.step, list(policy_weights(self.unwrapped)))
         if self.step >= self.cfg.train.max_steps:  # the last step: the sampler ends with the final weights, as in sync
             pushed, last_wait = self.ahead.wait_push()
             push_wait += last_wait

@@ -9,8 +9,10 @@ log. With ``N = train.async_steps`` it keeps ``N + 1`` steps' batches queued at 
 step, so the batch queued at the start of step ``t`` is trained on at step ``t + N``; the push of
 the weights after step ``t - 1`` was queued before it, so it is sampled from them: the batch of
 step ``s`` comes from the weights after step ``s - N - 1`` (``policy_lag = N``, fewer on the first
-steps, which all sample the starting weights). A push reads the live parameters, so the main
-thread waits for it to finish before its next optimizer step changes them.
+steps, which all sample the starting weights). The main thread lists the weights to push when it
+queues the push (a LoRA adapter merged then, out of place, while no reference forward has its
+adapter switched off); a full model's are its live parameters, so the main thread waits for the
+push to finish before its next optimizer step changes them.
 
 A checkpoint (every process calls :meth:`AsyncCollector.checkpoint_state` in ``Trainer.save``)
 waits for the queued batches and keeps them, as plain lists, in ``trainer_state.pt`` under
@@ -91,12 +93,12 @@ def _done(value) -> Future:
 class AsyncCollector:
     """The background worker of ``train.async_steps`` (see the module's doc).
 
-    ``gather(prompts, version)`` collects one micro-batch (run in the worker); ``load()`` pushes the
-    policy's current weights into the sampler (run in the worker); ``version`` is the step of the
+    ``gather(prompts, version)`` collects one micro-batch (run in the worker); ``load(weights)`` gives the
+    sampler the weights :meth:`push` was handed (run in the worker); ``version`` is the step of the
     weights the sampler holds now.
     """
 
-    def __init__(self, steps_ahead: int, gather: Callable[[list, int], Collected], load: Callable[[], Any], *,
+    def __init__(self, steps_ahead: int, gather: Callable[[list, int], Collected], load: Callable[[list], Any], *,
                  version: int):
         self.ahead, self._gather, self._load = steps_ahead, gather, load
         self.sampler_version = version  # written by push jobs, read by collect jobs: both in the worker
@@ -108,9 +110,9 @@ class AsyncCollector:
     def _collect(self, prompts: list) -> Collected:
         return self._gather(prompts, self.sampler_version)
 
-    def _push_job(self, version: int) -> float:
+    def _push_job(self, version: int, weights: list) -> float:
         started = time.perf_counter()
-        self._load()
+        self._load(weights)
         self.sampler_version = version
         return time.perf_counter() - started
 
@@ -129,12 +131,12 @@ class AsyncCollector:
         step = self._steps.popleft()
         return [f.result() for f in step.futures], time.perf_counter() - started
 
-    def push(self, version: int) -> None:
-        """Queue the push of the policy's weights after step ``version``."""
-        self._push = self._pool.submit(self._push_job, version)
+    def push(self, version: int, weights: list) -> None:
+        """Queue the push of ``weights``, the policy's ``(name, tensor)`` pairs after step ``version``."""
+        self._push = self._pool.submit(self._push_job, version, weights)
 
     def wait_push(self) -> tuple[float, float]:
-        """Wait for the last queued push (it reads the live weights: call this before the optimizer changes
+        """Wait for the last queued push (it may read the live weights: call this before the optimizer changes
         them); ``(its seconds in the worker, seconds waited)``, zeros when none is queued."""
         if self._push is None:
             return 0.0, 0.0
