@@ -1,4 +1,4 @@
-"""The benchmarks' fast checks: their command lines, and the pieces that can run in a second."""
+"""benchmarks/bench_async.py's fast checks: its command line, and its delaying proxy (a second on loopback)."""
 
 from __future__ import annotations
 
