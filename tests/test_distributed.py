@@ -301,3 +301,33 @@ def test_self_judging_two_processes_match_one(tiny_model_dir, tmp_path):
     for a, b in zip(lines_one, lines_two):  # step 2 is judged by the policy after step 1, on each process
         assert (a["failure"], a["prompt_id"]) == (b["failure"], b["prompt_id"])
         assert (a["prob"] is None and b["prob"] is None) or b["prob"] == pytest.approx(a["prob"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_async_steps_two_processes_match_one(tiny_model_dir, tmp_path):
+    # each process's worker samples its own prompts from its own copy of the policy; every collective call
+    # (the pair count, the metrics, the audit log, the queued batches a checkpoint keeps) stays in the main thread
+    extra = ["annotator.type=callable", "annotator.callable=oaif.annotators.rules:prefer_shorter",
+             "train.async_steps=1", "train.save_every=2", "train.keep_last=0"]
+    run(common(tiny_model_dir, tmp_path / "one", 4) + extra, 1)
+    run(common(tiny_model_dir, tmp_path / "two", 2) + extra, 2)
+    one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert [r["policy_lag"] for r in two] == [r["policy_lag"] for r in one] == [0, 1, 1]
+    for a, b in zip(one, two, strict=True):
+        assert a["pairs_judged"] == b["pairs_judged"] and a["pairs_used"] == b["pairs_used"]
+        assert a["response_length"] == pytest.approx(b["response_length"])
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["prompts_seen"] == b["prompts_seen"] == 4 * a["step"]
+
+    def audit(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "latency_s"}
+                for line in (run / "annotations.jsonl").read_text().splitlines()]
+
+    assert audit(tmp_path / "two") == audit(tmp_path / "one")
+    assert_same_weights(tmp_path / "one" / "checkpoint-3", tmp_path / "two" / "checkpoint-3", atol=1e-4)
+    # checkpoint-2 keeps step 3's queued batch of each process, drawn from the same global stream position
+    saved = torch.load(tmp_path / "two" / "checkpoint-2" / "trainer_state.pt", weights_only=True)["async"]
+    assert saved["num_processes"] == 2 and [len(r) for r in saved["ranks"]] == [1, 1]
+    assert saved["stream_after"]["position"] == 12
+    positions = [m["rollouts"]["positions"] for r in saved["ranks"] for m in r[0]]
+    assert sorted(p for ps in positions for p in ps) == list(range(8, 12))

@@ -128,3 +128,19 @@ def test_the_logprob_gap_catches_an_engine_that_missed_a_push(tiny, engine, tmp_
     assert gaps[0] < VLLM_F32_BOUND and gaps[1] > 0.1 and gaps[2] < VLLM_F32_BOUND, gaps
     assert len(warnings) == 1 and warnings[0].startswith(f"oaif: warning: logprob_gap {gaps[1]:.4g} > 0.001: the "
                                                          "sampler's weights differ from the policy's"), warnings
+def test_async_steps_sample_from_the_engine_one_step_behind_and_leave_it_with_the_last_weights(tiny, engine, tmp_path):
+    import json
+
+    from oaif.run.metrics import read_metrics
+
+    out = tmp_path / "run"
+    t = Trainer(load_config(DEMO, train_overrides(tiny.first, out, "train.async_steps=1", "optim.lr=1.0e-2")),
+                sampler=engine).setup()
+    assert t.train()["steps"] == 3  # the worker sampled from the engine and pushed into it, in its own thread
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["policy_lag"] for r in records] == [0, 1, 1] and all(r["pairs_failed"] == 0 for r in records)
+    versions = {(a["step"], a["policy_version"]) for a in map(json.loads, (out / "annotations.jsonl").open())}
+    assert sorted(versions) == [(1, 0), (2, 0), (3, 1)]
+    assert changed(t.unwrapped, tiny.first)
+    hf, vl = greedy(t, engine)
+    assert vl == hf  # the last step's push was waited for: the engine holds the final policy

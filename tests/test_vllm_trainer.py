@@ -173,3 +173,33 @@ def test_two_processes_sample_and_train_as_one(server_run, vllm_tiny, vllm_serve
     wb = load_file(str(out / "checkpoint-3" / "model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-4, rtol=0, msg=k)
+
+
+def test_async_steps_sample_from_the_server_one_step_behind_and_leave_it_with_the_last_weights(vllm_tiny, vllm_server,
+                                                                                               tmp_path):
+    out = tmp_path / "run"
+    train(load_config(DEMO, train_overrides(vllm_tiny.first, out, "vllm.mode=server", "train.async_steps=1",
+                                            f"vllm.server_url={vllm_server.url}", "optim.lr=1.0e-2")))
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["policy_lag"] for r in records] == [0, 1, 1] and all(r["pairs_failed"] == 0 for r in records)
+    assert sorted({(a["step"], a["policy_version"]) for a in audit(out)}) == [(1, 0), (2, 0), (3, 1)]
+    assert records[2]["time_weight_sync_s"] > 0  # the last push, waited for
+    model, tok = load_causal_lm(out / "checkpoint-3")
+    client = VllmServer(StopRules(frozenset(vllm_tiny.eos_ids)), VllmConfig(mode="server", server_url=vllm_server.url),
+                        weights_dir=tmp_path / "probe")
+    prompts = [encode_prompt(tok, p) for p in PROMPTS]
+    hf, vl = greedy_both(model, tok, client, prompts)
+    assert vl == hf  # the server holds the final checkpoint's weights
+
+
+def test_async_steps_refuse_a_server_shared_by_two_processes(vllm_tiny, vllm_server, tmp_path):
+    out = tmp_path / "two"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "oaif.cli", "train", str(DEMO),
+           *train_overrides(vllm_tiny.first, out, "vllm.mode=server", f"vllm.server_url={vllm_server.url}",
+                            "train.async_steps=1")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode != 0
+    assert "oaif: error: train.async_steps: a vLLM server shared by several processes" in result.stderr

@@ -17,7 +17,9 @@ then counts the step's valid pairs over every process and runs
 and takes the optimizer step (then a TR-DPO reference moves, :mod:`oaif.models.reference`). The
 policy does not change while a step collects, so collecting first changes no sample. Once the step is complete, the sampler gets the new weights (a vLLM
 engine or server; the transformers backends sample the policy itself). Offline mode replaces
-steps 1-2 with pairs read from a preference file.
+steps 1-2 with pairs read from a preference file. With ``train.async_steps`` >= 1 a background
+worker (:mod:`oaif.run.async_collect`) collects the next steps' micro-batches and pushes the weights
+while the main thread updates; the main thread still draws the prompts and keeps the books.
 Setup lives in :mod:`oaif.run.build`, metric bookkeeping in :class:`oaif.run.metrics.StepMetrics`,
 the audit log in :mod:`oaif.run.audit`, checkpoint state in :mod:`oaif.run.checkpoint`, and the run
 around the steps (progress, saves, stops) in :mod:`oaif.run.loop`.
@@ -43,6 +45,7 @@ from oaif.errors import AnnotatorError, TrainingError
 from oaif.generation.weights import policy_weights
 from oaif.models.sharding import full_optimizer_state, full_parameters, gathered, plain
 from oaif.redaction import redact
+from oaif.run.async_collect import AsyncCollector, Collected
 from oaif.run.judge_noise import NoiseWindow
 from oaif.run.metrics import FailureWindow, StepMetrics
 from oaif.step.pairs import annotate_pairs, build_pairs, preference_rollouts
@@ -103,6 +106,10 @@ class Trainer:
         self.lock = claim_run_dir(cfg, self.accelerator)  # everything that can fail has been built
         self.push_weights()  # the sampler starts from the policy as it is now (resumed, or whatever a server held)
         self._committed_stream = self.stream.state_dict()  # the stream as of the last finished step
+        self.ahead, self._ahead_state = None, None
+        if cfg.train.async_steps and cfg.train.mode == "online":  # the worker; a checkpoint's queued steps back in it
+            self.ahead = AsyncCollector(cfg.train.async_steps, self.gather, self.sampler.load_weights, version=self.step)
+            self.ahead.restore(self.checkpoints.restored.get("async"), self.accelerator, self.stream)
         self.metrics, self.audit = open_run_dir(cfg, self.is_main, self.step if cfg.train.resume else None)
         return self
 
@@ -134,33 +141,60 @@ class Trainer:
         with self._whole(self.unwrapped, self.parts.reference) if in_process else nullcontext():
             return annotate_pairs(self.annotator, rollouts, self.cfg.sampling.pairing)
 
+    def build_pairs(self, rollouts: Rollouts, plan: PairPlan, judgments: list[Judgment]) -> PreferenceBatch:
+        cfg, online = self.cfg, self.cfg.train.mode == "online"
+        build = build_best_worst if cfg.sampling.pairing == "best_worst" and online else build_pairs
+        return build(rollouts, plan, judgments, soft_labels=cfg.loss.soft_labels, min_confidence=cfg.loss.min_confidence,
+                     missing_eos_penalty=cfg.loss.missing_eos_penalty if online else 0.0)
+
+    def gather(self, batch, version: int) -> Collected:
+        """Steps 1-3 for one online micro-batch, without bookkeeping (the async worker runs it): sample,
+        annotate, build pairs. ``version``: the optimizer step of the weights the sampler holds."""
+        started = time.perf_counter()
+        rollouts = self.sample(batch)
+        sampled = time.perf_counter()
+        plan, judgments = self.annotate(rollouts)
+        annotated = time.perf_counter()
+        return Collected(rollouts, plan, judgments, self.build_pairs(rollouts, plan, judgments), version,
+                         sampled - started, annotated - sampled)
+
+    def book(self, c: Collected, metrics: StepMetrics) -> MicroBatch:
+        """A collected micro-batch into this step's audit log and metrics (the main thread)."""
+        metrics.add("time_sample_s", c.time_sample_s)
+        metrics.add("time_annotate_s", c.time_annotate_s)
+        self.audit.add(self.step + 1, c.rollouts, c.plan, c.judgments, c.version)
+        metrics.add_micro_batch(c.rollouts, c.plan, c.prefs, c.judgments)
+        return MicroBatch(c.rollouts, c.prefs)
+
     def collect(self, batch, metrics: StepMetrics) -> MicroBatch:
         """Steps 1-3 for one micro-batch: sample, annotate, build pairs (offline: a preference file's pairs)."""
-        cfg, truncated = self.cfg, 0
-        if cfg.train.mode == "offline":
-            tokenize = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-            fp = preference_rollouts(batch, self.parts.prompts.prompt_tokens, tokenize, self.parts.end_of_turn,
-                                     cfg.sampling.max_new_tokens)
-            rollouts, plan, judgments, truncated = fp.rollouts, fp.plan, fp.labels, fp.truncated
-        else:
-            with metrics.timed("sample"):
-                rollouts = self.sample(batch)
-            with metrics.timed("annotate"):
-                plan, judgments = self.annotate(rollouts)
-            self.audit.add(self.step + 1, rollouts, plan, judgments)
-        build = build_best_worst if cfg.sampling.pairing == "best_worst" and cfg.train.mode == "online" else build_pairs
-        prefs = build(rollouts, plan, judgments, soft_labels=cfg.loss.soft_labels,
-                            min_confidence=cfg.loss.min_confidence,
-                            missing_eos_penalty=cfg.loss.missing_eos_penalty if cfg.train.mode == "online" else 0.0)
-        metrics.add_micro_batch(rollouts, plan, prefs, judgments if cfg.train.mode == "online" else None, truncated)
-        return MicroBatch(rollouts, prefs)
+        if self.cfg.train.mode == "online":
+            return self.book(self.gather(batch, self.step), metrics)
+        tokenize = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        fp = preference_rollouts(batch, self.parts.prompts.prompt_tokens, tokenize, self.parts.end_of_turn,
+                                 self.cfg.sampling.max_new_tokens)
+        prefs = self.build_pairs(fp.rollouts, fp.plan, fp.labels)
+        metrics.add_micro_batch(fp.rollouts, fp.plan, prefs, None, fp.truncated)
+        return MicroBatch(fp.rollouts, prefs)
+
+    def collect_ahead(self, metrics: StepMetrics) -> tuple[list[MicroBatch], int, float]:
+        """``train.async_steps``: queue the next steps' prompts (drawn here, in stream order), then take this
+        step's micro-batches from the worker; ``(micro-batches, policy_lag, seconds waited)``."""
+        accumulate = self.cfg.train.gradient_accumulation_steps
+        self.ahead.fill(lambda: [self.next_prompts() for _ in range(accumulate)], self.stream.state_dict,
+                        self.cfg.train.max_steps - self.step)
+        collected, waited = self.ahead.next_step()
+        return [self.book(c, metrics) for c in collected], self.step - collected[0].version, waited
 
     # -- one optimizer step ----------------------------------------------------------------
     def run_step(self) -> dict:
         """Collect every micro-batch (steps 1-3), then update on each (step 4) and take the optimizer step."""
-        started, metrics = time.perf_counter(), StepMetrics()
-        micro_batches = [self.collect(self.next_prompts(), metrics)
-                         for _ in range(self.cfg.train.gradient_accumulation_steps)]
+        started, metrics, lag, waited = time.perf_counter(), StepMetrics(), 0, 0.0
+        if self.ahead is None:
+            micro_batches = [self.collect(self.next_prompts(), metrics)
+                             for _ in range(self.cfg.train.gradient_accumulation_steps)]
+        else:
+            micro_batches, lag, waited = self.collect_ahead(metrics)
         global_pairs = global_sum(self.accelerator, sum(mb.prefs.size for mb in micro_batches))
         several = self.accelerator.num_processes > 1
         for i, mb in enumerate(micro_batches):
@@ -173,13 +207,24 @@ class Trainer:
         if global_pairs > 0 and self.cfg.optim.max_grad_norm > 0:
             grad_norm = float(plain(self.accelerator.clip_grad_norm_(self.policy.parameters(),
                                                                      self.cfg.optim.max_grad_norm)))
+        if self.ahead is not None:  # the worker's last push reads the weights the optimizer is about to change
+            pushed, push_wait = self.ahead.wait_push()
         self.optimizer.step()  # without any pair no parameter has a gradient: the step leaves all alone
         self.optimizer.zero_grad(set_to_none=True)
         if self.moving_reference is not None:  # TR-DPO: after the step, every process alike
             self.moving_reference.after_step(self.unwrapped, self.step + 1)
         record = self._end_step(metrics, grad_norm, started)
-        record["time_weight_sync_s"] = self.push_weights()  # after the step is complete: a failed push loses nothing
-        return record
+        record["policy_lag"] = lag
+        if self.ahead is None:
+            record["time_weight_sync_s"] = self.push_weights()  # after the step is complete: a failed push loses nothing
+            return record
+        # listed here (LoRA merged now, not while a reference forward switches the adapter off), loaded by the worker
+        # behind the steps being collected; a failure shows at the next step
+        self.ahead.push(self.step, list(policy_weights(self.unwrapped)))
+        if self.step >= self.cfg.train.max_steps:  # the last step: the sampler ends with the final weights, as in sync
+            pushed, last_wait = self.ahead.wait_push()
+            push_wait += last_wait
+        return record | {"time_weight_sync_s": pushed, "time_wait_s": waited + push_wait}
 
     def push_weights(self) -> float:
         """Give the sampler the policy's current weights (vLLM; nothing to do for the transformers backends); seconds."""
@@ -193,13 +238,14 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step += 1
-        self._committed_stream = self.stream.state_dict()
+        now = self.stream.state_dict()
+        self._committed_stream = now if self.ahead is None else self.ahead.committed_stream(now)
         totals = metrics.reduce(self.accelerator)
         self.audit.flush(self.accelerator)
         self.failures.add(totals)
         self.judge_noise.add(totals)  # every process holds the same sums; the main process speaks (run.loop)
         record = {"step": self.step, "lr": lr, **totals.record(self.accelerator.num_processes),
-                  "time_step_s": time.perf_counter() - started, "prompts_seen": self.stream.position}
+                  "time_step_s": time.perf_counter() - started, "prompts_seen": self._committed_stream["position"]}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         return record | judge_agreement(self.annotator)
@@ -207,19 +253,27 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------
     def save(self) -> Path:
         """Write ``checkpoint-<step>`` (see :class:`oaif.run.checkpoint.RunCheckpoints`); every process calls it."""
-        if not self.parts.sharded:
-            return self.checkpoints.save(self.step, self.unwrapped, self.tokenizer, self.state)
-        optimizer = full_optimizer_state(self.optimizer)  # gathered on every process, written by the main one
-        with full_parameters(self.unwrapped):
-            return self.checkpoints.save(self.step, self.unwrapped, self.tokenizer, lambda: self.state(optimizer))
+        if self.ahead is not None:  # the queued steps, kept with the checkpoint (a collective call)
+            self._ahead_state = self.ahead.checkpoint_state(self.accelerator, self.stream.state_dict())
+        try:
+            if not self.parts.sharded:
+                return self.checkpoints.save(self.step, self.unwrapped, self.tokenizer, self.state)
+            optimizer = full_optimizer_state(self.optimizer)  # gathered on every process, written by the main one
+            with full_parameters(self.unwrapped):
+                return self.checkpoints.save(self.step, self.unwrapped, self.tokenizer, lambda: self.state(optimizer))
+        finally:
+            self._ahead_state = None
 
     def state(self, optimizer: dict | None = None) -> dict:
         """The trainer state a checkpoint holds (``trainer_state.pt``); ``optimizer``: its state, gathered whole."""
         from oaif.run.checkpoint import trainer_state
 
         # the stream as of the last finished step: an interrupted step's prompts are drawn again
-        return trainer_state(self.step, self._committed_stream, optimizer or self.optimizer, self.scheduler,
-                             self.failures, redact(self.cfg.to_dict()))  # as saved: no credentials from a URL
+        state = trainer_state(self.step, self._committed_stream, optimizer or self.optimizer, self.scheduler,
+                              self.failures, redact(self.cfg.to_dict()))  # as saved: no credentials from a URL
+        if self._ahead_state is not None:  # async_steps: the queued steps (none in a save after an error)
+            state["async"] = self._ahead_state
+        return state
 
     def check_failures(self, end: bool = False) -> None:
         """Stop when the annotator failed too often: over the last full window, or (``end``) over
@@ -233,7 +287,9 @@ class Trainer:
             raise TrainingError(f"{problem}; saved {self.save()}")
 
     def close(self) -> None:
-        """Release the run directory and close the logs and the sampler (one this trainer built)."""
+        """Stop the async worker; release the run directory and close the logs and the sampler (one this trainer built)."""
+        if self.ahead is not None:
+            self.ahead.close()
         self.lock.release()
         if self.metrics is not None:
             self.metrics.close()

@@ -187,6 +187,13 @@ class TrainConfig:
                                               "push). null: by precision, 1e-3 when policy and sampler compute in "
                                               "float32 (rounding: about 1e-6), 0.1 under bf16/fp16 or a vLLM server "
                                               "(rounding: some hundredths; DEVELOPERS.md, Metrics); 0: no warning.")
+    async_steps: int = _f(0, "0: each step samples and judges its batch, then updates (synchronous). N >= 1: a "
+                             "background worker samples and judges the next steps' batches while this one updates, "
+                             "from weights at most N optimizer steps old (policy_lag logs how old); the transformers "
+                             "backends then sample their own copy of the policy (one more copy of the weights in "
+                             "memory), vLLM gets the weights as before. Refused with a judge that reads the policy "
+                             "(annotator.model=policy), loss.reference=behavior, offline mode, train.fsdp and a vLLM server "
+                             "shared by several processes. See docs/async.md.")
     share_prompt_forward: bool = _f(True, "Forward each prompt once for all its responses in the update (they continue its KV cache), policy and reference alike; false forwards one [prompt | response] row per response, as oaif did before. The same result up to float rounding. Off by itself where the policy takes no KV cache in training (gradient checkpointing).")
 
 

@@ -91,6 +91,7 @@ def validate(cfg: Config) -> Config:
         ("train.forward_batch_size", cfg.train.forward_batch_size >= 0, "must be >= 0"),
         ("train.logprob_gap_warn", cfg.train.logprob_gap_warn is None or cfg.train.logprob_gap_warn >= 0,
          "must be >= 0 (0: no warning; null: by precision)"),
+        *_async_checks(cfg),
         ("data.eval_fraction", 0 <= cfg.data.eval_fraction < 1, "must be in [0, 1)"),
         ("train.mode", cfg.train.mode != "offline" or cfg.data.preference_path,
          "offline mode needs data.preference_path"),
@@ -159,6 +160,31 @@ def _reference_checks(loss: LossConfig, mode: str) -> list:
                        "has no effect with loss.reference=behavior (the reference is already the policy before "
                        "each step); TR-DPO moves loss.reference=initial"))
     return checks
+
+
+def _judges_with_policy(a: AnnotatorConfig) -> bool:
+    """Whether the annotator or one of its ensemble members is the policy being trained (self-judging)."""
+    return a.model == POLICY_JUDGE or any(isinstance(m, dict) and m.get("model") == POLICY_JUDGE for m in a.members)
+
+
+def _async_checks(cfg: Config) -> list:
+    """What ``train.async_steps`` cannot do correctly (a vLLM server shared by several processes is refused where
+    the sampler is built, :func:`oaif.generation.build.build_sampler`, once the process count is known)."""
+    n = cfg.train.async_steps
+    return [
+        ("train.async_steps", n >= 0, "must be >= 0 (0: synchronous)"),
+        ("train.async_steps", n == 0 or cfg.train.mode == "online",
+         "offline mode samples and judges nothing, so there is nothing to run ahead (use 0)"),
+        ("train.async_steps", n == 0 or not _judges_with_policy(cfg.annotator),
+         "annotator.model=policy judges with the policy being trained, which the background worker cannot read "
+         "while the step updates it (use 0, or another judge model)"),
+        ("train.async_steps", n == 0 or cfg.loss.reference != "behavior",
+         "loss.reference=behavior takes the policy before the step as the weights that sampled, but with "
+         "async_steps the batch was sampled by weights up to async_steps steps older (use 0, or loss.reference=initial)"),
+        ("train.async_steps", n == 0 or not cfg.train.fsdp,
+         "not yet with train.fsdp: sharded weights are gathered by every process together, which the background "
+         "worker cannot join (use 0, or train.fsdp=false)"),
+    ]
 
 
 def _raise_first(checks: list) -> None:

@@ -50,15 +50,21 @@ def policy_compute_dtype(cfg: Config, policy) -> torch.dtype:
 def build_sampler(cfg: Config, policy, tokenizer, eos_ids: set[int], accelerator) -> Generator:
     """The sampler of ``sampling.backend`` for the unwrapped ``policy``.
 
-    ``shared_prefill`` and ``hf`` sample the policy itself (:class:`LivePolicy`); ``vllm`` starts an
+    ``shared_prefill`` and ``hf`` sample the policy itself (:class:`LivePolicy`), or under ``train.async_steps``
+    a copy of it that takes the pushed weights (:class:`PolicyCopy`); ``vllm`` starts an
     engine in this process or connects to a server. With several processes each has its own
     engine (colocated: on its own GPU, ``cuda:<local rank>``) or they share the server, whose
     weights the main process pushes.
     """
     if cfg.sampling.backend != "vllm":
-        from oaif.generation.live_policy import LivePolicy
+        from oaif.generation.live_policy import LivePolicy, PolicyCopy
 
-        return LivePolicy(policy, tokenizer, cfg.sampling.backend, cfg.sampling.batch_size, autocast=accelerator.autocast)
+        backend = PolicyCopy if cfg.train.async_steps else LivePolicy  # async: the worker samples while the policy trains
+        return backend(policy, tokenizer, cfg.sampling.backend, cfg.sampling.batch_size, autocast=accelerator.autocast)
+    if cfg.vllm.mode == "server" and accelerator.num_processes > 1 and cfg.train.async_steps:
+        raise ConfigError("train.async_steps: a vLLM server shared by several processes needs every process to wait "
+                          "for the weight push, a collective call the background worker may not make (use 0, or "
+                          "vllm.mode=colocated)")
     from oaif.generation.weights import untied_lora
     from oaif.models.resolve import resolve_model_path
 

@@ -24,14 +24,17 @@ def _digest(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def judgment_lines(step: int, rollouts: Rollouts, plan: PairPlan, judgments: list[Judgment]) -> list[str]:
-    """One JSON line per judged pair: the prompt id, short hashes of both responses, the probabilities."""
+def judgment_lines(step: int, rollouts: Rollouts, plan: PairPlan, judgments: list[Judgment],
+                   policy_version: int) -> list[str]:
+    """One JSON line per judged pair: the prompt id, short hashes of both responses, the probabilities, and
+    the policy version that sampled the responses (optimizer steps; ``step - 1`` unless ``train.async_steps``)."""
     lines = []
     for (b, ka, kb), j in zip(plan.pairs, judgments):
         lines.append(json.dumps({
             "step": step, "prompt_id": rollouts.prompt_ids[b], "a": _digest(rollouts.texts[b][ka]),
             "b": _digest(rollouts.texts[b][kb]), "prob_ab": j.prob_ab, "prob_ba": j.prob_ba, "prob": j.prob,
-            "latency_s": round(j.latency_s, 6), "judge": j.judge, "failure": j.failure}))
+            "latency_s": round(j.latency_s, 6), "judge": j.judge, "failure": j.failure,
+            "policy_version": policy_version}))
     return lines
 
 
@@ -47,9 +50,9 @@ class AuditLog:
         self._file = open_step_log(path, resume_step) if self.enabled and is_main else None
         self._micro_batches: list[list[str]] = []
 
-    def add(self, step: int, rollouts: Rollouts, plan: PairPlan, judgments: list[Judgment]) -> None:
+    def add(self, step: int, rollouts: Rollouts, plan: PairPlan, judgments: list[Judgment], policy_version: int) -> None:
         if self.enabled:
-            self._micro_batches.append(judgment_lines(step, rollouts, plan, judgments))
+            self._micro_batches.append(judgment_lines(step, rollouts, plan, judgments, policy_version))
 
     def flush(self, accelerator) -> None:
         """Write the step's lines of every process (a collective call with several processes)."""

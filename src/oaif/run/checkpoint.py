@@ -139,7 +139,7 @@ def _write_files(tmp: Path, model, tokenizer, state: dict[str, Any], reference: 
         model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     torch.save(state, tmp / "trainer_state.pt")
-    human = {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool, list, dict)) and k not in ("optimizer", "scheduler", "rng")}
+    human = {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool, list, dict)) and k not in ("optimizer", "scheduler", "rng", "async")}
     (tmp / "trainer_state.json").write_text(json.dumps(human, indent=2, default=str))
 
 
@@ -284,6 +284,7 @@ class RunCheckpoints:
         self.accelerator, self.out, self.keep_last = accelerator, Path(output_dir), keep_last
         self.reference = reference  # a MovingReference (TR-DPO), saved and restored with the rest
         self.last_saved = -1
+        self.restored: dict = {}  # optional parts of the resumed checkpoint's trainer state (``async``)
 
     def save(self, step: int, model, tokenizer, state, *, collective: bool = True) -> Path:
         """Write ``checkpoint-<step>``; ``state()`` gives the trainer state (called on the main process only).
@@ -339,7 +340,8 @@ class RunCheckpoints:
         if ckpt is None:
             log.warning("train.resume=true but %s has no checkpoint: starting from step 0", self.out)
             return 0
-        step = self.last_saved = restore_trainer_state(ckpt, model, optimizer, scheduler, stream, failures, config)
+        step = self.last_saved = restore_trainer_state(ckpt, model, optimizer, scheduler, stream, failures, config,
+                                                       keep=self.restored)
         if self.reference is not None:
             load_reference(ckpt, self.reference)
         log.info("resumed from %s at step %d", ckpt, step)

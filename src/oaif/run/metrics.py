@@ -78,7 +78,12 @@ RECORD_KEYS: dict[str, str] = {
     "time_step_s": "seconds for the whole step (this process)", "gen_tokens_per_s": "generated tokens per second and process (all tokens / mean sampling seconds / processes)",
     "time_weight_sync_s": ("seconds pushing the new weights into the vLLM engine or server after the step (this "
                            "process; not in time_step_s; about 0 with shared_prefill and hf, which sample the policy "
-                           "itself)"),
+                           "itself). With train.async_steps the push runs in the background worker: the seconds of the "
+                           "push this step waited for (the weights after the previous step)"),
+    "policy_lag": ("optimizer steps between the weights that sampled the step's batch and the weights it updates "
+                   "(0 in synchronous mode; at most train.async_steps)"),
+    "time_wait_s": ("train.async_steps: seconds this process's main thread waited for the worker (the step's batch, "
+                    "then the last weight push) instead of overlapping it with the update"),
     "train_tokens_per_s": "trained tokens per second and process", "prompts_seen": "prompts drawn from the stream so far",
     "failed/<reason>": "count: failed judgments of the step with this reason",
     "judge_agreement/<member>": "ensembles: how often each member agrees with the ensemble (this process)",

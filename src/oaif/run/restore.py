@@ -160,8 +160,9 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
 
 
 def restore_trainer_state(checkpoint: Path, model, optimizer, scheduler, stream, failures,
-                          config: dict | None = None) -> int:
-    """Load a checkpoint's weights and trainer state into the run's objects; return its step.
+                          config: dict | None = None, keep: dict | None = None) -> int:
+    """Load a checkpoint's weights and trainer state into the run's objects; return its step. ``keep``
+    receives the state's optional parts (``async``: the steps a ``train.async_steps`` run had queued).
 
     With ``config`` (the new run's), first refuse a config that differs from the saved one in a
     key a resume may not change (:func:`oaif.run.resume_check.check_resume_config`).
@@ -180,4 +181,6 @@ def restore_trainer_state(checkpoint: Path, model, optimizer, scheduler, stream,
     stream.load_state_dict(state["stream"])
     set_rng_state(state["rng"])
     failures.load_state_dict(state["failures"])
+    if keep is not None:
+        keep.update({k: state[k] for k in ("async",) if k in state})
     return int(state["step"])
