@@ -145,8 +145,8 @@ def test_the_long_documented_runs_parse_with_their_scripts_parsers():
     # Full runs take hours with downloaded judges; what runs them is covered elsewhere: the experiment scripts
     # by tests/test_experiments.py (smoke runs on a tiny model), judge_table.py and fetch_judge.py by
     # tests/test_judge_scripts.py, the injection defences by tests/test_injection.py, bench_memory.py by a tiny run in
-    # tests/test_benchmarks.py; bench_vs_trl.py, bench_sampling.py and bench_weight_sync.py are only parsed (a
-    # benchmark run needs a quiet machine and minutes).
+    # tests/test_benchmarks.py; bench_vs_trl.py, bench_sampling.py, bench_weight_sync.py and bench_async.py are only
+    # parsed (a benchmark run needs a quiet machine and minutes; bench_async's proxy is tested in test_bench_async.py).
     assignment = doc_argv('S="--steps 12 --batch-size 4 --max-new-tokens 48 --lr 3e-4 --save-every 6 '
                           '--eval-prompts 24 --train-set model.lora.enabled=true --train-set model.lora.r=32 '
                           '--train-set model.lora.alpha=64 --train-set sampling.num_samples=2 '
@@ -158,8 +158,9 @@ def test_the_long_documented_runs_parse_with_their_scripts_parsers():
                 *doc_commands("benchmarks/bench_injection.py"),
                 doc_command(".venv-vllm/bin/python benchmarks/bench_sampling.py"),
                 doc_command(".venv/bin/python benchmarks/bench_memory.py"),
-                doc_command(".venv-vllm/bin/python benchmarks/bench_weight_sync.py --repeats 5")]
-    assert len(commands) == 29
+                doc_command(".venv-vllm/bin/python benchmarks/bench_weight_sync.py --repeats 5"),
+                doc_command("python benchmarks/bench_async.py --delay 2 --steps 5 --rounds 2")]
+    assert len(commands) == 30
     failed = []
     for command in commands:
         cwd, argv = script_argv(command, {name: value})

@@ -25,6 +25,8 @@ whose job failed is never saved; neither is any batch after it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -53,8 +55,7 @@ def to_plain(c: Collected) -> dict[str, Any]:
     Of a judgment's ``extra`` only ``label_mass`` is kept: the one entry the metrics read after collection."""
     r, p, b = c.rollouts, c.plan, c.prefs
     return {
-        "rollouts": {k: getattr(r, k) for k in ("positions", "prompt_ids", "prompt_texts", "prompt_tokens", "responses",
-                                                "texts", "ended_eos")},
+        "rollouts": {f.name: getattr(r, f.name) for f in dataclasses.fields(r)},  # every field, plain lists
         "plan": {"pairs": [list(x) for x in p.pairs], "identical": p.identical,
                  "requests": [[q.prompt, q.a, q.b, q.prompt_id] for q in p.requests]},
         "judgments": [{"prob": j.prob, "failure": j.failure, "prob_ab": j.prob_ab, "prob_ba": j.prob_ba,
