@@ -95,7 +95,8 @@ class CollectiveSync:
         if first is None:
             raise GenerationError("no weights to send")
         device = first[1].device
-        weights, first = itertools.chain([first], weights), None  # no reference kept: a gathered tensor is dropped once packed
+        # no reference kept here: a gathered tensor (a sharded policy) is dropped once it is packed
+        weights, first = itertools.chain([first], weights), None
         if self.group is None:
             self.group = self._join(device)
         call = _Call(lambda: self._rpc("oaif_receive_weights"))

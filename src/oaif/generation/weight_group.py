@@ -7,11 +7,12 @@ process group (accelerate's, with several training processes) and the server's. 
 only difference between CPU (gloo) and GPUs (NCCL).
 
 A push is a series of buckets. Each bucket packs whole tensors into one flat byte buffer of about
-``vllm.sync_bucket_mib`` (a larger tensor travels alone; each tensor is copied in as it comes), and is sent as three broadcasts from rank
-0: its sizes (two int64: header bytes, buffer bytes), a JSON header (name, dtype, shape, offset of
-each tensor) and the buffer; sizes ``(0, 0)`` end the push. The sender packs the next bucket while
-the previous one is in flight, so at most two buckets are held at once; the receiver yields the
-tensors of each bucket as views into its buffer (:func:`receive_weights`), which is what vLLM's
+``vllm.sync_bucket_mib`` (a larger tensor travels alone; each tensor is copied in as it comes), and
+is sent as three broadcasts from rank 0: its sizes (two int64: header bytes, buffer bytes), a JSON
+header (name, dtype, shape, offset of each tensor) and the buffer; sizes ``(0, 0)`` end the push.
+The sender packs the next bucket while the previous one is in flight, so at most two buckets are
+held at once; the receiver yields the tensors of each bucket as views into its buffer
+(:func:`receive_weights`), which is what vLLM's
 ``model.load_weights`` reads from.
 """
 
