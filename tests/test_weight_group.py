@@ -39,14 +39,13 @@ def assert_same(got, want):
 
 def test_buckets_round_trip_mixed_dtypes_and_a_tensor_larger_than_a_bucket():
     weights = mixed_weights()
-    groups = list(wg.buckets(weights, 1024))
-    assert [[n for n, _ in g] for g in groups] == [["a.weight", "b.idx"], ["c.big"],
-                                                    ["d.scalar", "e.mask", "f.empty", "g.half"]]
-    got = []
-    for group in groups:
-        header, buffer = wg.pack(group, torch.device("cpu"))
+    got, groups = [], []
+    for header, buffer in wg.packed(iter(weights), 1024, torch.device("cpu")):
         assert buffer.dtype == torch.uint8
-        got += wg.unpack(header, buffer)
+        tensors = wg.unpack(header, buffer)
+        groups.append([n for n, _ in tensors])
+        got += tensors
+    assert groups == [["a.weight", "b.idx"], ["c.big"], ["d.scalar", "e.mask", "f.empty", "g.half"]]
     assert_same(got, weights)
 
 

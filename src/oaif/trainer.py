@@ -229,9 +229,8 @@ class Trainer:
     def push_weights(self) -> float:
         """Give the sampler the policy's current weights (vLLM; nothing to do for the transformers backends); seconds."""
         started = time.perf_counter()
-        if self.sampler is not None:  # sharded: gathered on every process, the main one sends (vLLM)
-            with full_parameters(self.unwrapped) if self.cfg.sampling.backend == "vllm" else nullcontext():
-                self.sampler.load_weights(policy_weights(self.unwrapped))
+        if self.sampler is not None:  # sharded: gathered one tensor at a time on every process (vLLM)
+            self.sampler.load_weights(policy_weights(self.unwrapped))
         return time.perf_counter() - started
 
     def _end_step(self, metrics: StepMetrics, grad_norm: float | None, started: float) -> dict:

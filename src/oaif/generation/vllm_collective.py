@@ -94,9 +94,11 @@ class CollectiveSync:
         first = next(weights, None)
         if first is None:
             raise GenerationError("no weights to send")
-        weights = itertools.chain([first], weights)
+        device = first[1].device
+        # no reference kept here: a gathered tensor (a sharded policy) is dropped once it is packed
+        weights, first = itertools.chain([first], weights), None
         if self.group is None:
-            self.group = self._join(first[1].device)
+            self.group = self._join(device)
         call = _Call(lambda: self._rpc("oaif_receive_weights"))
         try:
             sent = wg.send_weights(self.group, weights, self.settings.sync_bucket_mib * 2**20)

@@ -46,6 +46,7 @@ import torch
 from oaif.config import VllmConfig
 from oaif.generation.base import GenerationError, StopRules, regroup, request_params, sample_rows
 from oaif.generation.vllm_worker import EXTENSION
+from oaif.generation.weights import take_part
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -179,7 +180,10 @@ class ColocatedVllm:
         q/k/v and gate/up projections, and a fused layer given only some of its parts is rebuilt
         from garbage for the rest.
         """
-        self.llm.collective_rpc("oaif_reload_weights", kwargs={"weights_iterator": iter(weights)})
+        try:
+            self.llm.collective_rpc("oaif_reload_weights", kwargs={"weights_iterator": iter(weights)})
+        finally:
+            take_part(weights)  # sharded: every process's gathers run to the end, as its peers' do
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:

@@ -46,7 +46,7 @@ from oaif.config import VllmConfig
 from oaif.errors import ConfigError
 from oaif.generation.base import GenerationError, StopRules, regroup, request_params, sample_rows
 from oaif.generation.vllm_worker import EXTENSION
-from oaif.generation.weights import save_weights
+from oaif.generation.weights import save_weights, take_part
 
 _CHUNKED_HINT = ("; the server prefilled a seeded prompt in chunks, which fails on CPU: restart it with "
                  "--no-enable-chunked-prefill and --max-num-batched-tokens >= --max-model-len")
@@ -205,7 +205,9 @@ class VllmServer:
 class SharedServer:
     """One server shared by several training processes: each samples its own prompts through ``client``;
     the main process pushes the weights (the processes hold the same ones after a step), and every
-    process waits until the server has them, so no process samples the old weights after a step."""
+    process waits until the server has them, so no process samples the old weights after a step. A sharded
+    policy's weights are gathered one at a time on every process: the others iterate them without sending,
+    and the main process runs the rest of the gathers when its push stops part way."""
 
     def __init__(self, client: VllmServer, accelerator):
         self.client, self.accelerator = client, accelerator
@@ -214,8 +216,11 @@ class SharedServer:
         return self.client.sample(prompt_tokens, positions, **kwargs)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        if self.accelerator.is_main_process:
-            self.client.load_weights(weights)
+        try:
+            if self.accelerator.is_main_process:
+                self.client.load_weights(weights)
+        finally:
+            take_part(weights)  # sharded: every process takes part in every gather
         self.accelerator.wait_for_everyone()
 
     def close(self) -> None:

@@ -7,11 +7,12 @@ process group (accelerate's, with several training processes) and the server's. 
 only difference between CPU (gloo) and GPUs (NCCL).
 
 A push is a series of buckets. Each bucket packs whole tensors into one flat byte buffer of about
-``vllm.sync_bucket_mib`` (a larger tensor travels alone), and is sent as three broadcasts from rank
-0: its sizes (two int64: header bytes, buffer bytes), a JSON header (name, dtype, shape, offset of
-each tensor) and the buffer; sizes ``(0, 0)`` end the push. The sender packs the next bucket while
-the previous one is in flight, so at most two buckets are held at once; the receiver yields the
-tensors of each bucket as views into its buffer (:func:`receive_weights`), which is what vLLM's
+``vllm.sync_bucket_mib`` (a larger tensor travels alone; each tensor is copied in as it comes), and
+is sent as three broadcasts from rank 0: its sizes (two int64: header bytes, buffer bytes), a JSON
+header (name, dtype, shape, offset of each tensor) and the buffer; sizes ``(0, 0)`` end the push.
+The sender packs the next bucket while the previous one is in flight, so at most two buckets are
+held at once; the receiver yields the tensors of each bucket as views into its buffer
+(:func:`receive_weights`), which is what vLLM's
 ``model.load_weights`` reads from.
 """
 
@@ -151,32 +152,27 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """The weights in groups of about ``bucket_bytes`` (whole tensors, in order; a larger tensor alone)."""
-    group, used = [], 0
+def packed(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
+           device: torch.device) -> Iterator[tuple[bytes, torch.Tensor]]:
+    """The weights in buckets of about ``bucket_bytes`` (whole tensors, in order; a larger tensor alone), each
+    ``(header, buffer)``: a JSON header naming each tensor's dtype, shape and byte offset, and the bytes. Each
+    tensor is copied into its bucket's buffer as it comes and dropped at once, so tensors gathered one at a
+    time (a sharded policy) are never held more than one at a time here."""
+    entries, buffer, used = [], None, 0
     for name, t in weights:
-        n = _aligned(t.numel() * t.element_size())
-        if group and used + n > bucket_bytes:
-            yield group
-            group, used = [], 0
-        group.append((name, t))
-        used += n
-    if group:
-        yield group
-
-
-def pack(tensors: list[tuple[str, torch.Tensor]], device: torch.device) -> tuple[bytes, torch.Tensor]:
-    """``(header, buffer)``: a JSON header naming each tensor's dtype, shape and byte offset, and the bytes."""
-    entries, offset = [], 0
-    for name, t in tensors:
-        entries.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), offset])
-        offset += _aligned(t.numel() * t.element_size())
-    buffer = torch.empty(offset, dtype=torch.uint8, device=device)
-    for (_, t), (_, _, _, start) in zip(tensors, entries):
         n = t.numel() * t.element_size()
+        if entries and used + _aligned(n) > bucket_bytes:
+            yield json.dumps(entries).encode(), buffer[:used]
+            entries, buffer, used = [], None, 0
+        if buffer is None:
+            buffer = torch.empty(max(bucket_bytes, _aligned(n)), dtype=torch.uint8, device=device)
+        entries.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), used])
         if n:
-            buffer[start:start + n].copy_(t.detach().reshape(-1).view(torch.uint8))  # detached: no grad kept
-    return json.dumps(entries).encode(), buffer
+            buffer[used:used + n].copy_(t.detach().reshape(-1).view(torch.uint8))  # detached: no grad kept
+        used += _aligned(n)
+        del t  # before the next tensor is made (a gather)
+    if entries:
+        yield json.dumps(entries).encode(), buffer[:used]
 
 
 def unpack(header: bytes, buffer: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -212,8 +208,7 @@ def send_weights(group: WeightGroup, weights: Iterable[tuple[str, torch.Tensor]]
 
     # no torch.no_grad() here: ``weights`` may be a generator that sets the grad mode itself (policy_weights),
     # and a block around its end would restore the mode it found, not the caller's
-    for bucket in buckets(weights, bucket_bytes):
-        header, buffer = pack(bucket, group.device)
+    for header, buffer in packed(weights, bucket_bytes, group.device):
         sent += buffer.numel()
         for work, _ in in_flight:  # the previous bucket is delivered before a third one is packed
             work.wait()

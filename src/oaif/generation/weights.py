@@ -10,6 +10,12 @@ Tied output embeddings are left out, as ``save_pretrained`` does, except under a
 the input or output embedding (:func:`untied_lora`): the live peft model adds the embedding's delta
 to its inputs only and the output head's delta to its logits only, so the merged model is untied.
 
+A model sharded with FSDP2 (``train.fsdp``) gives each weight gathered whole (its float32 master
+value) one tensor at a time, as it is asked for, and a LoRA layer's base weight with that layer's
+adapters only: a push or a checkpoint never holds the whole model at once beyond the shards. Each
+gather is a collective, so every process iterates the weights to the end in the same order
+(:class:`GatheredWeights`), while only the main process uses them.
+
 Names: :func:`policy_weights` gives the names a checkpoint file holds, which vLLM's loaders read.
 transformers 5 loads some models under other names (a mixture of experts fuses each layer's
 experts into one tensor) and saves them back under the checkpoint's: :func:`checkpoint_names` and
@@ -18,6 +24,7 @@ experts into one tensor) and saves them back under the checkpoint's: :func:`chec
 
 from __future__ import annotations
 
+import collections
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -26,6 +33,7 @@ import torch
 
 from oaif.generation.base import GenerationError
 from oaif.models.modules import is_peft
+from oaif.models.sharding import full_parameters
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -64,6 +72,16 @@ def _lora_delta(module, key: str) -> torch.Tensor | None:
     return delta
 
 
+def _merged(module, key: str, value: torch.Tensor) -> torch.Tensor:
+    """A LoRA layer's base weight with its adapters' delta added (sharded: the layer's own tensors gathered
+    whole while it is computed, and only those)."""
+    if _is_sharded(value):
+        with full_parameters(module):
+            return _merged(module, key, module.base_layer.weight.detach())
+    delta = _lora_delta(module, key)
+    return value if delta is None else (value.float() + delta).to(value.dtype)
+
+
 def _lora_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     base = model.get_base_model()
     modules = dict(base.named_modules())
@@ -77,14 +95,14 @@ def _lora_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
         if tied and name.endswith("lm_head.weight"):
             continue
         if key.endswith(".base_layer.weight"):
-            delta = _lora_delta(modules[key[: -len(".base_layer.weight")]], key)
-            if delta is not None:
-                value = (value.float() + delta).to(value.dtype)
-        yield name, value.detach()
+            yield name, _merged(modules[key[: -len(".base_layer.weight")]], key, value).detach()
+        else:
+            yield name, _full(value).detach()
 
 
 def merged_state_dict(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every weight of the (unwrapped) policy under its ``state_dict`` names; LoRA merged out of place."""
+    """Every weight of the (unwrapped) policy under its ``state_dict`` names; LoRA merged out of place;
+    sharded weights gathered one at a time (a collective per weight)."""
     with torch.no_grad():
         if is_peft(model):
             yield from _lora_weights(model)
@@ -93,18 +111,54 @@ def merged_state_dict(model) -> Iterator[tuple[str, torch.Tensor]]:
         for key, value in model.state_dict().items():
             if tied and key.endswith("lm_head.weight"):
                 continue
-            yield key, value.detach()
+            yield key, _full(value).detach()
 
 
-def policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+def _is_sharded(value) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def _full(value: torch.Tensor) -> torch.Tensor:
+    """A weight as a plain tensor: a sharded one gathered whole (a collective), any other as it is."""
+    return value.full_tensor() if _is_sharded(value) else value
+
+
+class GatheredWeights:
+    """The weights of a sharded policy, gathered one at a time while they are iterated: every process must
+    iterate them to the end (:func:`take_part`), in the same order, whether it uses them or not."""
+
+    def __init__(self, weights: Iterator[tuple[str, torch.Tensor]]):
+        self._weights = weights
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self._weights
+
+
+def take_part(weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Run the rest of the gathers of :class:`GatheredWeights` (dropping each tensor): what a process does that
+    does not send them, or one whose send stopped part way. Nothing for other weights (they run no collective)."""
+    if isinstance(weights, GatheredWeights):
+        collections.deque(weights, maxlen=0)  # holds none: each tensor is dropped before the next gather
+
+
+def policy_weights(model) -> Iterable[tuple[str, torch.Tensor]]:
     """Every weight of the (unwrapped) policy under the names its checkpoint files hold (what vLLM loads);
     LoRA merged out of place. These are the ``state_dict`` names except where transformers converts
-    weights on loading (:func:`checkpoint_names`)."""
+    weights on loading (:func:`checkpoint_names`). A sharded policy's weights come as :class:`GatheredWeights`."""
+    from oaif.models.sharding import is_sharded
+
+    weights = _policy_weights(model)
+    return GatheredWeights(weights) if is_sharded(model) else weights
+
+
+def _policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     base = model.get_base_model() if is_peft(model) else model
     if not _conversions(base):
         yield from merged_state_dict(model)
         return
-    with torch.no_grad():
+    with torch.no_grad():  # converted together: sharded, every weight is gathered before the first is given
         yield from checkpoint_names(base, dict(merged_state_dict(model))).items()
 
 

@@ -11,10 +11,12 @@ Every forward and backward of a sharded module is a collective call, so every pr
 the same number of them: the update pads its passes (:mod:`oaif.step.update`), and the phases whose
 number of forwards depends on a process's own data (sampling with the transformers backends, an
 in-process judge) run inside :func:`gathered`, which gathers the whole module once (one full copy
-of the weights while it lasts) so that its forwards run no collective. Checkpoints, the weight
-push and the non-finite check read :func:`full_parameters`, the float32 weights gathered one
-tensor at a time; the optimizer state is saved full (:func:`full_optimizer_state`), keyed like a
-plain AdamW state dict, so a checkpoint resumes with or without FSDP on any number of processes.
+of the weights while it lasts) so that its forwards run no collective. Checkpoints (with their
+non-finite check) and resume read :func:`full_parameters`, the float32 weights gathered one tensor
+at a time and all held while the block lasts; the weight push gathers each tensor only as it is
+read and drops it once sent (:func:`oaif.generation.weights.policy_weights`); the optimizer state
+is saved full (:func:`full_optimizer_state`), keyed like a plain AdamW state dict, so a checkpoint
+resumes with or without FSDP on any number of processes.
 """
 
 from __future__ import annotations
