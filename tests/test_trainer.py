@@ -42,14 +42,14 @@ def test_steps_run_alone_and_chosen_follows_the_annotator(tiny_model_dir, tmp_pa
     t = Trainer(tiny_cfg(tiny_model_dir, tmp_path / "run")).setup()
     batch = t.next_prompts()
     assert len(batch) == 4
-    rollouts = t.sample(batch)
+    rollouts = t.actor.sample(batch)
     assert rollouts.num_prompts == 4 and rollouts.k == 2
     eos = t.tokenizer.eos_token_id
     for responses, ended in zip(rollouts.responses, rollouts.ended_eos):
         for r, e in zip(responses, ended):
             assert 1 <= len(r) <= 12
             assert e == (r[-1] == eos) and eos not in r[:-1]
-    plan, judgments = t.annotate(rollouts)
+    plan, judgments = t.actor.annotate(rollouts)
     prefs = build_pairs(rollouts, plan, judgments)
     assert prefs.size + sum(prefs.masked.values()) + sum(prefs.failed.values()) == 4
     assert prefs.size > 0
@@ -354,8 +354,8 @@ def test_soft_labels_are_the_judged_probabilities(tiny_model_dir, tmp_path):
     cfg = tiny_cfg(tiny_model_dir, tmp_path / "run", "annotator.type=callable", "loss.soft_labels=true",
                    f"annotator.callable={JUDGES}:graded_by_length")
     t = Trainer(cfg).setup()
-    rollouts = t.sample(t.next_prompts())
-    plan, judgments = t.annotate(rollouts)
+    rollouts = t.actor.sample(t.next_prompts())
+    plan, judgments = t.actor.annotate(rollouts)
     prefs = build_pairs(rollouts, plan, judgments, soft_labels=True)
     probs = sorted(max(j.prob, 1 - j.prob) for j in judgments if j.prob != 0.5)
     assert sorted(prefs.label_probs) == pytest.approx(probs) and all(0.5 < p < 0.9 for p in probs)

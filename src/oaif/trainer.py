@@ -1,57 +1,54 @@
 """The online AI feedback loop: sample, annotate, build pairs, update.
 
 One optimizer step (:meth:`Trainer.run_step`) first collects each of its
-``gradient_accumulation_steps`` micro-batches:
+``gradient_accumulation_steps`` micro-batches with the :class:`oaif.step.actor.Actor`:
 
-1. :meth:`Trainer.sample`   K responses per prompt from the current policy (:mod:`oaif.step.sampling`,
+1. ``Actor.sample``       K responses per prompt from the current policy (:mod:`oaif.step.sampling`,
    through the sampler ``sampling.backend`` names, :mod:`oaif.generation`);
-2. :meth:`Trainer.annotate` the annotator's preference for each pair (:mod:`oaif.step.pairs`);
-3. :func:`oaif.step.pairs.build_pairs`  chosen/rejected pairs; identical, tied and failed pairs masked
+2. ``Actor.annotate``     the annotator's preference for each pair (:mod:`oaif.step.pairs`);
+3. ``Actor.build_pairs``  chosen/rejected pairs; identical, tied and failed pairs masked
    (``sampling.pairing=best_worst``: :func:`oaif.step.ranking.build_best_worst`, the best against the worst);
 
-then counts the step's valid pairs over every process and runs
+books them (:meth:`Trainer.book`: metrics, audit log), counts the step's valid pairs over every
+process and runs
 
-4. :class:`oaif.step.update.PolicyUpdate`  on each micro-batch: policy and reference log-probs, the loss
-   scaled so that the step's objective is the mean over all of the step's pairs, backward;
+4. :func:`oaif.step.update.accumulate`  :class:`oaif.step.update.PolicyUpdate` on each micro-batch: policy
+   and reference log-probs, the loss scaled so that the step's objective is the mean over all of the
+   step's pairs, backward;
 
 and takes the optimizer step (then a TR-DPO reference moves, :mod:`oaif.models.reference`). The
-policy does not change while a step collects, so collecting first changes no sample. Once the step is complete, the sampler gets the new weights (a vLLM
-engine or server; the transformers backends sample the policy itself). Offline mode replaces
-steps 1-2 with pairs read from a preference file. With ``train.async_steps`` >= 1 a background
-worker (:mod:`oaif.run.async_collect`) collects the next steps' micro-batches and pushes the weights
-while the main thread updates; the main thread still draws the prompts and keeps the books.
-Setup lives in :mod:`oaif.run.build`, metric bookkeeping in :class:`oaif.run.metrics.StepMetrics`,
-the audit log in :mod:`oaif.run.audit`, checkpoint state in :mod:`oaif.run.checkpoint`, and the run
-around the steps (progress, saves, stops) in :mod:`oaif.run.loop`.
+policy does not change while a step collects, so collecting first changes no sample. Once the step is
+complete, the sampler gets the new weights (a vLLM engine or server; the transformers backends sample
+the policy itself). Offline mode replaces steps 1-2 with pairs read from a preference file. With
+``train.async_steps`` >= 1 a background worker (:mod:`oaif.run.async_collect`) runs the actor on the
+next steps' prompts and pushes the weights while the main thread updates; the main thread still draws
+the prompts and keeps the books.
 
-Under ``train.fsdp`` (:mod:`oaif.models.sharding`) the transformers samplers and an in-process judge
-run on the policy (and reference) gathered whole for the phase, since their number of forwards differs
-between processes; checkpoints, the optimizer state and the weight push read the weights gathered
-one tensor at a time, on every process together.
+Setup lives in :mod:`oaif.run.build`, metric bookkeeping in :class:`oaif.run.metrics.StepMetrics`, the
+audit log in :mod:`oaif.run.audit`, checkpoints and resume in :mod:`oaif.run.saving`, and the run around
+the steps (progress, saves, stops) in :mod:`oaif.run.loop`. Under ``train.fsdp``
+(:mod:`oaif.models.sharding`) checkpoints, the optimizer state and the weight push read the weights
+gathered one tensor at a time, on every process together.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from oaif.annotators.base import Judgment
+from oaif.annotators.ensemble import AgreementTally
 from oaif.config import Config
-from oaif.errors import AnnotatorError, TrainingError
 from oaif.generation.weights import policy_weights
-from oaif.models.sharding import full_optimizer_state, full_parameters, gathered, plain
-from oaif.redaction import redact
-from oaif.run.async_collect import AsyncCollector, Collected
+from oaif.models.sharding import plain
+from oaif.run.async_collect import AsyncCollector
 from oaif.run.judge_noise import NoiseWindow
 from oaif.run.metrics import FailureWindow, StepMetrics
-from oaif.step.pairs import annotate_pairs, build_pairs, preference_rollouts
-from oaif.step.ranking import build_best_worst
-from oaif.step.records import PairPlan, PreferenceBatch, Rollouts
-from oaif.step.sampling import sample_rollouts
+from oaif.step.actor import Actor
+from oaif.step.pairs import preference_rollouts
+from oaif.step.records import Collected, PreferenceBatch, Rollouts
+from oaif.step.update import accumulate
 
 
 @dataclass
@@ -66,12 +63,6 @@ def global_sum(accelerator, n: int) -> int:
     return int(accelerator.reduce(t, reduction="sum").item())
 
 
-def judge_agreement(annotator) -> dict:
-    """An ensemble's per-member agreement with its verdicts (this process); {} for other judges."""
-    agreement = getattr(annotator, "agreement", None)
-    return {f"judge_agreement/{name}": v for name, v in agreement().items()} if callable(agreement) else {}
-
-
 class Trainer:
     """Owns one run's parts (:class:`oaif.run.build.RunParts`) and its progress. ``train()`` runs it.
     ``annotator`` and ``sampler`` (a Generator) replace the configured ones; a sampler given here is not closed."""
@@ -81,11 +72,13 @@ class Trainer:
         self.step = 0
         self.failures = FailureWindow(cfg.annotator.failure_window)
         self.judge_noise = NoiseWindow(cfg.annotator.noise_window if cfg.train.mode == "online" else 0)
+        self.agreement = AgreementTally()  # an ensemble's members against its verdicts, over the judgments trained on
 
     def setup(self) -> "Trainer":
         from oaif.models.reference import training_reference
         from oaif.run.checkpoint import RunCheckpoints
         from oaif.run.build import build_run, claim_run_dir, open_run_dir
+        from oaif.run.saving import restore
         from oaif.step.update import PolicyUpdate
 
         cfg = self.cfg
@@ -97,18 +90,18 @@ class Trainer:
         self.update = PolicyUpdate(self.accelerator, self.policy, reference, self.tokenizer.pad_token_id,
                                    cfg.loss, kl=cfg.train.mode == "online", forward_batch_size=cfg.train.forward_batch_size,
                                    share_prompts=cfg.train.share_prompt_forward)
+        self.actor = Actor(cfg, parts, self.unwrapped)  # steps 1-3 (the async worker runs them too)
         self.checkpoints = RunCheckpoints(self.accelerator, cfg.train.output_dir, cfg.train.keep_last,
                                           reference=self.moving_reference)
-        if cfg.train.resume:
-            with full_parameters(self.unwrapped, write_back=True):  # sharded: each process keeps its shard
-                self.step = self.checkpoints.restore(cfg.train.resume, self.unwrapped, self.optimizer, self.scheduler,
-                                                     self.stream, self.failures, config=redact(cfg.to_dict()))
+        if cfg.train.resume:  # weights, optimizer, schedule, stream and failure window as saved
+            self.step = restore(self)
         self.lock = claim_run_dir(cfg, self.accelerator)  # everything that can fail has been built
         self.push_weights()  # the sampler starts from the policy as it is now (resumed, or whatever a server held)
-        self._committed_stream = self.stream.state_dict()  # the stream as of the last finished step
-        self.ahead, self._ahead_state = None, None
+        self.committed_stream = self.stream.state_dict()  # the stream as of the last finished step
+        self.ahead = None
         if cfg.train.async_steps and cfg.train.mode == "online":  # the worker; a checkpoint's queued steps back in it
-            self.ahead = AsyncCollector(cfg.train.async_steps, self.gather, self.sampler.load_weights, version=self.step)
+            self.ahead = AsyncCollector(cfg.train.async_steps, self.actor.collect, self.sampler.load_weights,
+                                        version=self.step)
             self.ahead.restore(self.checkpoints.restored.get("async"), self.accelerator, self.stream)
         self.metrics, self.audit = open_run_dir(cfg, self.is_main, self.step if cfg.train.resume else None)
         return self
@@ -126,64 +119,32 @@ class Trainer:
         a = self.accelerator
         return self.stream.take_for_rank(self.cfg.train.batch_size * a.num_processes, a.process_index, a.num_processes)
 
-    def _whole(self, *models):
-        """The block in which ``models`` (sharded: gathered whole) run forwards whose count differs between processes."""
-        return gathered(*models) if self.parts.sharded else nullcontext()
-
-    def sample(self, batch) -> Rollouts:
-        live = self.cfg.sampling.backend != "vllm"  # the transformers backends sample the policy itself
-        with self._whole(self.unwrapped) if live else nullcontext():
-            return sample_rollouts(self.sampler, self.tokenizer, batch, self.parts.prompts.prompt_tokens,
-                                   self.cfg.sampling, self.cfg.train.seed)
-
-    def annotate(self, rollouts: Rollouts) -> tuple[PairPlan, list[Judgment]]:
-        in_process = self.cfg.annotator.type in ("llm", "ensemble")  # may judge with the policy or the reference
-        with self._whole(self.unwrapped, self.parts.reference) if in_process else nullcontext():
-            return annotate_pairs(self.annotator, rollouts, self.cfg.sampling.pairing)
-
-    def build_pairs(self, rollouts: Rollouts, plan: PairPlan, judgments: list[Judgment]) -> PreferenceBatch:
-        cfg, online = self.cfg, self.cfg.train.mode == "online"
-        build = build_best_worst if cfg.sampling.pairing == "best_worst" and online else build_pairs
-        return build(rollouts, plan, judgments, soft_labels=cfg.loss.soft_labels, min_confidence=cfg.loss.min_confidence,
-                     missing_eos_penalty=cfg.loss.missing_eos_penalty if online else 0.0)
-
-    def gather(self, batch, version: int) -> Collected:
-        """Steps 1-3 for one online micro-batch, without bookkeeping (the async worker runs it): sample,
-        annotate, build pairs. ``version``: the optimizer step of the weights the sampler holds."""
-        started = time.perf_counter()
-        rollouts = self.sample(batch)
-        sampled = time.perf_counter()
-        plan, judgments = self.annotate(rollouts)
-        annotated = time.perf_counter()
-        return Collected(rollouts, plan, judgments, self.build_pairs(rollouts, plan, judgments), version,
-                         sampled - started, annotated - sampled)
-
     def book(self, c: Collected, metrics: StepMetrics) -> MicroBatch:
         """A collected micro-batch into this step's audit log and metrics (the main thread)."""
         metrics.add("time_sample_s", c.time_sample_s)
         metrics.add("time_annotate_s", c.time_annotate_s)
         self.audit.add(self.step + 1, c.rollouts, c.plan, c.judgments, c.version)
         metrics.add_micro_batch(c.rollouts, c.plan, c.prefs, c.judgments)
+        self.agreement.add(c.judgments)
         return MicroBatch(c.rollouts, c.prefs)
 
     def collect(self, batch, metrics: StepMetrics) -> MicroBatch:
         """Steps 1-3 for one micro-batch: sample, annotate, build pairs (offline: a preference file's pairs)."""
         if self.cfg.train.mode == "online":
-            return self.book(self.gather(batch, self.step), metrics)
+            return self.book(self.actor.collect(batch, self.step), metrics)
         tokenize = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
         fp = preference_rollouts(batch, self.parts.prompts.prompt_tokens, tokenize, self.parts.end_of_turn,
                                  self.cfg.sampling.max_new_tokens)
-        prefs = self.build_pairs(fp.rollouts, fp.plan, fp.labels)
+        prefs = self.actor.build_pairs(fp.rollouts, fp.plan, fp.labels)
         metrics.add_micro_batch(fp.rollouts, fp.plan, prefs, None, fp.truncated)
         return MicroBatch(fp.rollouts, prefs)
 
     def collect_ahead(self, metrics: StepMetrics) -> tuple[list[MicroBatch], int, float]:
         """``train.async_steps``: queue the next steps' prompts (drawn here, in stream order), then take this
         step's micro-batches from the worker; ``(micro-batches, policy_lag, seconds waited)``."""
-        accumulate = self.cfg.train.gradient_accumulation_steps
-        self.ahead.fill(lambda: [self.next_prompts() for _ in range(accumulate)], self.stream.state_dict,
-                        self.cfg.train.max_steps - self.step)
-        collected, waited = self.ahead.next_step()
+        n = self.cfg.train.gradient_accumulation_steps
+        collected, waited = self.ahead.take(lambda: [self.next_prompts() for _ in range(n)], self.stream.state_dict,
+                                            self.cfg.train.max_steps - self.step)
         return [self.book(c, metrics) for c in collected], self.step - collected[0].version, waited
 
     # -- one optimizer step ----------------------------------------------------------------
@@ -196,13 +157,7 @@ class Trainer:
         else:
             micro_batches, lag, waited = self.collect_ahead(metrics)
         global_pairs = global_sum(self.accelerator, sum(mb.prefs.size for mb in micro_batches))
-        several = self.accelerator.num_processes > 1
-        for i, mb in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            # DDP/FSDP reduce gradients in the last micro-batch's backward: every process must run one
-            with metrics.timed("update"), nullcontext() if last else self.update.no_sync():
-                metrics.add_update(self.update(mb.rollouts, mb.prefs, global_pairs,
-                                               must_backward=last and several and global_pairs > 0))
+        accumulate(self.update, micro_batches, global_pairs, metrics)  # step 4 on each micro-batch
         grad_norm = None
         if global_pairs > 0 and self.cfg.optim.max_grad_norm > 0:
             grad_norm = float(plain(self.accelerator.clip_grad_norm_(self.policy.parameters(),
@@ -238,52 +193,16 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         now = self.stream.state_dict()
-        self._committed_stream = now if self.ahead is None else self.ahead.committed_stream(now)
+        self.committed_stream = now if self.ahead is None else self.ahead.committed_stream(now)
         totals = metrics.reduce(self.accelerator)
         self.audit.flush(self.accelerator)
         self.failures.add(totals)
         self.judge_noise.add(totals)  # every process holds the same sums; the main process speaks (run.loop)
         record = {"step": self.step, "lr": lr, **totals.record(self.accelerator.num_processes),
-                  "time_step_s": time.perf_counter() - started, "prompts_seen": self._committed_stream["position"]}
+                  "time_step_s": time.perf_counter() - started, "prompts_seen": self.committed_stream["position"]}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
-        return record | judge_agreement(self.annotator)
-
-    # -- checkpoints -----------------------------------------------------------------------
-    def save(self) -> Path:
-        """Write ``checkpoint-<step>`` (see :class:`oaif.run.checkpoint.RunCheckpoints`); every process calls it."""
-        if self.ahead is not None:  # the queued steps, kept with the checkpoint (a collective call)
-            self._ahead_state = self.ahead.checkpoint_state(self.accelerator, self.stream.state_dict())
-        try:
-            if not self.parts.sharded:
-                return self.checkpoints.save(self.step, self.unwrapped, self.tokenizer, self.state)
-            optimizer = full_optimizer_state(self.optimizer)  # gathered on every process, written by the main one
-            with full_parameters(self.unwrapped):
-                return self.checkpoints.save(self.step, self.unwrapped, self.tokenizer, lambda: self.state(optimizer))
-        finally:
-            self._ahead_state = None
-
-    def state(self, optimizer: dict | None = None) -> dict:
-        """The trainer state a checkpoint holds (``trainer_state.pt``); ``optimizer``: its state, gathered whole."""
-        from oaif.run.checkpoint import trainer_state
-
-        # the stream as of the last finished step: an interrupted step's prompts are drawn again
-        state = trainer_state(self.step, self._committed_stream, optimizer or self.optimizer, self.scheduler,
-                              self.failures, redact(self.cfg.to_dict()))  # as saved: no credentials from a URL
-        if self._ahead_state is not None:  # async_steps: the queued steps (none in a save after an error)
-            state["async"] = self._ahead_state
-        return state
-
-    def check_failures(self, end: bool = False) -> None:
-        """Stop when the annotator failed too often: over the last full window, or (``end``) over
-        the pairs this process saw when fewer than a window. At the end, a run that used no pair
-        at all is an error too (:class:`TrainingError`), so that it never looks like success."""
-        # every process sees the same summed counts: they stop (and save) together
-        if problem := self.failures.exceeded(self.cfg.annotator.max_failure_rate, partial=end):
-            path = self.save()
-            raise AnnotatorError(f"{problem}; saved {path}, fix the annotator and rerun with train.resume=true")
-        if end and (problem := self.failures.unused()):
-            raise TrainingError(f"{problem}; saved {self.save()}")
+        return record | {f"judge_agreement/{name}": v for name, v in self.agreement.values().items()}
 
     def close(self) -> None:
         """Stop the async worker; release the run directory and close the logs and the sampler (one this trainer built)."""

@@ -12,8 +12,9 @@ member fails, the pair fails as ``"all_failed"``, never becoming a label. ``extr
 maps each member's name to its probability or its failure reason.
 
 The ensemble keeps running counts (since creation) of how often each member's winner agrees with
-the ensemble's winner (:meth:`EnsembleJudge.agreement`; the trainer logs it as
-``judge_agreement/<member>``). A winner is ``a`` (prob > 0.5), ``b`` (< 0.5) or a tie (exactly
+the ensemble's winner (:meth:`EnsembleJudge.agreement`). The trainer counts the same from the
+judgments it trains on (:class:`AgreementTally`, logged as ``judge_agreement/<member>``), so that
+batches judged ahead (``train.async_steps``) count at the step that uses them. A winner is ``a`` (prob > 0.5), ``b`` (< 0.5) or a tie (exactly
 0.5); a tie against a decisive winner counts as half an agreement.
 """
 
@@ -43,6 +44,30 @@ def _agreement(u: int, v: int) -> float:
     return 0.5 if (u == 0 or v == 0) else 0.0
 
 
+class AgreementTally:
+    """Running counts, per member, of how often its winner is the ensemble's, read from ensemble judgments
+    (``extra["members"]``: a member's probability, or its failure reason, which does not count)."""
+
+    def __init__(self):
+        self._agree: dict[str, float] = {}
+        self._counted: dict[str, int] = {}
+
+    def add(self, judgments: Sequence[Judgment]) -> None:
+        for j in judgments:
+            members = j.extra.get("members") if j.ok else None
+            if not members:
+                continue
+            ensemble_winner = _winner(float(j.prob))
+            for n, p in members.items():
+                if isinstance(p, (int, float)):
+                    self._agree[n] = self._agree.get(n, 0.0) + _agreement(_winner(float(p)), ensemble_winner)
+                    self._counted[n] = self._counted.get(n, 0) + 1
+
+    def values(self) -> dict[str, float]:
+        """Per member that judged at least one counted pair: the fraction of agreements."""
+        return {n: self._agree[n] / c for n, c in self._counted.items()}
+
+
 class EnsembleJudge:
     """Combine the judgments of several annotators (mean of probabilities or majority vote)."""
 
@@ -66,15 +91,14 @@ class EnsembleJudge:
             names.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
         self.member_names = names
         self.name = name or f"ensemble:{mode}:" + "+".join(names)
-        self._agree = {n: 0.0 for n in names}
-        self._counted = {n: 0 for n in names}
+        self._tally = AgreementTally()
 
     def agreement(self) -> dict[str, float]:
         """Per member: the fraction of pairs (both it and the ensemble judged) where its winner is the ensemble's.
 
         Members that have not judged a pair the ensemble also judged are left out.
         """
-        return {n: self._agree[n] / self._counted[n] for n in self.member_names if self._counted[n]}
+        return self._tally.values()
 
     def _member_judgments(self, judge, member: str, requests: Sequence[PairRequest]) -> list[Judgment]:
         try:
@@ -116,10 +140,5 @@ class EnsembleJudge:
             prob_ba = mean([j.prob_ba for _, j in ok if j.prob_ba is not None])
             out.append(Judgment(prob=prob, prob_ab=prob_ab, prob_ba=prob_ba, latency_s=latency, judge=self.name,
                                 extra={"members": members, "n_ok": len(ok)}))
-            self._count(ok, _winner(prob))
+        self._tally.add(out)
         return out
-
-    def _count(self, ok: list[tuple[str, Judgment]], ensemble_winner: int) -> None:
-        for n, j in ok:
-            self._agree[n] += _agreement(_winner(float(j.prob)), ensemble_winner)
-            self._counted[n] += 1

@@ -14,7 +14,7 @@ queues the push (a LoRA adapter merged then, out of place, while no reference fo
 adapter switched off); a full model's are its live parameters, so the main thread waits for the
 push to finish before its next optimizer step changes them.
 
-A checkpoint (every process calls :meth:`AsyncCollector.checkpoint_state` in ``Trainer.save``)
+A checkpoint (every process calls :meth:`AsyncCollector.checkpoint_state` in :func:`oaif.run.saving.save`)
 waits for the queued batches and keeps them, as plain lists, in ``trainer_state.pt`` under
 ``async``, with the stream position after them: a resumed run trains on them as the uninterrupted
 run would have, and then equals it. A checkpoint saved after an error (no collective call is safe
@@ -34,25 +34,15 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from oaif.annotators.base import Judgment, PairRequest
-from oaif.step.records import PairPlan, PreferenceBatch, Rollouts
+from oaif.step.records import Collected, PairPlan, PreferenceBatch, Rollouts
 
 
-@dataclass
-class Collected:
-    """One online micro-batch after steps 1-3, with the weights' version that sampled it (optimizer steps)."""
-
-    rollouts: Rollouts
-    plan: PairPlan
-    judgments: list[Judgment]
-    prefs: PreferenceBatch
-    version: int
-    time_sample_s: float = 0.0
-    time_annotate_s: float = 0.0
+KEPT_EXTRA = ("label_mass", "members")  # the metrics' label mass; an ensemble's member probabilities (agreement)
 
 
 def to_plain(c: Collected) -> dict[str, Any]:
     """``c`` as lists, dicts, strings and numbers (what ``torch.load(weights_only=True)`` reads back).
-    Of a judgment's ``extra`` only ``label_mass`` is kept: the one entry the metrics read after collection."""
+    Of a judgment's ``extra`` only what the books read after collection is kept (:data:`KEPT_EXTRA`)."""
     r, p, b = c.rollouts, c.plan, c.prefs
     return {
         "rollouts": {f.name: getattr(r, f.name) for f in dataclasses.fields(r)},  # every field, plain lists
@@ -60,7 +50,7 @@ def to_plain(c: Collected) -> dict[str, Any]:
                  "requests": [[q.prompt, q.a, q.b, q.prompt_id] for q in p.requests]},
         "judgments": [{"prob": j.prob, "failure": j.failure, "prob_ab": j.prob_ab, "prob_ba": j.prob_ba,
                        "latency_s": j.latency_s, "judge": j.judge,
-                       "extra": {k: v for k, v in j.extra.items() if k == "label_mass"}} for j in c.judgments],
+                       "extra": {k: v for k, v in j.extra.items() if k in KEPT_EXTRA}} for j in c.judgments],
         "prefs": {"chosen": b.chosen, "rejected": b.rejected, "label_probs": b.label_probs, "masked": dict(b.masked),
                   "failed": dict(b.failed), "comparisons": b.comparisons},
         "version": c.version, "time_sample_s": c.time_sample_s, "time_annotate_s": c.time_annotate_s,
@@ -124,6 +114,12 @@ class AsyncCollector:
         while len(self._steps) < min(self.ahead + 1, steps_left):
             before = stream_state()
             self._steps.append(_Step([self._pool.submit(self._collect, p) for p in draw()], before))
+
+    def take(self, draw: Callable[[], list[list]], stream_state: Callable[[], dict],
+             steps_left: int) -> tuple[list[Collected], float]:
+        """:meth:`fill` the queue, then :meth:`next_step`: this step's micro-batches and the seconds waited."""
+        self.fill(draw, stream_state, steps_left)
+        return self.next_step()
 
     def next_step(self) -> tuple[list[Collected], float]:
         """The oldest queued step's micro-batches and the seconds spent waiting for them; a job's exception is

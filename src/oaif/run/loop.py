@@ -11,6 +11,7 @@ import sys
 from oaif.errors import AnnotatorError, CheckpointWriteError, TrainingError
 from oaif.run.finite_guard import NonFiniteError, check_step
 from oaif.run.metrics import GapWatch, gap_warn_limit
+from oaif.run.saving import check_failures, save, save_after_error
 from oaif.run.stop_signals import StopSignals, Stopped
 
 BAR_KEYS = ("loss", "reward_accuracy", "kl", "response_length", "judge_consistency")
@@ -39,18 +40,18 @@ def run_steps(t) -> dict:
                     if warning:
                         bar.write(f"oaif: warning: {warning}", file=sys.stderr)
             check_step(last, t.step, t.checkpoints.last_saved)
-            t.check_failures()
+            check_failures(t)
             if signal_name := signals.requested(t.accelerator):
-                raise Stopped(signal_name, t.step, t.save())
+                raise Stopped(signal_name, t.step, save(t))
             if cfg.train.save_every and t.step % cfg.train.save_every == 0 and t.step < cfg.train.max_steps:
-                t.save()
+                save(t)
         if last:
-            t.check_failures(end=True)
-        final = t.save()
+            check_failures(t, end=True)
+        final = save(t)
     except (KeyboardInterrupt, Stopped, Exception) as e:
         # saved already / must not be saved / cannot be written (the message names the checkpoint kept)
         if not isinstance(e, (AnnotatorError, TrainingError, NonFiniteError, CheckpointWriteError)):
-            t.checkpoints.save_after_error(t.step, t.unwrapped, t.tokenizer, t.state, e)
+            save_after_error(t, e)
         raise
     finally:
         signals.restore()

@@ -6,6 +6,7 @@
   training pairs (failures and ties masked and counted).
 * :mod:`~oaif.step.logprobs`, :mod:`~oaif.step.losses`, :mod:`~oaif.step.update`: per-sequence
   log-probs of policy and reference, the direct alignment losses, the backward pass.
+* :mod:`~oaif.step.actor`: steps 1-3 for one micro-batch (sample, annotate, build pairs) as one part.
 * :mod:`~oaif.step.records`: the typed records handed from one part to the next.
 
 :class:`oaif.trainer.Trainer` runs them in order; the run around the steps lives in :mod:`oaif.run`.

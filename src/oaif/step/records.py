@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from oaif.annotators.base import PairRequest
+from oaif.annotators.base import Judgment, PairRequest
 
 
 @dataclass
@@ -67,3 +67,16 @@ class PreferenceBatch:
     def responses_used(self) -> list[int]:
         """Flat indices of every response that appears in a pair, each once, in order."""
         return sorted(set(self.chosen) | set(self.rejected))
+
+
+@dataclass
+class Collected:
+    """One online micro-batch after steps 1-3, with the weights' version that sampled it (optimizer steps)."""
+
+    rollouts: Rollouts
+    plan: PairPlan
+    judgments: list[Judgment]
+    prefs: PreferenceBatch
+    version: int
+    time_sample_s: float = 0.0
+    time_annotate_s: float = 0.0

@@ -263,3 +263,16 @@ class PolicyUpdate:
         if ref is not None:
             return tuple(torch.tensor([ref[f] for f in side], device=logps.device) for side in sides)
         return tuple(logps[i].detach() for i in at) if self.behavior else None
+
+
+def accumulate(update: PolicyUpdate, micro_batches: list, global_pairs: int, metrics) -> None:
+    """Step 4 on each of a step's micro-batches (``.rollouts``, ``.prefs``): forward and backward, the gradients
+    accumulating. DDP and FSDP reduce gradients in the last micro-batch's backward, so with several processes
+    every process runs one there, even without a pair of its own. ``metrics``: the step's
+    :class:`oaif.run.metrics.StepMetrics` (update seconds and the update's numbers)."""
+    several = update.accelerator.num_processes > 1
+    for i, mb in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with metrics.timed("update"), nullcontext() if last else update.no_sync():
+            metrics.add_update(update(mb.rollouts, mb.prefs, global_pairs,
+                                      must_backward=last and several and global_pairs > 0))
