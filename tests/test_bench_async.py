@@ -21,7 +21,7 @@ def test_bench_async_help_names_its_flags():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_async.py"), "--help"],
                             capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    for flag in ("--delay", "--steps", "--rounds", "--backend", "--batch-size", "--max-new-tokens", "--set"):
+    for flag in ("--delay", "--steps", "--rounds", "--backend", "--batch-size", "--max-new-tokens", "--set", "--pin"):
         assert flag in result.stdout
 
 
@@ -79,3 +79,35 @@ def test_the_delay_proxy_holds_each_post_and_forwards_it_unchanged():
     assert posted == {"method": "POST", "path": "/v1/chat/completions", "body": '{"x": 1}'}
     assert listed == {"method": "GET", "path": "/v1/models", "body": ""}
     assert post_s >= 2.0 and get_s < 2.0  # only POSTs (judge requests) are held
+
+
+def test_pin_moves_every_thread_of_a_real_process_to_one_core():
+    import os
+
+    from bench_async import parse_pin, pin
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs two cores")
+    # a process with a second thread, started before the pin
+    code = "import threading, time; threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        time.sleep(0.5)
+        pin(proc.pid, cores[1])
+        tasks = list(Path(f"/proc/{proc.pid}/task").iterdir())
+        assert len(tasks) == 2 and all(os.sched_getaffinity(int(t.name)) == {cores[1]} for t in tasks)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert parse_pin(f"{cores[0]}:{cores[1]}") == (cores[0], cores[1]) and parse_pin("none") is None
+
+
+@pytest.mark.parametrize("text", ["0:0", "0", "a:b", "0:4096"])
+def test_pin_refuses_what_is_not_two_cores_of_this_machine(text):
+    import argparse
+
+    from bench_async import parse_pin
+
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^--pin: expected TRAINER:JUDGE"):
+        parse_pin(text)
