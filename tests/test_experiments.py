@@ -287,3 +287,34 @@ def test_expo_compare_smoke(tiny_model_dir, tmp_path):
     last = rows[-1]
     assert f"| ExPO alpha 1 | {last['tokens_mean']:.1f} [{last['tokens_ci95'][0]:.1f}, " in md
     assert (out / "expo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_curves_puts_the_kept_async_runs_side_by_side(tmp_path):
+    """docs/RESULTS.md's side-by-side command, on the files kept of its two runs: every cell of its table is the
+    runs' own summary, the lags are read from their metrics, and runs of other held-out answers are refused."""
+    from helpers import doc_argv
+
+    argv = doc_argv('python experiments/compare_curves.py --curve "async_steps=0=runs/rule_curve_async0" '
+                    '--curve "async_steps=1=runs/rule_curve_async1" --out runs/async_curve')
+    argv = [a.replace("runs/rule_curve_", "experiments/results/rule_curve_").replace("runs/async_curve", str(tmp_path))
+            for a in argv]
+    result = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    md = (tmp_path / "compare.md").read_text()
+    kept = {a: json.loads((ROOT / f"experiments/results/rule_curve_async{a}/summary.json").read_text()) for a in (0, 1)}
+    for r0, r1 in zip(kept[0]["rows"], kept[1]["rows"]):
+        cells = [f"{r['tokens_mean']:.1f} [{r['tokens_ci95'][0]:.1f}, {r['tokens_ci95'][1]:.1f}]" for r in (r0, r1)]
+        cells += [f"{r['win_rate']:.3f} [{r['win_ci95'][0]:.3f}, {r['win_ci95'][1]:.3f}]" if "win_rate" in r else "-"
+                  for r in (r0, r1)]
+        assert f"| {r0['step']} | " + " | ".join(cells) + " |" in md
+    assert "async_steps=0: policy_lag 0;" in md and "async_steps=1: policy_lag 0,1;" in md
+    assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    other = tmp_path / "other"
+    other.mkdir()
+    changed = kept[1] | {"rows": [kept[1]["rows"][0] | {"tokens_mean": 1.0}, *kept[1]["rows"][1:]]}
+    (other / "summary.json").write_text(json.dumps(changed))
+    result = subprocess.run([sys.executable, str(ROOT / "experiments/compare_curves.py"), "--curve",
+                             f"a={ROOT / 'experiments/results/rule_curve_async0'}", "--curve", f"b={other}",
+                             "--out", str(tmp_path / "refused")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "b: its start's held-out answers differ from a's" in result.stderr
