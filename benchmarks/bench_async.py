@@ -48,14 +48,19 @@ class DelayProxy(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, upstream: str, delay: float):
-        self.upstream, self.delay = upstream.rstrip("/"), delay
+    def __init__(self, upstream: str, delay: float, core: int | None = None):
+        self.upstream, self.delay, self.core = upstream.rstrip("/"), delay, core
         super().__init__(("127.0.0.1", 0), _Forward)
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
+    def _serve(self) -> None:
+        if self.core is not None:  # the judge's side: this thread and the request threads it starts
+            os.sched_setaffinity(0, {self.core})
+        self.serve_forever()
+
     @contextlib.contextmanager
     def running(self):
-        thread = threading.Thread(target=self.serve_forever, daemon=True)
+        thread = threading.Thread(target=self._serve, daemon=True)
         thread.start()
         try:
             yield self
@@ -194,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
         server = stack.enter_context(start_llama_server(python=python, n_threads=1 if args.pin else 2))
         if args.pin:
             pin(server.process.pid, args.pin[1])
-        proxy = stack.enter_context(DelayProxy(server.base_url.removesuffix("/v1"), args.delay).running())
+        proxy = stack.enter_context(DelayProxy(server.base_url.removesuffix("/v1"), args.delay,
+                                               args.pin[1] if args.pin else None).running())
         for r in range(args.rounds):
             for name, steps in (("sync", 0), ("async_steps=1", 1)):
                 started = time.perf_counter()
@@ -205,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     cores = (f"trainer on core {args.pin[0]} (1 torch thread), judge server on core {args.pin[1]} (1 thread)"
              if args.pin else f"every process on every core ({len(os.sched_getaffinity(0))})")
     print(f"judge: llama.cpp server (embedded SmolLM2-135M GGUF) behind a proxy adding {args.delay:g} s per request; "
-          f"{cores}; policy: {DEMO.name}, sampling.backend={args.backend}, {args.batch_size} prompts x 2 samples, "
+          f"{cores}; {' '.join(args.set) or 'no other overrides'}; policy: {DEMO.name}, sampling.backend={args.backend}, {args.batch_size} prompts x 2 samples, "
           f"max_new_tokens={args.max_new_tokens}; {args.rounds} rounds x {args.steps} steps (first and last not counted)")
     print(table(rows))
     s, a = rows["sync"], rows["async_steps=1"]

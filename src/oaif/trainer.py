@@ -99,6 +99,7 @@ class Trainer:
         self.push_weights()  # the sampler starts from the policy as it is now (resumed, or whatever a server held)
         self.committed_stream = self.stream.state_dict()  # the stream as of the last finished step
         self.ahead = None
+        self.sampler_shares_device = cfg.sampling.backend != "vllm" or cfg.vllm.mode == "colocated"
         if cfg.train.async_steps and cfg.train.mode == "online":  # the worker; a checkpoint's queued steps back in it
             self.ahead = AsyncCollector(cfg.train.async_steps, self.actor.collect, self.sampler.load_weights,
                                         version=self.step)
@@ -156,6 +157,8 @@ class Trainer:
                              for _ in range(self.cfg.train.gradient_accumulation_steps)]
         else:
             micro_batches, lag, waited = self.collect_ahead(metrics)
+            if self.sampler_shares_device:  # sample the next batch first: the update then overlaps the judge
+                waited += self.ahead.wait_sampled()
         global_pairs = global_sum(self.accelerator, sum(mb.prefs.size for mb in micro_batches))
         accumulate(self.update, micro_batches, global_pairs, metrics)  # step 4 on each micro-batch
         grad_norm = None

@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from oaif.annotators.base import Judgment, PairRequest
@@ -69,10 +70,12 @@ def from_plain(d: dict[str, Any]) -> Collected:
 
 @dataclass
 class _Step:
-    """One step's queued micro-batches and the stream's state before their prompts were drawn."""
+    """One step's queued micro-batches, the stream's state before their prompts were drawn, and whether the
+    first micro-batch's responses are drawn (set also when its job fails or is dropped)."""
 
     futures: list[Future]
     stream_before: dict
+    sampled: threading.Event = field(default_factory=threading.Event)
 
 
 def _done(value) -> Future:
@@ -84,7 +87,8 @@ def _done(value) -> Future:
 class AsyncCollector:
     """The background worker of ``train.async_steps`` (see the module's doc).
 
-    ``gather(prompts, version)`` collects one micro-batch (run in the worker); ``load(weights)`` gives the
+    ``gather(prompts, version, on_sampled)`` collects one micro-batch (run in the worker; ``on_sampled`` is
+    called when its responses are drawn, or None); ``load(weights)`` gives the
     sampler the weights :meth:`push` was handed (run in the worker); ``version`` is the step of the
     weights the sampler holds now.
     """
@@ -98,8 +102,12 @@ class AsyncCollector:
         self._push: Future | None = None
 
     # -- jobs (in the worker) ---------------------------------------------------------------
-    def _collect(self, prompts: list) -> Collected:
-        return self._gather(prompts, self.sampler_version)
+    def _collect(self, prompts: list, sampled: threading.Event | None) -> Collected:
+        try:
+            return self._gather(prompts, self.sampler_version, sampled.set if sampled is not None else None)
+        finally:
+            if sampled is not None:
+                sampled.set()
 
     def _push_job(self, version: int, weights: list) -> float:
         started = time.perf_counter()
@@ -112,8 +120,10 @@ class AsyncCollector:
         """Queue steps until ``steps_ahead + 1`` are queued (no more than ``steps_left``): ``draw()`` gives one
         step's micro-batches of prompts, drawn here in stream order; each micro-batch is one collect job."""
         while len(self._steps) < min(self.ahead + 1, steps_left):
-            before = stream_state()
-            self._steps.append(_Step([self._pool.submit(self._collect, p) for p in draw()], before))
+            step = _Step([], stream_state())
+            step.futures = [self._pool.submit(self._collect, p, step.sampled if i == 0 else None)
+                            for i, p in enumerate(draw())]
+            self._steps.append(step)
 
     def take(self, draw: Callable[[], list[list]], stream_state: Callable[[], dict],
              steps_left: int) -> tuple[list[Collected], float]:
@@ -127,6 +137,16 @@ class AsyncCollector:
         started = time.perf_counter()
         step = self._steps.popleft()
         return [f.result() for f in step.futures], time.perf_counter() - started
+
+    def wait_sampled(self) -> float:
+        """For a sampler on the trainer's own device: wait until the worker has drawn the first micro-batch of the
+        newest queued step, when every older queued step is collected already (the worker would sample next), so
+        that the update runs while the judge works instead of sharing the device with the sampler; seconds
+        waited. Nothing to wait for when an older step is still being collected."""
+        started = time.perf_counter()
+        if self._steps and all(f.done() for s in list(self._steps)[:-1] for f in s.futures):
+            self._steps[-1].sampled.wait()
+        return time.perf_counter() - started
 
     def push(self, version: int, weights: list) -> None:
         """Queue the push of ``weights``, the policy's ``(name, tensor)`` pairs after step ``version``."""
@@ -177,7 +197,9 @@ class AsyncCollector:
             return 0
         mine = saved["ranks"][accelerator.process_index]
         for before, micro_batches in zip(saved["stream_befores"], mine):
-            self._steps.append(_Step([_done(from_plain(m)) for m in micro_batches], before))
+            step = _Step([_done(from_plain(m)) for m in micro_batches], before)
+            step.sampled.set()  # collected before the checkpoint
+            self._steps.append(step)
         stream.load_state_dict(saved["stream_after"])
         return len(mine)
 

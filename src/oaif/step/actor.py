@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
+from typing import Callable
 
 from oaif.annotators.base import Judgment
 from oaif.models.sharding import gathered
@@ -53,10 +54,13 @@ class Actor:
         return build(rollouts, plan, judgments, soft_labels=cfg.loss.soft_labels, min_confidence=cfg.loss.min_confidence,
                      missing_eos_penalty=cfg.loss.missing_eos_penalty if online else 0.0)
 
-    def collect(self, batch, version: int) -> Collected:
-        """Steps 1-3 for one online micro-batch. ``version``: the optimizer step of the weights the sampler holds."""
+    def collect(self, batch, version: int, on_sampled: Callable[[], None] | None = None) -> Collected:
+        """Steps 1-3 for one online micro-batch. ``version``: the optimizer step of the weights the sampler holds;
+        ``on_sampled``: called once the responses are drawn, before the judge is asked."""
         started = time.perf_counter()
         rollouts = self.sample(batch)
+        if on_sampled is not None:
+            on_sampled()
         sampled = time.perf_counter()
         plan, judgments = self.annotate(rollouts)
         annotated = time.perf_counter()
