@@ -255,3 +255,83 @@ def test_ensemble_agreement_counts_the_judgments_each_step_trained_on(tiny_model
         assert logged and logged == pytest.approx(through(r["step"]))
     # the check can fail: counting the batch judged ahead gives other numbers at some step
     assert any(through(s) != pytest.approx(through(s + 1)) for s in range(1, 6))
+
+
+def test_a_sampler_on_the_trainers_device_samples_the_next_batch_before_the_update(tiny_model_dir, tmp_path):
+    """The transformers backends share the trainer's device: each update starts only after the worker has drawn
+    the next step's responses, so that the update overlaps the judge and not the sampler."""
+    import time
+
+    t = Trainer(cfg(tiny_model_dir, tmp_path / "run", "train.async_steps=1")).setup()
+    assert t.sampler_shares_device
+    sampled_at, updates_at = [], []
+    sample = t.actor.sample
+
+    class TimedUpdate:  # the trainer's own update, its start times noted
+        def __init__(self, update):
+            self.update = update
+
+        def __getattr__(self, name):
+            return getattr(self.update, name)
+
+        def __call__(self, *args, **kwargs):
+            updates_at.append(time.perf_counter())
+            return self.update(*args, **kwargs)
+
+    t.actor.sample = lambda batch: (sample(batch), sampled_at.append(time.perf_counter()))[0]
+    t.update = TimedUpdate(t.update)
+    try:
+        for _ in range(4):
+            t.run_step()
+    finally:
+        t.close()
+    assert len(sampled_at) == 4 and len(updates_at) == 4
+    # step s's update (s = 1..3) after the drawing of step s + 1's batch; the last step has no next batch
+    assert all(updates_at[s] >= sampled_at[s + 1] for s in range(3)), (sampled_at, updates_at)
+
+
+def test_wait_sampled_waits_only_when_the_worker_would_sample_next():
+    import threading
+    import time
+
+    from oaif.run.async_collect import AsyncCollector
+
+    release = threading.Event()
+
+    def gather(prompts, version, on_sampled):
+        if prompts == ["slow"]:
+            release.wait(10)  # an older step still being collected
+        on_sampled()
+        return prompts
+
+    ahead = AsyncCollector(2, gather, lambda weights: None, version=0)
+    try:
+        batches = iter([[["slow"]], [["next"]], [["later"]]])
+        ahead.fill(lambda: next(batches), dict, steps_left=3)
+        started = time.perf_counter()
+        assert ahead.wait_sampled() < 0.5 and time.perf_counter() - started < 0.5  # "slow" is not collected yet
+        release.set()
+        assert ahead.next_step()[0] == [["slow"]]
+        ahead._steps[0].futures[0].result()  # "next" collected
+        ahead.wait_sampled()  # now every older step is collected: the newest one's drawing is awaited
+        assert ahead._steps[-1].sampled.is_set()
+    finally:
+        ahead.close()
+
+
+def test_the_worker_computes_with_the_main_threads_torch_thread_count():
+    # a new thread starts with OpenMP's default; vLLM's CPU attention aborts the process on a mismatch
+    from oaif.run.async_collect import AsyncCollector
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ahead = AsyncCollector(1, lambda prompts, version, on_sampled: torch.get_num_threads(), lambda w: None,
+                               version=0)
+        try:
+            ahead.fill(lambda: [["p"]], dict, steps_left=1)
+            assert ahead.next_step()[0] == [1]
+        finally:
+            ahead.close()
+    finally:
+        torch.set_num_threads(before)

@@ -34,6 +34,8 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
 from oaif.annotators.base import Judgment, PairRequest
 from oaif.step.records import Collected, PairPlan, PreferenceBatch, Rollouts
 
@@ -78,6 +80,14 @@ class _Step:
     sampled: threading.Event = field(default_factory=threading.Event)
 
 
+def _same_threads(n: int) -> None:
+    """The worker computes with the main thread's torch thread count. A new thread starts with OpenMP's default,
+    not what ``torch.set_num_threads`` gave the main thread, and vLLM's CPU attention aborts the process when the
+    thread that plans a batch and the one that runs it differ. vLLM's CPU engine replaces ``torch.set_num_threads``
+    with a no-op once it starts, so torch's own setter is called."""
+    getattr(torch._C, "_set_num_threads", torch.set_num_threads)(n)
+
+
 def _done(value) -> Future:
     future: Future = Future()
     future.set_result(value)
@@ -97,7 +107,8 @@ class AsyncCollector:
                  version: int):
         self.ahead, self._gather, self._load = steps_ahead, gather, load
         self.sampler_version = version  # written by push jobs, read by collect jobs: both in the worker
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oaif-async")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oaif-async", initializer=_same_threads,
+                                        initargs=(torch.get_num_threads(),))
         self._steps: deque[_Step] = deque()
         self._push: Future | None = None
 
