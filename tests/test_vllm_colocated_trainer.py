@@ -144,3 +144,24 @@ def test_async_steps_sample_from_the_engine_one_step_behind_and_leave_it_with_th
     assert changed(t.unwrapped, tiny.first)
     hf, vl = greedy(t, engine)
     assert vl == hf  # the last step's push was waited for: the engine holds the final policy
+
+
+def test_async_steps_with_an_engine_built_after_torch_set_num_threads(tiny, tmp_path):
+    # The worker thread starts with OpenMP's default thread count; the main thread set 1 before the engine
+    # started. vLLM's CPU attention then aborted the whole process ("Check failed: ... thread_num (2 vs. 1)"),
+    # so the run is a child process here. Needs at least two cores to differ from the default.
+    import os
+    import subprocess
+    import sys
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one core: OpenMP's default is already 1 thread")
+    out = tmp_path / "run"
+    code = ("import sys, torch; torch.set_num_threads(1)\n"
+            "from oaif.config import load_config\nfrom oaif.trainer import train\n"
+            "print(train(load_config(sys.argv[1], sys.argv[2:]))['steps'])")
+    argv = [str(DEMO), *train_overrides(tiny.first, out, "train.async_steps=1", "train.max_steps=2")]
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "2"
+    assert [r["policy_lag"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1]

@@ -81,11 +81,11 @@ class _Step:
 
 
 def _same_threads(n: int) -> None:
-    """The worker computes with the main thread's torch thread count. A new thread starts with OpenMP's default,
-    not what ``torch.set_num_threads`` gave the main thread, and vLLM's CPU attention aborts the process when the
-    thread that plans a batch and the one that runs it differ. vLLM's CPU engine replaces ``torch.set_num_threads``
-    with a no-op once it starts, so torch's own setter is called."""
-    getattr(torch._C, "_set_num_threads", torch.set_num_threads)(n)
+    """The worker computes with the main thread's torch thread count. A new thread starts with OpenMP's default
+    thread count, not what ``torch.set_num_threads`` gave the main thread, and vLLM's CPU attention aborts the
+    process when the two counts it reads differ ("Check failed: ... thread_num"). vLLM's CPU engine replaces
+    ``torch.set_num_threads`` with a no-op once it starts, so torch's own setter (``torch._C``) is called."""
+    torch._C.set_num_threads(n)  # sets this thread's OpenMP count too (a new thread has OpenMP's default)
 
 
 def _done(value) -> Future:
