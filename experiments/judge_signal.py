@@ -40,7 +40,7 @@ import argparse
 import json
 import os
 import random
-import sys
+import signal
 import time
 from pathlib import Path
 
@@ -306,6 +306,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, jt._interrupt)  # `kill PID` stops the judge server and the current command too
     out = Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(EXPERIMENTS), os.environ.get("PYTHONPATH", "")])
     if not args.table_only:
