@@ -317,21 +317,3 @@ def test_wait_sampled_waits_only_when_the_worker_would_sample_next():
         assert ahead._steps[-1].sampled.is_set()
     finally:
         ahead.close()
-
-
-def test_the_worker_computes_with_the_main_threads_torch_thread_count():
-    # a new thread starts with OpenMP's default; vLLM's CPU attention aborts the process on a mismatch
-    from oaif.run.async_collect import AsyncCollector
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ahead = AsyncCollector(1, lambda prompts, version, on_sampled: torch.get_num_threads(), lambda w: None,
-                               version=0)
-        try:
-            ahead.fill(lambda: [["p"]], dict, steps_left=1)
-            assert ahead.next_step()[0] == [1]
-        finally:
-            ahead.close()
-    finally:
-        torch.set_num_threads(before)

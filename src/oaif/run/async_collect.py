@@ -73,7 +73,7 @@ def from_plain(d: dict[str, Any]) -> Collected:
 @dataclass
 class _Step:
     """One step's queued micro-batches, the stream's state before their prompts were drawn, and whether the
-    first micro-batch's responses are drawn (set also when its job fails or is dropped)."""
+    first micro-batch's responses are drawn (set also when its job fails)."""
 
     futures: list[Future]
     stream_before: dict
