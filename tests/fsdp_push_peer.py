@@ -45,9 +45,8 @@ def tracked(weights, alive: list[int]):
         del item
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
-    rank, report = dist.get_rank(), {}
+def measure(rank: int) -> dict:
+    report = {}
     for case in ("full", "lora"):
         want = {n: t.clone() for n, t in policy_weights(build(case == "lora"))}  # unsharded, as one process pushes
         model = build(case == "lora")
@@ -65,9 +64,17 @@ def main() -> None:
         report[case] = {"alive_max": max(alive), "hoard_alive_max": max(held), "count": len(hoard),
                         "names": sorted(got) == sorted(want),
                         "equal": all(torch.equal(got[n], want[n]) for n in want if n in got)}
+    return report
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    report = measure(rank)  # its sharded models are freed on return, before the group goes
     if rank == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(report, f)
+    dist.barrier()  # neither process tears the group down while the other may still use it (CI saw one abort)
     dist.destroy_process_group()
 
 
