@@ -2,7 +2,8 @@
 does the served judge prefer the reply that a rule says has the property the rubric asks for?
 
     python experiments/judge_signal.py --pairs 50                 # sample, pair, judge (resumable)
-    python experiments/judge_signal.py --pairs 200 --properties short --readouts pointwise
+    python experiments/judge_signal.py --pairs 50 --screen        # stop a combination that cannot pass
+    python experiments/judge_signal.py --pairs 200 --hh 300 --properties short --readouts pointwise
     python experiments/judge_signal.py --table-only               # rebuild table.md / table.json
     python experiments/judge_signal.py --smoke --out DIR          # SmolLM2 judge, tiny budgets (a test runs it)
 
@@ -15,7 +16,9 @@ does the served judge prefer the reply that a rule says has the property the rub
    held-out prompts of ``common.split_prompts`` for any ``n_eval <= HELD_OUT`` (its held-out sets are
    nested), then Self-Instruct's 175 seed tasks (built as scripts/build_demo_prompts.py builds
    the demo prompts). Later experiments that evaluate on split_prompts' held-out prompts never
-   see these.
+   see these. With ``--hh N``, the first user turns of N HH harmless-base test dialogues (numbered
+   HH_FIRST and up, which no other experiment uses; ``OUT/prompts_hh.jsonl``) follow, from a chunk
+   of their own, so that a property with fewer than ``--pairs`` pairs can reach it.
 2. Properties (experiments/properties.py): one_sentence, numbered_list, no_question, short
    (at most ``--short-words`` words).
 3. Pairs: per property, per prompt (in OUT/prompts.jsonl's order), one pair of that prompt's
@@ -27,6 +30,8 @@ does the served judge prefer the reply that a rule says has the property the rub
 5. Judge: ``--judge`` served by llama.cpp on loopback; each chunk is one ``oaif annotate
    --against-labels`` (judge_table.annotate_chunks: resumable, CPU and wall seconds per chunk).
    Chunks go round-robin over property x readout, so a stopped run has screened every combination.
+   With ``--screen``, a combination is not judged further once at least SCREEN_MIN pairs put the
+   upper end of its 95% interval below the pass mark (more pairs could not make it pass).
 6. Table: per property x readout, agreement with the rule (ties 1/2) with its Wilson 95% interval,
    both-order consistency, first-position rate, CPU and wall s/pair, failures; per property the
    base rate among replies and how many prompts have a pair. ``pass`` marks agreement >= 0.75.
@@ -88,15 +93,47 @@ def build_prompts(out: Path, seed: int, shared: Path = SHARED) -> Path:
     return path
 
 
+HH_FIRST = 2000  # HH dialogues 2000.. are used here only (rm_vs_llm.py takes its pairs and prompts below 1600)
+
+
+def hh_prompts(out: Path, n: int, seed: int, shared: Path = SHARED) -> Path:
+    """OUT/prompts_hh.jsonl: the first user turns of ``n`` HH harmless-base test dialogues, drawn in a fixed
+    shuffled order from those numbered HH_FIRST and up (a larger ``n`` extends the same list)."""
+    import gzip
+
+    from oaif.data.hh import parse_hh_dialogue
+
+    path = out / "prompts_hh.jsonl"
+    if path.exists() and len(path.read_text().splitlines()) >= n:
+        return path
+    pool = []
+    with gzip.open(shared / "hh_harmless_test.jsonl.gz", "rt", encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    for index, line in enumerate(lines):
+        if index >= HH_FIRST:
+            context, _ = parse_hh_dialogue(json.loads(line)["chosen"])
+            pool.append({"id": f"hh-harmless-test-{index}", "prompt": context[0]["content"]})
+    random.Random(f"judge-signal-hh:{seed}").shuffle(pool)
+    if n > len(pool):
+        raise SystemExit(f"judge_signal: --hh {n}: only {len(pool)} HH dialogues from number {HH_FIRST} on")
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pool[:n]))
+    return path
+
+
 def sample_replies(out: Path, args) -> dict[str, dict]:
     """Sample every chunk of prompts not yet sampled; returns ``{prompt id: {"prompt", "replies"}}``
     over the sampled chunks (distinct replies, in sampling order)."""
     rows = [json.loads(line) for line in build_prompts(out, args.seed).read_text().splitlines() if line]
     rows = rows[:args.limit_prompts] if args.limit_prompts else rows
+    hh = [json.loads(line) for line in hh_prompts(out, args.hh, args.seed).read_text().splitlines() if line] \
+        if args.hh else []
+    # the HH prompts start a chunk of their own, so the chunks of the first list stay as they were
+    spans = [(rows, s) for s in range(0, len(rows), args.prompt_chunk)] + \
+            [(hh, s) for s in range(0, len(hh), args.prompt_chunk)]
     rdir = out / "responses"
     rdir.mkdir(parents=True, exist_ok=True)
     replies: dict[str, dict] = {}
-    for k, start in enumerate(range(0, len(rows), args.prompt_chunk)):
+    for k, (rows, start) in enumerate(spans):
         base = rdir / f"chunk_{k:05d}"
         report = base.with_suffix(".report.json")
         if not report.exists():
@@ -219,6 +256,10 @@ def judge_all(out: Path, args, chunks: dict[str, list[Path]]) -> None:
             for prop, readout in todo:
                 if k >= len(chunks[prop]) or jt.chunk_done(out / prop / args.judge / readout, k):
                     continue
+                if screened_out(out / prop / args.judge / readout, args.screen):
+                    print(f"# {prop} {readout}: screened out (95% upper bound below {PASS}); not judged further",
+                          flush=True)
+                    continue
                 wait_quiet(args.quiet_file)
                 rubric = rubric_path(prop, readout, out, args.short_words)
                 if readout == "pointwise":
@@ -229,6 +270,19 @@ def judge_all(out: Path, args, chunks: dict[str, list[Path]]) -> None:
                     env, sets = {}, served_sets(server.base_url, args.judge) + [f"rubric={rubric}"]
                 jt.annotate_chunks(out / prop, args.judge, readout, chunks[prop][:k + 1], sets, env, pid,
                                    out, after_chunk=write_table)
+
+
+SCREEN_MIN = 20  # pairs judged before a combination may be screened out
+
+
+def screened_out(jdir: Path, screen: bool) -> bool:
+    """With ``--screen``: whether the pairs judged so far (at least SCREEN_MIN) put the upper end of the 95%
+    interval of agreement below PASS, so that judging more of them cannot make the combination pass."""
+    data, reports = jt.load_rows(jdir)
+    if not screen or len(data) < SCREEN_MIN:
+        return False
+    ci = jt.variant_stats(data, reports)["agreement_ci95"]
+    return ci is not None and ci[1] < PASS
 
 
 def write_table(out: Path) -> dict:
@@ -245,7 +299,8 @@ def write_table(out: Path) -> dict:
                 if data:
                     s = jt.variant_stats(data, reports)
                     rows.append({"property": prop, "judge": judge_dir.name, "readout": readout, **s,
-                                 "pass": s["agreement"] is not None and s["agreement"] >= PASS})
+                                 "pass": s["agreement"] is not None and s["agreement"] >= PASS,
+                                 "screened_out": screened_out(judge_dir / readout, True)})
     table = {"settings": meta, "base_rates": rates, "pass_threshold": PASS, "rows": rows}
     lines = [f"Replies: {meta.get('policy')}, {meta.get('num_samples')} per prompt, temperature "
              f"{meta.get('temperature')}, at most {meta.get('max_new_tokens')} new tokens; short = at most "
@@ -255,7 +310,8 @@ def write_table(out: Path) -> dict:
         lines.append(f"| {prop} | {jt._f(r['base_rate'])} ({r['replies']} replies) | "
                      f"{r['prompts_with_pair']} of {r['prompts']} |")
     lines += ["", "Agreement = the judge prefers the reply that has the property (ties 1/2); "
-                  f"pass = agreement >= {PASS}.", "",
+                  f"pass = agreement >= {PASS}; screened out = after at least {SCREEN_MIN} pairs "
+                  f"the interval's upper end is below {PASS}, so it was not judged further.", "",
               "| property | judge | readout | pairs | agreement [95% CI] | consistency | first-position | "
               "CPU s / pair | wall s / pair (load) | failed | pass |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -264,7 +320,7 @@ def write_table(out: Path) -> dict:
                      f"{jt._f(r['agreement'])} {jt._ci(r['agreement_ci95'])} | {jt._f(r['position_consistency'])} | "
                      f"{jt._f(r['first_position_rate'])} | {jt._f(r['cpu_seconds_per_pair'], 2)} | "
                      f"{jt._f(r['seconds_per_pair'], 1)} ({jt._f(r['mean_loadavg_1min'], 1)}) | "
-                     f"{sum(r['failed'].values())} | {'yes' if r['pass'] else 'no'} |")
+                     f"{sum(r['failed'].values())} | {'yes' if r['pass'] else 'no (screened out)' if r['screened_out'] else 'no'} |")
     (out / "table.json").write_text(json.dumps(table, indent=2) + "\n")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     return table
@@ -292,6 +348,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quiet-file", default="/work/runs/QUIET", help="wait while this file exists")
     ap.add_argument("--responses-only", action="store_true", help="sample the replies and stop")
     ap.add_argument("--table-only", action="store_true", help="only rebuild table.md / table.json")
+    ap.add_argument("--hh", type=int, default=0,
+                    help=f"also sample the first user turns of N HH harmless-base dialogues (from number {HH_FIRST} on)")
+    ap.add_argument("--screen", action="store_true",
+                    help=f"stop judging a property x readout once its 95%% upper bound is below {PASS} "
+                         f"(after at least {SCREEN_MIN} pairs)")
     ap.add_argument("--smoke", action="store_true", help="SmolLM2 judge, 8 prompts, 2 pairs a property, every readout")
     args = ap.parse_args(argv)
     if args.smoke:

@@ -88,6 +88,41 @@ def test_pair_chunks_are_kept_and_a_short_tail_waits(tmp_path):
         judge_signal.write_pair_chunks(tmp_path, pairs, 4, 3)
 
 
+def test_hh_prompts_are_first_user_turns_from_their_own_range_and_extend_in_order(tmp_path):
+    import judge_signal
+
+    hh = ROOT.parent / "shared" / "data" / "hh_harmless_test.jsonl.gz"
+    if not hh.exists():
+        pytest.skip("the shared HH file is not on this machine")
+    five = [json.loads(x) for x in judge_signal.hh_prompts(tmp_path, 5, 0).read_text().splitlines()]
+    assert len(five) == 5 and all(isinstance(r["prompt"], str) and r["prompt"].strip() for r in five)
+    assert all(int(r["id"].rsplit("-", 1)[1]) >= judge_signal.HH_FIRST for r in five)
+    eight = [json.loads(x) for x in judge_signal.hh_prompts(tmp_path, 8, 0).read_text().splitlines()]
+    assert eight[:5] == five and len({r["id"] for r in eight}) == 8  # a larger N keeps the first N
+
+
+def _judged(jdir, agrees):
+    """Chunk files as judge_table.annotate_chunks writes them, one chunk of len(agrees) judged pairs."""
+    jdir.mkdir(parents=True)
+    rows = [{"id": f"p{i}", "p_chosen": 0.9 if a else 0.1, "agree": float(a), "consistent": True,
+             "p_chosen_shown_first": 0.9 if a else 0.1, "p_chosen_shown_second": 0.9 if a else 0.1}
+            for i, a in enumerate(agrees)]
+    (jdir / "chunk_00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (jdir / "chunk_00000.report.json").write_text(json.dumps({"judge_seconds": 1.0, "pairs": len(rows)}))
+
+
+def test_screening_stops_only_a_combination_whose_upper_bound_is_below_the_threshold(tmp_path):
+    import judge_signal
+
+    _judged(tmp_path / "low", [1] * 8 + [0] * 12)  # 0.40 of 20: upper bound ~0.61
+    _judged(tmp_path / "mid", [1] * 12 + [0] * 8)  # 0.60 of 20: upper bound ~0.78, could still pass
+    _judged(tmp_path / "few", [0] * 10)  # 0 of 10: below SCREEN_MIN, not yet
+    assert judge_signal.screened_out(tmp_path / "low", True)
+    assert not judge_signal.screened_out(tmp_path / "low", False)  # only with --screen
+    assert not judge_signal.screened_out(tmp_path / "mid", True)
+    assert not judge_signal.screened_out(tmp_path / "few", True)
+
+
 def test_the_documented_commands_parse():
     import judge_signal
 
@@ -132,3 +167,11 @@ def test_smoke_run_samples_judges_every_readout_and_resumes(tmp_path):
 
     second = run()  # everything is on disk: nothing is sampled or judged again
     assert "$ " not in second and json.loads((out / "table.json").read_text())["rows"] == table["rows"]
+
+    first_chunk = (out / "responses" / "chunk_00000.jsonl").read_text()
+    third = run("--hh", "2", "--responses-only")  # HH prompts: a chunk of their own after the others
+    assert third.count("--sample-from") == 1
+    assert (out / "responses" / "chunk_00000.jsonl").read_text() == first_chunk
+    hh_ids = {json.loads(x)["id"].rsplit(":", 1)[0]
+              for x in (out / "responses" / "chunk_00001.jsonl").read_text().splitlines()}
+    assert hh_ids == {json.loads(x)["id"] for x in (out / "prompts_hh.jsonl").read_text().splitlines()}
