@@ -52,3 +52,29 @@ def test_a_callable_with_the_wrong_arguments_is_refused_by_the_run_s_preflight(t
                              "annotator.callable=os.path:basename"])  # takes one argument, not (prompt, a, b)
     with pytest.raises(AnnotatorError, match="must take \\(prompt, a, b\\) or \\(prompt, response\\), it takes 1"):
         preflight(cfg)
+
+
+def test_a_pointwise_score_is_computed_once_per_distinct_reply_of_a_batch():
+    """Four replies paired all ways (six pairs) take four scores, not twelve; the probabilities are the same."""
+    calls, fails = [], {"d": 1}
+
+    def score(prompt, response):
+        calls.append((prompt, response))
+        if fails.get(response):  # the first scoring of d raises: that pair is masked, a later one retries
+            fails[response] -= 1
+            raise TimeoutError("slow server")
+        return {"a": 2.0, "b": 1.0, "c": 0.0, "d": -1.0}[response]
+
+    replies = ["a", "b", "c", "d"]
+    pairs = [PairRequest(q, x, y) for q in ("q1", "q2") for i, x in enumerate(replies) for y in replies[i + 1:]]
+    judgments = CallableJudge(score).annotate(pairs)
+    assert len(calls) == 2 * 4 + 1  # each (prompt, reply) once, plus the retry after d's error
+    first_d = next(i for i, p in enumerate(pairs) if "d" in (p.a, p.b))
+    assert judgments[first_d].failure == "callable_error"
+    ok = [(p, j) for p, j in zip(pairs, judgments) if j.ok]
+    assert len(ok) == len(pairs) - 1
+    import math
+    table = {"a": 2.0, "b": 1.0, "c": 0.0, "d": -1.0}
+    assert all(j.prob == pytest.approx(1 / (1 + math.exp(table[p.b] - table[p.a]))) for p, j in ok)
+    CallableJudge(score).annotate(pairs[:1])
+    assert len(calls) == 2 * 4 + 1 + 2  # a new batch scores again

@@ -72,11 +72,19 @@ class CallableJudge:
         self.both_orders = both_orders
         self.name = name or f"callable:{getattr(self.fn, '__name__', 'fn')}"
 
-    def _one(self, r: PairRequest) -> Judgment:
+    def _score(self, prompt: str, response: str, memo: dict) -> float:
+        """A pointwise score, computed once per distinct (prompt, reply) of a batch: with K samples
+        paired all ways each reply is in K - 1 pairs. A raised error is not kept (a retry may pass)."""
+        key = (prompt, response)
+        if key not in memo:
+            memo[key] = float(self.fn(prompt, response))
+        return memo[key]
+
+    def _one(self, r: PairRequest, memo: dict) -> Judgment:
         t0 = time.perf_counter()
         try:
             if self.kind == "pointwise":
-                diff = float(self.fn(r.prompt, r.a)) - float(self.fn(r.prompt, r.b))
+                diff = self._score(r.prompt, r.a, memo) - self._score(r.prompt, r.b, memo)
                 p = sigmoid(diff) if math.isfinite(diff) else float("nan")
                 j = checked(p, self.name)
                 j.prob_ab = j.prob_ba = j.prob
@@ -94,4 +102,5 @@ class CallableJudge:
         return j
 
     def annotate(self, requests: Sequence[PairRequest]) -> list[Judgment]:
-        return [self._one(r) for r in requests]
+        memo: dict = {}  # one batch's pointwise scores
+        return [self._one(r, memo) for r in requests]
