@@ -1,0 +1,135 @@
+"""summary.md, summary.json and evidence.png of experiments/evidence.py, recomputed from the files on disk.
+
+Per run and evaluated step (OUT/<run>/eval/eval.json: one reply per held-out prompt from the start and
+every checkpoint, the same seed): the property's rate by its rule with a Wilson 95% interval, the mean
+response tokens, and against the start the paired difference in rate with a bootstrap 95% interval over
+prompts. Between two runs (claim 1: property - helpful; claim 2: online - offline) the paired
+difference at each step they share, the same way (same prompts, same sampling seed). Claim 2 adds the
+head-to-head win rate of OUT/online_vs_offline/eval.json (the judge's other readout).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import properties
+
+RUNS = ("property", "helpful", "offline")
+PAIRS = (("claim 1: property rubric - helpful rubric", "property", "helpful"),
+         ("claim 2: online - offline", "property", "offline"))
+
+
+def run_rows(eval_json: Path, prop: str) -> dict:
+    """``{"steps": [...], "holds": {label: [0/1 per prompt]}, "tokens": {label: [...]}, "labels": {step: label}}``."""
+    result = json.loads(eval_json.read_text())
+    holds_fn = properties.measures(properties.SHORT_WORDS)[prop]
+    labels = sorted(result["models"], key=lambda m: result["models"][m]["step"])
+    samples = result["samples"]
+    return {"labels": {result["models"][m]["step"]: m for m in labels},
+            "holds": {m: [1.0 if holds_fn(s["responses"][m]) else 0.0 for s in samples] for m in labels},
+            "tokens": {m: [float(s["tokens"][m]) for s in samples] for m in labels},
+            "ids": [s["id"] for s in samples]}
+
+
+def _diff(a: list[float], b: list[float]) -> dict:
+    from oaif.stats import bootstrap_ci
+
+    d = [x - y for x, y in zip(a, b)]
+    ci = bootstrap_ci(d, 2000, 0)
+    return {"diff": sum(d) / len(d), "ci95": list(ci) if ci else None, "n": len(d)}
+
+
+def step_stats(r: dict, step: int) -> dict:
+    from oaif.stats import wilson_interval
+
+    label, start = r["labels"][step], r["labels"][0]
+    h, t = r["holds"][label], r["tokens"][label]
+    ci = wilson_interval(sum(h), len(h))
+    return {"step": step, "rate": sum(h) / len(h), "rate_ci95": list(ci) if ci else None, "n": len(h),
+            "tokens": sum(t) / len(t), "rate_vs_start": _diff(h, r["holds"][start]),
+            "tokens_vs_start": _diff(t, r["tokens"][start])}
+
+
+def collect(out: Path, prop: str) -> dict:
+    runs = {name: run_rows(out / name / "eval" / "eval.json", prop)
+            for name in RUNS if (out / name / "eval" / "eval.json").exists()}
+    table: dict = {"property": prop, "runs": {}, "differences": [], "head_to_head": None}
+    for name, r in runs.items():
+        table["runs"][name] = [step_stats(r, s) for s in sorted(r["labels"])]
+    for title, a, b in PAIRS:
+        if a in runs and b in runs and runs[a]["ids"] == runs[b]["ids"]:
+            ra, rb = runs[a], runs[b]
+            table["differences"].append({"comparison": title, "steps": [
+                {"step": s, "rate": _diff(ra["holds"][ra["labels"][s]], rb["holds"][rb["labels"][s]]),
+                 "tokens": _diff(ra["tokens"][ra["labels"][s]], rb["tokens"][rb["labels"][s]])}
+                for s in sorted(set(ra["labels"]) & set(rb["labels"])) if s > 0]})
+    h2h = out / "online_vs_offline" / "eval.json"
+    if h2h.exists():
+        res = json.loads(h2h.read_text())
+        c = res["comparisons"][0]
+        table["head_to_head"] = {"win_rate": c["win_rate"], "ci95": c["ci95"], "judged": c["judged"],
+                                 "ties": c["ties"], "failed": c["failed_total"], "judge": res["judge"]["name"]}
+    return table
+
+
+def _ci(ci, digits: int = 3) -> str:
+    return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "[-]"
+
+
+def markdown(t: dict) -> str:
+    prop = t["property"]
+    lines = [f"# Issue 20 part 3: property `{prop}`", ""]
+    for name, rows in t["runs"].items():
+        lines += [f"## run `{name}`: held-out `{prop}` rate by the rule, over steps", "",
+                  "| step | rate [95% CI] | rate - start [95% CI] | mean tokens | tokens - start [95% CI] | prompts |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            dr, dt = r["rate_vs_start"], r["tokens_vs_start"]
+            lines.append(f"| {r['step']} | {r['rate']:.3f} {_ci(r['rate_ci95'])} | {dr['diff']:+.3f} {_ci(dr['ci95'])} | "
+                         f"{r['tokens']:.1f} | {dt['diff']:+.1f} {_ci(dt['ci95'], 1)} | {r['n']} |")
+        lines.append("")
+    for d in t["differences"]:
+        lines += [f"## {d['comparison']} (paired over held-out prompts)", "",
+                  "| step | rate difference [95% CI] | tokens difference [95% CI] |", "| --- | --- | --- |"]
+        lines += [f"| {s['step']} | {s['rate']['diff']:+.3f} {_ci(s['rate']['ci95'])} | "
+                  f"{s['tokens']['diff']:+.1f} {_ci(s['tokens']['ci95'], 1)} |" for s in d["steps"]]
+        lines.append("")
+    h = t["head_to_head"]
+    if h:
+        lines += ["## claim 2: final online against final offline, by the judge's other readout", "",
+                  f"win rate of online {h['win_rate']:.3f} {_ci(h['ci95'])} over {h['judged']} judged prompts "
+                  f"({h['ties']} ties, {h['failed']} failed); judge: {h['judge']}", ""]
+    return "\n".join(lines)
+
+
+def plot(t: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, (name, rows) in enumerate(t["runs"].items()):
+        steps = [r["step"] for r in rows]
+        ax1.plot(steps, [r["rate"] for r in rows], "o-", color=f"C{i}", label=name)
+        ax1.fill_between(steps, [r["rate_ci95"][0] for r in rows], [r["rate_ci95"][1] for r in rows],
+                         color=f"C{i}", alpha=0.15)
+        ax2.plot(steps, [r["tokens"] for r in rows], "o-", color=f"C{i}", label=name)
+    ax1.set(xlabel="step", ylabel=f"held-out {t['property']} rate (rule)", ylim=(0, 1))
+    ax2.set(xlabel="step", ylabel="held-out mean tokens")
+    ax1.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def write_summary(args) -> str:
+    t = collect(args.out, args.property)
+    (args.out / "summary.json").write_text(json.dumps(t, indent=2) + "\n")
+    text = markdown(t)
+    if t["runs"]:
+        plot(t, args.out / "evidence.png")
+        text += "\nplot: evidence.png\n"
+    (args.out / "summary.md").write_text(text)
+    return text
