@@ -133,14 +133,14 @@ def sample_replies(out: Path, args) -> dict[str, dict]:
     rdir = out / "responses"
     rdir.mkdir(parents=True, exist_ok=True)
     replies: dict[str, dict] = {}
-    for k, (rows, start) in enumerate(spans):
+    for k, (source, start) in enumerate(spans):
         base = rdir / f"chunk_{k:05d}"
         report = base.with_suffix(".report.json")
         if not report.exists():
             wait_quiet(args.quiet_file)
             prompts = base.with_suffix(".prompts.jsonl")
             prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                       for r in rows[start:start + args.prompt_chunk]))
+                                       for r in source[start:start + args.prompt_chunk]))
             partial = base.with_suffix(".partial.json")
             oaif("annotate", str(prompts), "--sample-from", args.policy, "--num-samples", str(args.num_samples),
                  "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
