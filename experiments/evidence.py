@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 from pathlib import Path
 
 import properties
@@ -49,8 +48,6 @@ from evidence_report import write_summary
 from served_judges import JUDGES, POINTWISE, RUBRICS, served_sets
 
 EXPERIMENTS = Path(__file__).resolve().parent
-HH = ROOT.parent / "shared" / "data" / "hh_harmless_test.jsonl.gz"
-HH_HELD = (1600, 2000)  # HH dialogues for held-out prompts: below judge_signal's 2000+, above rm_vs_llm's < 1600
 OTHER = {"pointwise": "pairwise", "pairwise": "pointwise"}
 
 
@@ -58,11 +55,10 @@ OTHER = {"pointwise": "pairwise", "pairwise": "pointwise"}
 # prompts
 # --------------------------------------------------------------------------------------------
 def prompt_files(out: Path, args) -> tuple[Path, Path]:
-    """OUT/train_prompts.jsonl and OUT/heldout_prompts.jsonl (written once)."""
-    import gzip
-
+    """OUT/train_prompts.jsonl and OUT/heldout_prompts.jsonl (written once; ``--eval-prompts`` of the
+    held-out ones are used)."""
+    import hh_dialogues
     import judge_signal
-    from oaif.data.hh import parse_hh_dialogue
 
     train, held = out / "train_prompts.jsonl", out / "heldout_prompts.jsonl"
     if not train.exists():
@@ -70,12 +66,7 @@ def prompt_files(out: Path, args) -> tuple[Path, Path]:
     if not held.exists():
         _, demo_held = split_prompts(out / "prompt_pool", judge_signal.HELD_OUT)
         rows = [json.loads(line) for line in demo_held.read_text().splitlines() if line]
-        with gzip.open(HH, "rt", encoding="utf-8") as f:
-            lines = [line for line in f if line.strip()]
-        pool = [{"id": f"hh-harmless-test-{i}", "prompt": parse_hh_dialogue(json.loads(lines[i])["chosen"])[0][0]["content"]}
-                for i in range(*HH_HELD)]
-        random.Random("evidence-heldout").shuffle(pool)
-        rows += pool[:max(0, args.eval_prompts - len(rows))]
+        rows += hh_dialogues.evidence_heldout()
         held.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return train, held
 
@@ -234,13 +225,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--lora-r", type=int, default=32)
     ap.add_argument("--save-every", type=int, default=4)
-    ap.add_argument("--eval-prompts", type=int, default=128)
+    ap.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts used (at most 128)")
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp server threads")
     ap.add_argument("--smoke", action="store_true", help="SmolLM2 judge, 2 steps, tiny budgets")
     args = ap.parse_args(argv)
     if args.smoke:
         args.judge, args.steps, args.batch_size, args.num_samples, args.max_new_tokens = "smollm2-135m", 2, 2, 2, 16
         args.save_every, args.eval_prompts, args.lora_r = 1, 4, 4
+    if not 0 < args.eval_prompts <= 128:
+        ap.error(f"--eval-prompts {args.eval_prompts}: 1 to 128 (the held-out file holds 128)")
     out = Path(args.out)
     args.out = out if out.is_absolute() else ROOT / out
     return args

@@ -16,9 +16,10 @@ does the served judge prefer the reply that a rule says has the property the rub
    held-out prompts of ``common.split_prompts`` for any ``n_eval <= HELD_OUT`` (its held-out sets are
    nested), then Self-Instruct's 175 seed tasks (built as scripts/build_demo_prompts.py builds
    the demo prompts). Later experiments that evaluate on split_prompts' held-out prompts never
-   see these. With ``--hh N``, the first user turns of N HH harmless-base test dialogues (numbered
-   HH_FIRST and up, which no other experiment uses; ``OUT/prompts_hh.jsonl``) follow, from a chunk
-   of their own, so that a property with fewer than ``--pairs`` pairs can reach it.
+   see these. With ``--hh N``, the first user turns of N HH harmless-base test dialogues (numbers
+   2000 and up, then the ones of 1600-1999 that evidence.py does not hold out: hh_dialogues.py;
+   ``OUT/prompts_hh.jsonl``) follow, from a chunk of their own, so that a property with fewer than
+   ``--pairs`` pairs can reach it.
 2. Properties (experiments/properties.py): one_sentence, numbered_list, no_question, short
    (at most ``--short-words`` words).
 3. Pairs: per property, per prompt (in OUT/prompts.jsonl's order), one pair of that prompt's
@@ -93,29 +94,17 @@ def build_prompts(out: Path, seed: int, shared: Path = SHARED) -> Path:
     return path
 
 
-HH_FIRST = 2000  # HH dialogues 2000.. are used here only (rm_vs_llm.py takes its pairs and prompts below 1600)
-
-
 def hh_prompts(out: Path, n: int, seed: int, shared: Path = SHARED) -> Path:
-    """OUT/prompts_hh.jsonl: the first user turns of ``n`` HH harmless-base test dialogues, drawn in a fixed
-    shuffled order from those numbered HH_FIRST and up (a larger ``n`` extends the same list)."""
-    import gzip
-
-    from oaif.data.hh import parse_hh_dialogue
+    """OUT/prompts_hh.jsonl: the first user turns of ``n`` HH harmless-base test dialogues in
+    hh_dialogues.signal_pool's fixed order (never evidence.py's held-out ones; a larger ``n`` extends the list)."""
+    import hh_dialogues as hh
 
     path = out / "prompts_hh.jsonl"
     if path.exists() and len(path.read_text().splitlines()) >= n:
         return path
-    pool = []
-    with gzip.open(shared / "hh_harmless_test.jsonl.gz", "rt", encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
-    for index, line in enumerate(lines):
-        if index >= HH_FIRST:
-            context, _ = parse_hh_dialogue(json.loads(line)["chosen"])
-            pool.append({"id": f"hh-harmless-test-{index}", "prompt": context[0]["content"]})
-    random.Random(f"judge-signal-hh:{seed}").shuffle(pool)
+    pool = hh.signal_pool(seed, shared / "hh_harmless_test.jsonl.gz")
     if n > len(pool):
-        raise SystemExit(f"judge_signal: --hh {n}: only {len(pool)} HH dialogues from number {HH_FIRST} on")
+        raise SystemExit(f"judge_signal: --hh {n}: only {len(pool)} HH dialogues are free for it")
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pool[:n]))
     return path
 
@@ -349,7 +338,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--responses-only", action="store_true", help="sample the replies and stop")
     ap.add_argument("--table-only", action="store_true", help="only rebuild table.md / table.json")
     ap.add_argument("--hh", type=int, default=0,
-                    help=f"also sample the first user turns of N HH harmless-base dialogues (from number {HH_FIRST} on)")
+                    help="also sample the first user turns of N HH harmless-base dialogues (experiments/hh_dialogues.py)")
     ap.add_argument("--screen", action="store_true",
                     help=f"stop judging a property x readout once its 95%% upper bound is below {PASS} "
                          f"(after at least {SCREEN_MIN} pairs)")

@@ -30,9 +30,10 @@ def test_the_documented_commands_parse():
 
 def test_held_out_prompts_are_disjoint_from_training_and_from_the_judge_signal_prompts(tmp_path):
     import evidence
+    import hh_dialogues
     import judge_signal
 
-    if not evidence.HH.exists():
+    if not hh_dialogues.HH.exists():
         pytest.skip("the shared HH file is not on this machine")
     args = evidence.parse_args(["table", "--out", str(tmp_path)])
     train, held = evidence.prompt_files(tmp_path, args)
@@ -41,7 +42,7 @@ def test_held_out_prompts_are_disjoint_from_training_and_from_the_judge_signal_p
     assert len(held_ids) == len(set(held_ids)) == 128
     assert not set(held_ids) & set(ids(train))
     hh = [int(i.rsplit("-", 1)[1]) for i in held_ids if i.startswith("hh-")]
-    assert len(hh) == 48 and all(evidence.HH_HELD[0] <= i < evidence.HH_HELD[1] <= judge_signal.HH_FIRST for i in hh)
+    assert len(hh) == 48 and all(hh_dialogues.HELD[0] <= i < hh_dialogues.HELD[1] for i in hh)
     assert train.read_text() == judge_signal.build_prompts(tmp_path / "again", seed=0).read_text()
 
 

@@ -88,17 +88,22 @@ def test_pair_chunks_are_kept_and_a_short_tail_waits(tmp_path):
         judge_signal.write_pair_chunks(tmp_path, pairs, 4, 3)
 
 
-def test_hh_prompts_are_first_user_turns_from_their_own_range_and_extend_in_order(tmp_path):
+def test_hh_prompts_are_first_user_turns_never_evidence_held_out_and_extend_in_order(tmp_path):
+    import hh_dialogues
     import judge_signal
 
-    hh = ROOT.parent / "shared" / "data" / "hh_harmless_test.jsonl.gz"
-    if not hh.exists():
+    if not hh_dialogues.HH.exists():
         pytest.skip("the shared HH file is not on this machine")
     five = [json.loads(x) for x in judge_signal.hh_prompts(tmp_path, 5, 0).read_text().splitlines()]
     assert len(five) == 5 and all(isinstance(r["prompt"], str) and r["prompt"].strip() for r in five)
-    assert all(int(r["id"].rsplit("-", 1)[1]) >= judge_signal.HH_FIRST for r in five)
-    eight = [json.loads(x) for x in judge_signal.hh_prompts(tmp_path, 8, 0).read_text().splitlines()]
-    assert eight[:5] == five and len({r["id"] for r in eight}) == 8  # a larger N keeps the first N
+    assert all(int(r["id"].rsplit("-", 1)[1]) >= hh_dialogues.SIGNAL_FIRST for r in five)  # these first
+    every = [json.loads(x) for x in judge_signal.hh_prompts(tmp_path, 600, 0).read_text().splitlines()]
+    assert every[:5] == five and len({r["id"] for r in every}) == 600  # a larger N keeps the first N
+    numbers = [int(r["id"].rsplit("-", 1)[1]) for r in every]
+    assert all(n >= hh_dialogues.HELD[0] for n in numbers)  # never rm_vs_llm's dialogues
+    assert not {r["id"] for r in every} & {r["id"] for r in hh_dialogues.evidence_heldout()}
+    with pytest.raises(SystemExit, match="free for it"):
+        judge_signal.hh_prompts(tmp_path, 10_000, 0)
 
 
 def _judged(jdir, agrees):
