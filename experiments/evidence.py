@@ -27,8 +27,9 @@ Prompts: training, judge_signal.py's 315 Self-Instruct prompts (OUT/train_prompt
 
 Evaluation (`oaif eval --run`, every checkpoint and the start, one reply per held-out prompt, the
 same seed): the property by its rule (the callable ``properties:prefer_<property>`` as the judge,
-so the win rate vs the start is the rule's) and the length; claim 2 adds the final online against
-the final offline checkpoint, judged by the same judge's other readout.
+so the win rate vs the start is the rule's) and the length; claim 2 adds the final online reply
+against the final offline reply on each held-out prompt (the ones `oaif eval --run` sampled),
+judged by the same judge's other readout.
 
 Every piece resumes: rerun the command. A run with checkpoints continues with
 ``train.resume=true`` (a stopped session loses at most 4 steps), a finished run or evaluation is
@@ -137,18 +138,44 @@ def evaluate(args, run_dir: Path, log: Path) -> Path:
 
 
 def head_to_head(args, server, a: Path, b: Path, name: str, log: Path) -> Path:
-    """The final checkpoints of runs ``a`` and ``b`` on the held-out prompts, by the judge's other readout."""
-    result = args.out / name / "eval.json"
-    if not result.exists():
-        sets, env = judge(args, server, args.property, OTHER[args.readout])
-        oaif("eval", str(final(a)), str(final(b)), "--prompts", str(args.heldout), "--limit", str(args.eval_prompts),
-             "--out", str(args.out / name), "--max-new-tokens", str(args.max_new_tokens), "--no-progress",
-             *[x for s in sets for x in ("--set", s)], log=log, env=env)
-    return result
+    """Run ``a``'s final reply against run ``b``'s on each held-out prompt, by the judge's other readout.
+
+    The replies are the ones both runs' `oaif eval --run` sampled (same prompts, seed and settings, as
+    `oaif eval A B` would sample them), so no checkpoint is needed: ``a``'s reply is written as
+    ``chosen`` and `oaif annotate --against-labels` gives per prompt whether the judge prefers it
+    (1, a tie 1/2, 0). Identical replies are ties without a judge call (OUT/<name>/identical.json)."""
+    d = args.out / name
+    report = d / "report.json"
+    if report.exists():
+        return report
+    d.mkdir(parents=True, exist_ok=True)
+    ra, rb = (json.loads((run / "eval" / "eval.json").read_text()) for run in (a, b))
+    fa, fb = final_label(ra), final_label(rb)
+    if [x["id"] for x in ra["samples"]] != [x["id"] for x in rb["samples"]]:
+        raise SystemExit(f"evidence: {a} and {b} were evaluated on different prompts")
+    pairs, identical = [], []
+    for x, y in zip(ra["samples"], rb["samples"]):
+        if x["responses"][fa] == y["responses"][fb]:
+            identical.append(x["id"])
+        else:
+            pairs.append({"id": x["id"], "prompt": x["prompt"], "chosen": x["responses"][fa],
+                          "rejected": y["responses"][fb]})
+    (d / "pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    (d / "identical.json").write_text(json.dumps({"a": f"{a.name}/{fa}", "b": f"{b.name}/{fb}", "ids": identical}) + "\n")
+    if not pairs:  # every reply identical: nothing to judge
+        (d / "judgments.jsonl").write_text("")
+        report.write_text(json.dumps({"pairs": 0}) + "\n")
+        return report
+    sets, env = judge(args, server, args.property, OTHER[args.readout])
+    oaif("annotate", str(d / "pairs.jsonl"), "--against-labels", "--no-progress", "--out", str(d / "judgments.jsonl"),
+         "--report", str(d / "partial.json"), *[x for s in sets for x in ("--set", s)], log=log, env=env)
+    (d / "partial.json").rename(report)
+    return report
 
 
-def final(run_dir: Path) -> Path:
-    return run_dir / (run_dir / "latest").read_text().strip()
+def final_label(result: dict) -> str:
+    """The last checkpoint's label in an `oaif eval --run` result."""
+    return max(result["models"], key=lambda m: result["models"][m]["step"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -64,13 +64,24 @@ def collect(out: Path, prop: str) -> dict:
                 {"step": s, "rate": _diff(ra["holds"][ra["labels"][s]], rb["holds"][rb["labels"][s]]),
                  "tokens": _diff(ra["tokens"][ra["labels"][s]], rb["tokens"][rb["labels"][s]])}
                 for s in sorted(set(ra["labels"]) & set(rb["labels"])) if s > 0]})
-    h2h = out / "online_vs_offline" / "eval.json"
-    if h2h.exists():
-        res = json.loads(h2h.read_text())
-        c = res["comparisons"][0]
-        table["head_to_head"] = {"win_rate": c["win_rate"], "ci95": c["ci95"], "judged": c["judged"],
-                                 "ties": c["ties"], "failed": c["failed_total"], "judge": res["judge"]["name"]}
+    table["head_to_head"] = head_to_head(out / "online_vs_offline")
     return table
+
+
+def head_to_head(d: Path) -> dict | None:
+    """Win rate of the online reply (ties 1/2; identical replies are ties) with a bootstrap 95% interval."""
+    from oaif.stats import bootstrap_ci
+
+    if not (d / "report.json").exists():
+        return None
+    rows = [json.loads(x) for x in (d / "judgments.jsonl").read_text().splitlines() if x.strip()]
+    identical = json.loads((d / "identical.json").read_text())
+    scores = [r["agree"] for r in rows if r.get("failure") is None and "agree" in r] + [0.5] * len(identical["ids"])
+    ci = bootstrap_ci(scores, 2000, 0)
+    return {"win_rate": sum(scores) / len(scores) if scores else None, "ci95": list(ci) if ci else None,
+            "judged": len(scores), "identical": len(identical["ids"]), "failed": len(rows) + len(identical["ids"]) - len(scores),
+            "ties": sum(s == 0.5 for s in scores), "judge": rows[0]["judge"] if rows else None,
+            "a": identical["a"], "b": identical["b"]}
 
 
 def _ci(ci, digits: int = 3) -> str:
@@ -98,8 +109,9 @@ def markdown(t: dict) -> str:
     h = t["head_to_head"]
     if h:
         lines += ["## claim 2: final online against final offline, by the judge's other readout", "",
-                  f"win rate of online {h['win_rate']:.3f} {_ci(h['ci95'])} over {h['judged']} judged prompts "
-                  f"({h['ties']} ties, {h['failed']} failed); judge: {h['judge']}", ""]
+                  f"win rate of online ({h['a']}) against offline ({h['b']}) {h['win_rate']:.3f} {_ci(h['ci95'])} over "
+                  f"{h['judged']} prompts ({h['ties']} ties, of which {h['identical']} identical replies; {h['failed']} "
+                  f"failed, left out); judge: {h['judge']}", ""]
     return "\n".join(lines)
 
 
