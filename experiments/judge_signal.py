@@ -267,11 +267,16 @@ SCREEN_MIN = 20  # pairs judged before a combination may be screened out
 def screened_out(jdir: Path, screen: bool) -> bool:
     """With ``--screen``: whether the pairs judged so far (at least SCREEN_MIN) put the upper end of the 95%
     interval of agreement below PASS, so that judging more of them cannot make the combination pass."""
-    data, reports = jt.load_rows(jdir)
-    if not screen or len(data) < SCREEN_MIN:
+    if not screen:
         return False
-    ci = jt.variant_stats(data, reports)["agreement_ci95"]
-    return ci is not None and ci[1] < PASS
+    data, reports = jt.load_rows(jdir)
+    return bool(data) and cannot_pass(jt.variant_stats(data, reports))
+
+
+def cannot_pass(stats: dict) -> bool:
+    """At least SCREEN_MIN pairs judged and the upper end of the agreement's 95% interval below PASS."""
+    ci = stats["agreement_ci95"]
+    return stats["judged"] >= SCREEN_MIN and ci is not None and ci[1] < PASS
 
 
 def write_table(out: Path) -> dict:
@@ -289,7 +294,7 @@ def write_table(out: Path) -> dict:
                     s = jt.variant_stats(data, reports)
                     rows.append({"property": prop, "judge": judge_dir.name, "readout": readout, **s,
                                  "pass": s["agreement"] is not None and s["agreement"] >= PASS,
-                                 "screened_out": screened_out(judge_dir / readout, True)})
+                                 "screened_out": cannot_pass(s)})
     table = {"settings": meta, "base_rates": rates, "pass_threshold": PASS, "rows": rows}
     lines = [f"Replies: {meta.get('policy')}, {meta.get('num_samples')} per prompt, temperature "
              f"{meta.get('temperature')}, at most {meta.get('max_new_tokens')} new tokens; short = at most "
