@@ -65,6 +65,11 @@ def collect(out: Path, prop: str) -> dict:
                  "tokens": _diff(ra["tokens"][ra["labels"][s]], rb["tokens"][rb["labels"][s]])}
                 for s in sorted(set(ra["labels"]) & set(rb["labels"])) if s > 0]})
     table["head_to_head"] = head_to_head(out / "online_vs_offline")
+    prefs = out / "offline_data" / "prefs.jsonl"
+    if prefs.exists():  # ties and failures are left out of the file: fewer than 384 pairs repeat some in training
+        table["offline_pairs"] = {"labelled": sum(1 for x in prefs.read_text().splitlines() if x.strip()),
+                                  "asked": sum(1 for x in (out / "offline_data" / "pairs.jsonl").read_text().splitlines()
+                                               if x.strip())}
     return table
 
 
@@ -106,6 +111,11 @@ def markdown(t: dict) -> str:
         lines += [f"| {s['step']} | {s['rate']['diff']:+.3f} {_ci(s['rate']['ci95'])} | "
                   f"{s['tokens']['diff']:+.1f} {_ci(s['tokens']['ci95'], 1)} |" for s in d["steps"]]
         lines.append("")
+    if t.get("offline_pairs"):
+        o = t["offline_pairs"]
+        lines += [f"offline data: {o['labelled']} of {o['asked']} pairs of distinct replies labelled (ties and "
+                  "failed judgments left out); the offline run draws 24 a step for 16 steps, so a shortfall "
+                  "repeats some of them", ""]
     h = t["head_to_head"]
     if h:
         lines += ["## claim 2: final online against final offline, by the judge's other readout", "",
