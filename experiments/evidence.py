@@ -2,6 +2,7 @@
 
     python experiments/evidence.py rubric       # claim 1: the property's rubric against the helpful rubric
     python experiments/evidence.py offline      # claim 2: online against offline DPO at equal judged pairs
+    python experiments/evidence.py rm           # claim 3: reward-model against LLM feedback on HH prompts
     python experiments/evidence.py table        # summary.md / summary.json from what is on disk
     python experiments/evidence.py rubric --smoke --out DIR    # SmolLM2 judge, tiny budgets (a test runs it)
 
@@ -31,6 +32,10 @@ so the win rate vs the start is the rule's) and the length; claim 2 adds the fin
 against the final offline reply on each held-out prompt (the ones `oaif eval --run` sampled),
 judged by the same judge's other readout.
 
+Claim 3 (``rm``: reward-model feedback against LLM feedback on HH prompts, judged by a second reward
+model trained on other HH pairs and by the LLM judge) is described in experiments/evidence_rm.py;
+its files are under OUT/claim3/.
+
 Every piece resumes: rerun the command. A run with checkpoints continues with
 ``train.resume=true`` (a stopped session loses at most 4 steps), a finished run or evaluation is
 not redone. summary.md / summary.json are rebuilt from the files after each command.
@@ -46,10 +51,10 @@ from pathlib import Path
 import properties
 from common import ROOT, oaif, split_prompts
 from evidence_report import write_summary
-from served_judges import JUDGES, POINTWISE, RUBRICS, served_sets
+from evidence_runs import OTHER, evaluate, head_to_head, judge, train
+from served_judges import JUDGES
 
 EXPERIMENTS = Path(__file__).resolve().parent
-OTHER = {"pointwise": "pairwise", "pairwise": "pointwise"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,110 +77,8 @@ def prompt_files(out: Path, args) -> tuple[Path, Path]:
     return train, held
 
 
-# --------------------------------------------------------------------------------------------
-# judges
-# --------------------------------------------------------------------------------------------
-def rubric_file(args, rubric: str, readout: str) -> Path | str:
-    """The rubric for ``rubric`` = the property or "helpful", in ``readout``'s form."""
-    import judge_signal
-
-    if rubric == "helpful":
-        return RUBRICS / "pointwise_helpful.yaml" if readout == "pointwise" else "helpful"
-    return judge_signal.rubric_path(rubric, readout, args.out, properties.SHORT_WORDS)
-
-
-def judge(args, server, rubric: str, readout: str) -> tuple[list[str], dict[str, str]]:
-    """Annotator keys (``--set`` / ``annotator.`` form) and environment of the served judge."""
-    path = rubric_file(args, rubric, readout)
-    if readout == "pointwise":
-        return list(POINTWISE), {"OAIF_POINTWISE_URL": server.base_url, "OAIF_POINTWISE_MODEL": args.judge,
-                                 "OAIF_POINTWISE_RUBRIC": str(path)}
-    return served_sets(server.base_url, args.judge) + [f"rubric={path}"], {}
-
-
 def rule(args) -> list[str]:
     return ["type=callable", f"callable=properties:prefer_{args.property}"]
-
-
-# --------------------------------------------------------------------------------------------
-# runs
-# --------------------------------------------------------------------------------------------
-def settings(args, run_dir: Path, train_prompts: Path) -> list[str]:
-    r = args.lora_r
-    return [str(ROOT / "configs" / "demo.yaml"), f"model.name_or_path={args.model}", f"data.path={train_prompts}",
-            "data.eval_fraction=0", f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
-            f"train.output_dir={run_dir}", f"train.save_every={args.save_every}", "train.keep_last=1000",
-            f"sampling.max_new_tokens={args.max_new_tokens}", f"sampling.num_samples={args.num_samples}",
-            "sampling.pairing=all", f"optim.lr={args.lr}", "optim.scheduler=constant", "optim.warmup_steps=1",
-            f"loss.beta={args.beta}", "model.lora.enabled=true", f"model.lora.r={r}", f"model.lora.alpha={2 * r}",
-            "logging.progress_bar=false"]
-
-
-def finished(run_dir: Path, steps: int) -> bool:
-    latest = run_dir / "latest"
-    return latest.exists() and latest.read_text().strip() == f"checkpoint-{steps}"
-
-
-def train(args, name: str, overrides: list[str], env: dict[str, str], log: Path) -> Path:
-    """Train run ``name`` (resuming it if it has a checkpoint); nothing when it is finished."""
-    run_dir = args.out / name
-    if finished(run_dir, args.steps):
-        print(f"# {name}: finished", flush=True)
-        return run_dir
-    again = ["train.resume=true"] if (run_dir / "latest").exists() else ["train.overwrite_output_dir=true"]
-    oaif("train", *settings(args, run_dir, args.train_prompts), *overrides, *again, log=log, env=env)
-    return run_dir
-
-
-def evaluate(args, run_dir: Path, log: Path) -> Path:
-    """`oaif eval --run` with the property's rule as the judge: every checkpoint and the start."""
-    result = run_dir / "eval" / "eval.json"
-    if not result.exists():
-        oaif("eval", "--run", str(run_dir), "--prompts", str(args.heldout), "--limit", str(args.eval_prompts),
-             "--out", str(run_dir / "eval"), "--max-new-tokens", str(args.max_new_tokens), "--no-progress",
-             *[x for s in rule(args) for x in ("--set", s)], log=log)
-    return result
-
-
-def head_to_head(args, server, a: Path, b: Path, name: str, log: Path) -> Path:
-    """Run ``a``'s final reply against run ``b``'s on each held-out prompt, by the judge's other readout.
-
-    The replies are the ones both runs' `oaif eval --run` sampled (same prompts, seed and settings, as
-    `oaif eval A B` would sample them), so no checkpoint is needed: ``a``'s reply is written as
-    ``chosen`` and `oaif annotate --against-labels` gives per prompt whether the judge prefers it
-    (1, a tie 1/2, 0). Identical replies are ties without a judge call (OUT/<name>/identical.json)."""
-    d = args.out / name
-    report = d / "report.json"
-    if report.exists():
-        return report
-    d.mkdir(parents=True, exist_ok=True)
-    ra, rb = (json.loads((run / "eval" / "eval.json").read_text()) for run in (a, b))
-    fa, fb = final_label(ra), final_label(rb)
-    if [x["id"] for x in ra["samples"]] != [x["id"] for x in rb["samples"]]:
-        raise SystemExit(f"evidence: {a} and {b} were evaluated on different prompts")
-    pairs, identical = [], []
-    for x, y in zip(ra["samples"], rb["samples"]):
-        if x["responses"][fa] == y["responses"][fb]:
-            identical.append(x["id"])
-        else:
-            pairs.append({"id": x["id"], "prompt": x["prompt"], "chosen": x["responses"][fa],
-                          "rejected": y["responses"][fb]})
-    (d / "pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
-    (d / "identical.json").write_text(json.dumps({"a": f"{a.name}/{fa}", "b": f"{b.name}/{fb}", "ids": identical}) + "\n")
-    if not pairs:  # every reply identical: nothing to judge
-        (d / "judgments.jsonl").write_text("")
-        report.write_text(json.dumps({"pairs": 0}) + "\n")
-        return report
-    sets, env = judge(args, server, args.property, OTHER[args.readout])
-    oaif("annotate", str(d / "pairs.jsonl"), "--against-labels", "--no-progress", "--out", str(d / "judgments.jsonl"),
-         "--report", str(d / "partial.json"), *[x for s in sets for x in ("--set", s)], log=log, env=env)
-    (d / "partial.json").rename(report)
-    return report
-
-
-def final_label(result: dict) -> str:
-    """The last checkpoint's label in an `oaif eval --run` result."""
-    return max(result["models"], key=lambda m: result["models"][m]["step"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,24 +121,27 @@ def offline_pairs(args, server, log: Path) -> Path:
 def claim_rubric(args, server, log: Path) -> None:
     for name, rubric in (("property", args.property), ("helpful", "helpful")):
         sets, env = judge(args, server, rubric, args.readout)
-        evaluate(args, train(args, name, [f"annotator.{s}" for s in sets], env, log), log)
+        run = train(args, args.out / name, args.train_prompts, [f"annotator.{s}" for s in sets], env, log)
+        evaluate(args, run, args.heldout, rule(args), log)
 
 
 def claim_offline(args, server, log: Path) -> None:
     sets, env = judge(args, server, args.property, args.readout)
-    online = train(args, "property", [f"annotator.{s}" for s in sets], env, log)
-    evaluate(args, online, log)
+    online = train(args, args.out / "property", args.train_prompts, [f"annotator.{s}" for s in sets], env, log)
+    evaluate(args, online, args.heldout, rule(args), log)
     prefs = offline_pairs(args, server, log)
     pairs_per_step = args.batch_size * args.num_samples * (args.num_samples - 1) // 2
-    offline = train(args, "offline", ["train.mode=offline", f"data.preference_path={prefs}",
-                                      f"train.batch_size={pairs_per_step}"], {}, log)
-    evaluate(args, offline, log)
-    head_to_head(args, server, online, offline, "online_vs_offline", log)
+    offline = train(args, args.out / "offline", args.train_prompts,
+                    ["train.mode=offline", f"data.preference_path={prefs}", f"train.batch_size={pairs_per_step}"],
+                    {}, log)
+    evaluate(args, offline, args.heldout, rule(args), log)
+    sets, env = judge(args, server, args.property, OTHER[args.readout])  # the other readout judges the result
+    head_to_head(args.out / "online_vs_offline", (online, "final"), (offline, "final"), sets, log, env)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("claim", choices=("rubric", "offline", "table"))
+    ap.add_argument("claim", choices=("rubric", "offline", "rm", "table"))
     ap.add_argument("--out", default="experiments/results/evidence", help="output directory")
     ap.add_argument("--property", default="numbered_list", choices=properties.PROPERTIES,
                     help="the property the rubric asks for (chosen by judge_signal.py's table)")
@@ -281,7 +187,12 @@ def main(argv: list[str] | None = None) -> None:
         args.train_prompts, args.heldout = prompt_files(args.out, args)
         with start_llama_server(jt.gguf_path(args.judge), n_ctx=4096, n_threads=args.threads, model_alias=args.judge,
                                 startup_timeout=600, extra_args=JUDGES[args.judge]) as server:
-            (claim_rubric if args.claim == "rubric" else claim_offline)(args, server, log)
+            if args.claim == "rm":
+                from evidence_rm import claim_rm
+
+                claim_rm(args, server, log)
+            else:
+                (claim_rubric if args.claim == "rubric" else claim_offline)(args, server, log)
     print(write_summary(args))
 
 

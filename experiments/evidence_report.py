@@ -5,7 +5,10 @@ every checkpoint, the same seed): the property's rate by its rule with a Wilson 
 response tokens, and against the start the paired difference in rate with a bootstrap 95% interval over
 prompts. Between two runs (claim 1: property - helpful; claim 2: online - offline) the paired
 difference at each step they share, the same way (same prompts, same sampling seed). Claim 2 adds the
-head-to-head win rate of OUT/online_vs_offline/eval.json (the judge's other readout).
+head-to-head win rate of OUT/online_vs_offline/eval.json (the judge's other readout). Claim 3
+(OUT/claim3/, experiments/evidence_rm.py): each reward model's agreement with held-out human labels,
+each run's win rate against the start by the training reward model over steps, and the comparisons
+of final replies by the held-out reward model and the LLM judge.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def collect(out: Path, prop: str) -> dict:
                  "tokens": _diff(ra["tokens"][ra["labels"][s]], rb["tokens"][rb["labels"][s]])}
                 for s in sorted(set(ra["labels"]) & set(rb["labels"])) if s > 0]})
     table["head_to_head"] = head_to_head(out / "online_vs_offline")
+    table["claim3"] = claim3(out / "claim3")
     prefs = out / "offline_data" / "prefs.jsonl"
     if prefs.exists():  # ties and failures are left out of the file: fewer than 384 pairs repeat some in training
         table["offline_pairs"] = {"labelled": sum(1 for x in prefs.read_text().splitlines() if x.strip()),
@@ -87,6 +91,54 @@ def head_to_head(d: Path) -> dict | None:
             "judged": len(scores), "identical": len(identical["ids"]), "failed": len(rows) + len(identical["ids"]) - len(scores),
             "ties": sum(s == 0.5 for s in scores), "judge": rows[0]["judge"] if rows else None,
             "a": identical["a"], "b": identical["b"]}
+
+
+def claim3(d: Path) -> dict | None:
+    """Claim 3's numbers from OUT/claim3 (None before its first piece)."""
+    from evidence_rm import BY_HELDOUT_RM, BY_LLM, RUNS
+
+    if not d.exists():
+        return None
+    t: dict = {"reward_models": {}, "runs": {}, "comparisons": {}}
+    for name in ("train", "heldout"):
+        f = d / "reward_models" / f"{name}.json"
+        if f.exists():
+            rm = json.loads(f.read_text())
+            t["reward_models"][name] = {**rm["agreement"], "hh_range": rm["trained"].get("hh_range"),
+                                        "trained_pairs": rm["trained"].get("trained_pairs")}
+    for run in RUNS:
+        f = d / run / "eval" / "eval.json"
+        if f.exists():
+            result = json.loads(f.read_text())
+            t["runs"][run] = {"judge": result["judge"]["name"], "start_tokens": min(
+                result["models"].values(), key=lambda m: m["step"])["tokens"]["mean"], "steps": [
+                {"step": c["step"], "win_rate": c["win_rate"], "ci95": c["ci95"],
+                 "tokens": result["models"][c["a"]]["tokens"]["mean"]} for c in result["comparisons"]]}
+    for name in (*BY_HELDOUT_RM, BY_LLM):
+        h = head_to_head(d / name)
+        if h:
+            t["comparisons"][name] = h
+    return t
+
+
+def claim3_markdown(t: dict) -> list[str]:
+    lines = ["## claim 3: reward-model against LLM feedback on HH prompts", ""]
+    for name, r in t["reward_models"].items():
+        lo, hi = r["hh_range"]
+        lines.append(f"- reward model `{name}` (HH pairs {lo}-{hi - 1}, {r['trained_pairs']} trained on): agreement "
+                     f"with held-out human labels {r['agreement']:.3f} {_ci(r['agreement_ci95'])} on {r['judged']} pairs")
+    if t["reward_models"]:
+        lines.append("")
+    for run, r in t["runs"].items():
+        lines += [f"run `{run}` against the start by {r['judge']} (start {r['start_tokens']:.1f} tokens):", "",
+                  "| step | win rate [95% CI] | mean tokens |", "| --- | --- | --- |"]
+        lines += [f"| {s['step']} | {s['win_rate']:.3f} {_ci(s['ci95'])} | {s['tokens']:.1f} |" for s in r["steps"]]
+        lines.append("")
+    for name, h in t["comparisons"].items():
+        lines.append(f"- `{name}`: {h['a']} against {h['b']}: win rate {h['win_rate']:.3f} {_ci(h['ci95'])} over "
+                     f"{h['judged']} prompts ({h['ties']} ties, {h['identical']} identical; {h['failed']} failed); "
+                     f"judge {h['judge']}")
+    return lines + [""]
 
 
 def _ci(ci, digits: int = 3) -> str:
@@ -122,6 +174,8 @@ def markdown(t: dict) -> str:
                   f"win rate of online ({h['a']}) against offline ({h['b']}) {h['win_rate']:.3f} {_ci(h['ci95'])} over "
                   f"{h['judged']} prompts ({h['ties']} ties, of which {h['identical']} identical replies; {h['failed']} "
                   f"failed, left out); judge: {h['judge']}", ""]
+    if t.get("claim3"):
+        lines += claim3_markdown(t["claim3"])
     return "\n".join(lines)
 
 

