@@ -95,10 +95,10 @@ def head_to_head(d: Path) -> dict | None:
 
 def claim3(d: Path) -> dict | None:
     """Claim 3's numbers from OUT/claim3 (None before its first piece)."""
-    from evidence_rm import BY_HELDOUT_RM, BY_LLM, RUNS
-
     if not d.exists():
         return None
+    from evidence_rm import BY_HELDOUT_RM, BY_LLM, RUNS
+
     t: dict = {"reward_models": {}, "runs": {}, "comparisons": {}}
     for name in ("train", "heldout"):
         f = d / "reward_models" / f"{name}.json"
@@ -174,7 +174,7 @@ def markdown(t: dict) -> str:
                   f"win rate of online ({h['a']}) against offline ({h['b']}) {h['win_rate']:.3f} {_ci(h['ci95'])} over "
                   f"{h['judged']} prompts ({h['ties']} ties, of which {h['identical']} identical replies; {h['failed']} "
                   f"failed, left out); judge: {h['judge']}", ""]
-    if t.get("claim3"):
+    if t.get("claim3") and any(t["claim3"].values()):  # nothing before its first measured piece
         lines += claim3_markdown(t["claim3"])
     return "\n".join(lines)
 

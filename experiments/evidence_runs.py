@@ -65,15 +65,14 @@ def train(args, run_dir: Path, train_prompts: Path, overrides: list[str], env: d
     return run_dir
 
 
-def evaluate(args, run_dir: Path, prompts: Path, judge_sets: list[str], log: Path,
-             env: dict[str, str] | None = None) -> Path:
+def evaluate(args, run_dir: Path, prompts: Path, judge_sets: list[str], log: Path) -> Path:
     """`oaif eval --run` on ``--eval-prompts`` of ``prompts``: every checkpoint and the start, one reply
     per prompt (the same seed), each against the start by the judge of ``judge_sets``."""
     result = run_dir / "eval" / "eval.json"
     if not result.exists():
         oaif("eval", "--run", str(run_dir), "--prompts", str(prompts), "--limit", str(args.eval_prompts),
              "--out", str(run_dir / "eval"), "--max-new-tokens", str(args.max_new_tokens), "--no-progress",
-             *[x for s in judge_sets for x in ("--set", s)], log=log, env=env)
+             *[x for s in judge_sets for x in ("--set", s)], log=log)
     return result
 
 
