@@ -8,7 +8,8 @@ difference at each step they share, the same way (same prompts, same sampling se
 head-to-head win rate of OUT/online_vs_offline/eval.json (the judge's other readout). Claim 3
 (OUT/claim3/, experiments/evidence_rm.py): each reward model's agreement with held-out human labels,
 each run's win rate against the start by the training reward model over steps, and the comparisons
-of final replies by the held-out reward model and the LLM judge.
+of final replies by the held-out reward model and the LLM judge, and how far the two reward models
+agree with each other on the same pairs (each run's final reply against its start).
 """
 
 from __future__ import annotations
@@ -118,7 +119,36 @@ def claim3(d: Path) -> dict | None:
         h = head_to_head(d / name)
         if h:
             t["comparisons"][name] = h
+    t["reward_models_agree"] = {run: a for run in RUNS if (a := rm_cross_check(d, run)) is not None}
     return t
+
+
+def rm_cross_check(d: Path, run: str) -> dict | None:
+    """How far the two reward models agree on the same pairs: run ``run``'s final reply against its
+    start reply on each held-out prompt, judged by the ``train`` reward model (its `oaif eval --run`)
+    and by the ``heldout`` one (OUT/claim3/<run>_vs_start_by_heldout_rm). The fraction of prompts
+    where both prefer the same reply, and the Pearson correlation of their reward differences
+    (the logits of their P(final better)); identical replies are left out."""
+    import math
+
+    held = d / f"{run}_vs_start_by_heldout_rm" / "judgments.jsonl"
+    result = d / run / "eval" / "eval.json"
+    if not (held.exists() and result.exists()):
+        return None
+    e = json.loads(result.read_text())
+    final = max(e["comparisons"], key=lambda c: c["step"])["a"]
+    train = {s["id"]: j["prob_a"] for s in e["samples"] for j in s["judgments"]
+             if j["a"] == final and j["b"] == "start" and not j["identical"] and j["failure"] is None}
+    rows = [json.loads(x) for x in held.read_text().splitlines() if x.strip()]
+    both = [(train[r["id"]], r["p_chosen"]) for r in rows if r.get("failure") is None and r["id"] in train]
+    r = None
+    if len(both) >= 2:
+        x, y = ([math.log(p / (1 - p)) for p in col] for col in zip(*both))
+        mx, my = sum(x) / len(x), sum(y) / len(y)
+        sxx, syy = sum((u - mx) ** 2 for u in x), sum((v - my) ** 2 for v in y)
+        r = sum((u - mx) * (v - my) for u, v in zip(x, y)) / math.sqrt(sxx * syy) if sxx and syy else None
+    same = sum((a > 0.5) == (b > 0.5) for a, b in both) / len(both) if both else None
+    return {"pairs": len(both), "same_preference": same, "pearson_r": r, "step": final}
 
 
 def claim3_markdown(t: dict) -> list[str]:
@@ -138,7 +168,15 @@ def claim3_markdown(t: dict) -> list[str]:
         lines.append(f"- `{name}`: {h['a']} against {h['b']}: win rate {h['win_rate']:.3f} {_ci(h['ci95'])} over "
                      f"{h['judged']} prompts ({h['ties']} ties, {h['identical']} identical; {h['failed']} failed); "
                      f"judge {h['judge']}")
+    for run, a in t.get("reward_models_agree", {}).items():
+        lines.append(f"- the two reward models on run `{run}`'s {a['step']} reply against its start ({a['pairs']} prompts): "
+                     f"same preference {_num(a['same_preference'])}, Pearson r of their reward differences "
+                     f"{_num(a['pearson_r'])}")
     return lines + [""]
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _ci(ci, digits: int = 3) -> str:

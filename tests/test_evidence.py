@@ -134,6 +134,40 @@ def test_smoke_runs_both_claims_and_resumes_a_stopped_run(tmp_path):
     assert (out / "helpful" / "latest").read_text().strip() == "checkpoint-2"
 
 
+def test_the_two_reward_models_agreement_is_computed_from_both_judges_files(tmp_path):
+    """evidence_report.rm_cross_check on hand-written files: the train reward model's P(final better)
+    from the run's eval.json, the held-out one's from the comparison's judgments; identical replies
+    and failed judgments left out."""
+    import math
+
+    from evidence_report import rm_cross_check
+
+    d = tmp_path / "claim3"
+    (d / "rm" / "eval").mkdir(parents=True)
+    (d / "rm_vs_start_by_heldout_rm").mkdir()
+    train = {"a": 0.7, "b": 0.4, "c": 0.6, "d": 0.5, "e": 0.9}  # d: identical replies
+    held = {"a": 0.6, "b": 0.3, "c": 0.45, "d": 0.5, "e": None}  # e: the held-out judgment failed
+
+    def judgment(step: int, p: float, identical: bool = False) -> dict:
+        return {"a": f"checkpoint-{step}", "b": "start", "prob_a": p, "identical": identical, "failure": None}
+
+    samples = [{"id": k, "judgments": [judgment(2, 1 - p), judgment(4, p, k == "d")]} for k, p in train.items()]
+    (d / "rm" / "eval" / "eval.json").write_text(json.dumps({
+        "comparisons": [{"a": "checkpoint-2", "step": 2}, {"a": "checkpoint-4", "step": 4}], "samples": samples}))
+    (d / "rm_vs_start_by_heldout_rm" / "judgments.jsonl").write_text("".join(
+        json.dumps({"id": k, "p_chosen": p, "failure": None if p else "timeout"}) + "\n" for k, p in held.items()))
+    got = rm_cross_check(d, "rm")
+    # a, b, c are left: same preference on a and b, not on c
+    x = [math.log(p / (1 - p)) for p in (0.7, 0.4, 0.6)]
+    y = [math.log(p / (1 - p)) for p in (0.6, 0.3, 0.45)]
+    mx, my = sum(x) / 3, sum(y) / 3
+    r = sum((u - mx) * (v - my) for u, v in zip(x, y)) / math.sqrt(
+        sum((u - mx) ** 2 for u in x) * sum((v - my) ** 2 for v in y))
+    assert got["pairs"] == 3 and got["step"] == "checkpoint-4"
+    assert got["same_preference"] == pytest.approx(2 / 3) and got["pearson_r"] == pytest.approx(r)
+    assert rm_cross_check(d, "llm") is None  # no files: nothing to report
+
+
 @pytest.mark.slow
 def test_smoke_claim3_trains_both_reward_models_where_needed_and_resumes(tmp_path):
     """Claim 3 in smoke mode: two reward models trained on 4 HH pairs each, both online runs (the
@@ -165,6 +199,11 @@ def test_smoke_claim3_trains_both_reward_models_where_needed_and_resumes(tmp_pat
     for h in summary["comparisons"].values():
         assert h["judged"] + h["failed"] == 4
     assert summary["comparisons"]["rm_vs_start_by_heldout_rm"]["b"] == "rm/start"
+    assert set(summary["reward_models_agree"]) == {"rm", "llm"}
+    for run_name, a in summary["reward_models_agree"].items():
+        assert a["step"] == "checkpoint-2" and (a["same_preference"] is None) == (a["pairs"] == 0)
+        assert a["pairs"] == summary["comparisons"][f"{run_name}_vs_start_by_heldout_rm"]["judged"] - \
+            summary["comparisons"][f"{run_name}_vs_start_by_heldout_rm"]["identical"]
 
     assert "$ " not in run()  # everything is on disk: nothing runs again
 
