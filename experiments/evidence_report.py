@@ -15,6 +15,8 @@ agree with each other on the same pairs (each run's final reply against its star
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from pathlib import Path
 
 import properties
@@ -129,8 +131,6 @@ def rm_cross_check(d: Path, run: str) -> dict | None:
     and by the ``heldout`` one (OUT/claim3/<run>_vs_start_by_heldout_rm). The fraction of prompts
     where both prefer the same reply, and the Pearson correlation of their reward differences
     (the logits of their P(final better)); identical replies are left out."""
-    import math
-
     held = d / f"{run}_vs_start_by_heldout_rm" / "judgments.jsonl"
     result = d / run / "eval" / "eval.json"
     if not (held.exists() and result.exists()):
@@ -141,14 +141,18 @@ def rm_cross_check(d: Path, run: str) -> dict | None:
              if j["a"] == final and j["b"] == "start" and not j["identical"] and j["failure"] is None}
     rows = [json.loads(x) for x in held.read_text().splitlines() if x.strip()]
     both = [(train[r["id"]], r["p_chosen"]) for r in rows if r.get("failure") is None and r["id"] in train]
-    r = None
-    if len(both) >= 2:
-        x, y = ([math.log(p / (1 - p)) for p in col] for col in zip(*both))
-        mx, my = sum(x) / len(x), sum(y) / len(y)
-        sxx, syy = sum((u - mx) ** 2 for u in x), sum((v - my) ** 2 for v in y)
-        r = sum((u - mx) * (v - my) for u, v in zip(x, y)) / math.sqrt(sxx * syy) if sxx and syy else None
+    try:  # fewer than two pairs, or one judge's differences all equal: no correlation
+        r = statistics.correlation([_logit(a) for a, _ in both], [_logit(b) for _, b in both])
+    except statistics.StatisticsError:
+        r = None
     same = sum((a > 0.5) == (b > 0.5) for a, b in both) / len(both) if both else None
     return {"pairs": len(both), "same_preference": same, "pearson_r": r, "step": final}
+
+
+def _logit(p: float) -> float:
+    """The reward difference behind P(better) = sigmoid(difference); a saturated 0 or 1 is clipped."""
+    p = min(max(p, 1e-12), 1 - 1e-12)
+    return math.log(p / (1 - p))
 
 
 def claim3_markdown(t: dict) -> list[str]:
